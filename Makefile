@@ -1,0 +1,35 @@
+# Runway: `make repro` runs the whole pipeline, `make test` the test suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(abspath $(VENV))/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+
+.PHONY: repro test ui lint format
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## repro: create .venv if needed, run `dvc repro`, print the results
+repro: $(STAMP)
+	dvc repro
+	runway summary
+
+## test: create .venv if needed, run the test suite
+test: $(STAMP)
+	python -m pytest
+
+## ui: the MLflow UI on http://127.0.0.1:5000 (local only, no authentication)
+ui: $(STAMP)
+	runway ui
+
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+
+format: $(STAMP)
+	ruff check --fix .
+	ruff format .

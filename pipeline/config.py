@@ -1,0 +1,165 @@
+"""Typed access to params.yaml.
+
+One pydantic model per section; unknown keys are rejected, every value is checked before a
+stage writes anything. ``load_params("train")`` returns the validated ``train`` section, or
+raises :class:`ParamsError` whose message names the bad key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+Optimizer = Literal["adam", "adamw", "sgd"]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class ParamsError(ValueError):
+    """A params.yaml value that the pipeline cannot use."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: Literal["digits"] = "digits"
+
+
+class SplitParams(_Section):
+    train: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    val: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    test: Annotated[float, Field(gt=0, lt=1)] = 0.15
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class ValidateParams(_Section):
+    split: SplitParams = SplitParams()
+    min_per_class: Annotated[int, Field(ge=1)] = 20
+    max_quarantine_frac: Fraction = 0.05
+
+
+class SearchSpace(_Section):
+    lr: tuple[PositiveFloat, PositiveFloat] = (5e-4, 2e-2)
+    batch_size: list[Annotated[int, Field(ge=1)]] = Field(default=[32, 64, 128], min_length=1)
+    channels: list[Annotated[int, Field(ge=1)]] = Field(default=[16, 32, 48], min_length=1)
+    dropout: tuple[Fraction, Fraction] = (0.0, 0.4)
+    weight_decay: tuple[PositiveFloat, PositiveFloat] = (1e-6, 1e-3)
+    optimizer: list[Optimizer] = Field(default=["adam", "adamw", "sgd"], min_length=1)
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> SearchSpace:
+        for name in ("lr", "dropout", "weight_decay"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: low {low:g} is above high {high:g}")
+        return self
+
+
+Monitor = Literal["val/acc", "val/loss"]
+
+
+def direction(metric: str) -> Literal["maximize", "minimize"]:
+    """Whether a monitored metric improves upwards (accuracy) or downwards (loss)."""
+    return "minimize" if metric.endswith("loss") else "maximize"
+
+
+class TuneParams(_Section):
+    n_trials: Annotated[int, Field(ge=0)] = 12
+    metric: Monitor = "val/loss"
+    epochs: Annotated[int, Field(ge=1)] = 15
+    seed: int = 42
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    search_space: SearchSpace = SearchSpace()
+
+
+class TrainParams(_Section):
+    seed: int = 42
+    max_epochs: Annotated[int, Field(ge=1)] = 40
+    patience: Annotated[int, Field(ge=1)] = 8
+    monitor: Monitor = "val/loss"
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    lr: PositiveFloat = 3e-3
+    optimizer: Optimizer = "adamw"
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    dropout: Fraction = 0.2
+    channels: Annotated[int, Field(ge=1)] = 32
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+
+
+class EvaluateParams(_Section):
+    batch_size: Annotated[int, Field(ge=1)] = 512
+
+
+class RegisterParams(_Section):
+    model_name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][\w.-]*$")] = "digits-cnn"
+    metric: Literal["accuracy", "f1_macro"] = "accuracy"
+    min_delta: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class MlflowParams(_Section):
+    experiment: Annotated[str, Field(min_length=1)] = "runway-digits"
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
+    tune: TuneParams = TuneParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register_: RegisterParams = Field(default=RegisterParams(), alias="register")
+    mlflow: MlflowParams = MlflowParams()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part).rstrip("_") for part in error["loc"]) or "<top level>"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "literal_error":
+        return f"{key}: {error['input']!r} is not allowed; {error['msg'].lower()}"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = str(PARAMS_FILE)) -> Params:
+    """Validate a params mapping; raise ParamsError naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ParamsError(f"{source}: {problems}") from None
+
+
+def load_params(section: str | None = None, path: Path | str = PARAMS_FILE) -> Any:
+    """Read and validate params.yaml; return one section's model, or all of it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the project root)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    params = parse_params(raw, str(path))
+    if section is None:
+        return params
+    if section not in Params.model_fields and f"{section}_" not in Params.model_fields:
+        raise ParamsError(f"{path}: no section {section!r}")
+    return getattr(params, section if section in Params.model_fields else f"{section}_")

@@ -1,0 +1,1 @@
+"""Data sources, the canonical sample table and the in-memory batch loader."""

@@ -1,0 +1,64 @@
+"""Batches from tensors held in memory, by slicing: no per-sample Dataset or collate.
+
+For data sets that fit in memory this is several times faster than
+``DataLoader(TensorDataset(...))``, which indexes and stacks one sample at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.data.table import LABEL_COLUMN, features_of
+
+
+class TensorBatches:
+    """An iterable of ``(x, y)`` batches over in-memory tensors.
+
+    With ``shuffle=True`` each pass draws a new permutation from a generator seeded with
+    ``seed``, so the order is reproducible run to run and differs epoch to epoch.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.x)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self._generator)
+            x, y = self.x[order], self.y[order]
+        else:
+            x, y = self.x, self.y
+        stop = len(self) * self.batch_size
+        for start in range(0, min(stop, n), self.batch_size):
+            yield x[start : start + self.batch_size], y[start : start + self.batch_size]
+
+
+def to_tensors(table: pd.DataFrame, image_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows → raw float32 images (N×C×H×W) and int64 labels.
+
+    Scaling happens inside the model, so a logged model takes raw pixels as served.
+    """
+    pixels = table[features_of(table)].to_numpy(dtype=np.float32, copy=True)
+    x = torch.from_numpy(pixels).reshape(len(table), *image_shape)
+    y = torch.from_numpy(table[LABEL_COLUMN].to_numpy(dtype=np.int64, copy=True))
+    return x, y

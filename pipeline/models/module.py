@@ -1,0 +1,60 @@
+"""The LightningModule: cross-entropy classification with the configured optimizer."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Classifier(pl.LightningModule):
+    """Wraps a network; logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` per
+    epoch. The learning rate follows a cosine schedule over ``max_epochs``."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float,
+        optimizer: str,
+        weight_decay: float,
+        max_epochs: int,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        n = len(y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        params = self.net.parameters()
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
+            )
+        elif self.optimizer_name == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.max_epochs)
+        return {"optimizer": opt, "lr_scheduler": schedule}

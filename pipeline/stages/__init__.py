@@ -1,0 +1,1 @@
+"""DVC stages, each run as ``python -m pipeline.stages.<name>``."""

@@ -1,0 +1,143 @@
+"""Evaluate: score the trained model on the test split.
+
+Writes ``reports/evaluate/metrics.json`` (``{"test": {accuracy, precision_macro, recall_macro,
+f1_macro}}``, a DVC metrics file), ``per_class.json``, ``confusion_matrix.png`` and
+``predictions.csv`` (a DVC confusion plot), and logs the same numbers and files into the
+training run, so one MLflow run holds train, val and test results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import tracking
+from pipeline.config import load_params
+from pipeline.data.table import ID_COLUMN
+from pipeline.io import StageError, atomic_dir, atomic_path, read_json, run_stage, write_json
+from pipeline.models import MODELS
+from pipeline.training import load_prepared
+
+MODELS_DIR = Path("models")
+REPORT_DIR = Path("reports/evaluate")
+
+
+def load_model(models_dir: Path = MODELS_DIR) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network from model.json and load model.pt (weights only, never pickles)."""
+    spec_path, weights = models_dir / "model.json", models_dir / "model.pt"
+    for path in (spec_path, weights):
+        if not path.exists():
+            raise StageError(f"{path} not found: run the train stage first")
+    spec = read_json(spec_path)
+    net = MODELS[spec["architecture"]](
+        spec["image_shape"],
+        spec["n_classes"],
+        spec["pixel_range"],
+        channels=spec["channels"],
+        dropout=spec["dropout"],
+    )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except Exception as exc:
+        raise StageError(f"{weights}: cannot load the model weights: {exc}") from None
+    return net.eval(), spec
+
+
+@torch.no_grad()
+def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Class index per row, batched."""
+    out = [net(x[i : i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[int]) -> tuple[dict, dict]:
+    """Headline metrics and per-class precision/recall/F1/support."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    p, r, f, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, average="macro", zero_division=0
+    )
+    headline = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision_macro": float(p),
+        "recall_macro": float(r),
+        "f1_macro": float(f),
+    }
+    pc, rc, fc, sc = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, average=None, zero_division=0
+    )
+    per_class = {
+        str(c): {
+            "precision": float(pc[i]),
+            "recall": float(rc[i]),
+            "f1": float(fc[i]),
+            "support": int(sc[i]),
+        }
+        for i, c in enumerate(classes)
+    }
+    return headline, per_class
+
+
+def plot_confusion(y_true, y_pred, class_names: list[str], classes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+    matrix = confusion_matrix(y_true, y_pred, labels=classes)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=120)
+    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
+        ax=ax, cmap="Blues", colorbar=False
+    )
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    ax.set_title(f"Test confusion matrix ({len(y_true)} samples, accuracy {accuracy:.2%})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def main() -> None:
+    params = load_params()
+    data = load_prepared(splits=("test",))
+    net, spec = load_model()
+    x, y = data.tensors["test"]
+    y_pred = predict(net, x, params.evaluate.batch_size)
+    classes = data.manifest.classes
+    headline, per_class = score(y.numpy(), y_pred, classes)
+    predictions = pd.DataFrame(
+        {ID_COLUMN: data.tables["test"][ID_COLUMN], "actual": y.numpy(), "predicted": y_pred}
+    )
+    with atomic_dir(REPORT_DIR) as tmp:
+        write_json(tmp / "metrics.json", {"test": headline})
+        write_json(tmp / "per_class.json", per_class)
+        predictions.to_csv(tmp / "predictions.csv", index=False)
+        plot_confusion(
+            y.numpy(),
+            y_pred,
+            data.manifest.class_names or list(map(str, classes)),
+            classes,
+            tmp / "confusion_matrix.png",
+        )
+    run = read_json(MODELS_DIR / "run.json")
+    import mlflow
+
+    tracking.setup(params.mlflow.experiment)
+    with tracking.run(run["experiment_id"], "train", {}, run_id=run["run_id"]):
+        metrics = {f"test/{k}": v for k, v in headline.items()}
+        metrics.update({f"test/f1_class_{c}": m["f1"] for c, m in per_class.items()})
+        mlflow.log_metrics(tracking.finite_metrics(metrics))
+        mlflow.log_artifacts(str(REPORT_DIR), artifact_path="evaluation")
+    print(
+        f"[evaluate] test accuracy {headline['accuracy']:.4f}, macro F1 "
+        f"{headline['f1_macro']:.4f} on {len(y)} samples; wrote {REPORT_DIR}/"
+    )
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

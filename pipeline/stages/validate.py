@@ -1,0 +1,133 @@
+"""Validate: clean, split and gate the raw table with Great Expectations.
+
+Rows that cannot be trained on go to ``reports/validation/quarantine.csv`` with a reason; if
+more than ``validate.max_quarantine_frac`` of the rows would be quarantined the stage fails.
+The rest is split train/val/test by hash of ``sample_id`` and checked by the suites in
+:mod:`pipeline.validation.suite`. On success writes ``data/prepared/`` (one parquet per split
+and the manifest); on failure prints one line per failed expectation, exits non-zero and
+writes no prepared data. Either way the summary and Data Docs land in ``reports/validation/``
+and are logged to MLflow. Imports no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import tracking
+from pipeline.config import ValidateParams, load_params
+from pipeline.data.table import ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, SPLITS, Manifest
+from pipeline.io import StageError, atomic_dir, atomic_path, read_json, run_stage, write_json
+from pipeline.validation.cleaning import clean
+from pipeline.validation.split import assign_splits
+from pipeline.validation.suite import class_counts, run_suites
+
+RAW_DIR = Path("data/raw")
+PREPARED_DIR = Path("data/prepared")
+REPORT_DIR = Path("reports/validation")
+
+
+def read_raw(raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, Manifest]:
+    samples, manifest = raw_dir / "samples.parquet", raw_dir / "manifest.json"
+    for path in (samples, manifest):
+        if not path.exists():
+            raise StageError(f"{path} not found: run the ingest stage first")
+    try:
+        table = pd.read_parquet(samples)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise StageError(f"{samples}: cannot read as parquet: {exc}") from None
+    return table, Manifest.from_dict(read_json(manifest))
+
+
+def validate(table: pd.DataFrame, manifest: Manifest, params: ValidateParams, docs_dir: Path):
+    """Clean, split and check; return (prepared table, quarantine, summary dict)."""
+    if table.empty:
+        raise StageError(f"{RAW_DIR}/samples.parquet has no rows")
+    kept, quarantine = clean(table, manifest)
+    frac = len(quarantine) / len(table)
+    if kept.empty:
+        raise StageError(f"no rows left after cleaning ({len(quarantine)} quarantined)")
+    failures = []
+    if frac > params.max_quarantine_frac:
+        reasons = quarantine["reason"].str.split(":").str[0].value_counts()
+        listing = "; ".join(f"{n} × {reason}" for reason, n in reasons.items())
+        failures.append(
+            f"quarantine: {len(quarantine)} of {len(table)} rows ({frac:.1%}) failed row checks, "
+            f"above validate.max_quarantine_frac={params.max_quarantine_frac:g}: {listing} "
+            f"(see {REPORT_DIR}/quarantine.csv)"
+        )
+    if ID_COLUMN in kept:
+        kept.insert(2, SPLIT_COLUMN, assign_splits(kept[ID_COLUMN].astype(str), params.split))
+    result = run_suites(kept, manifest, params.min_per_class, docs_dir)
+    failures += result.failures
+    summary = {
+        "success": not failures,
+        "rows_in": len(table),
+        "rows_quarantined": len(quarantine),
+        "quarantine_reasons": quarantine["reason"].value_counts().to_dict(),
+        "failures": failures,
+        "statistics": result.statistics,
+        "expectations": result.expectations,
+    }
+    if not failures:
+        counts = class_counts(kept, manifest.classes)
+        summary["rows_out"] = len(kept)
+        summary["splits"] = {s: int(counts[s].sum()) for s in SPLITS}
+        summary["per_class"] = counts.set_index(LABEL_COLUMN).to_dict(orient="index")
+    return kept, quarantine, summary
+
+
+def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPARED_DIR) -> None:
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            part = kept[kept[SPLIT_COLUMN] == split].drop(columns=SPLIT_COLUMN)
+            part.reset_index(drop=True).to_parquet(tmp / f"{split}.parquet", index=False)
+        write_json(tmp / "manifest.json", manifest.to_dict())
+
+
+def log_to_mlflow(summary: dict, manifest: Manifest, experiment: str) -> None:
+    """Log counts and the reports into a 'validate' run; the run fails with the gate."""
+    import mlflow
+
+    experiment_id = tracking.setup(experiment)
+    tags = tracking.run_tags("validate", manifest.source, data_dir=None)
+    with tracking.run(experiment_id, "validate", tags):
+        metrics = {
+            "validate/rows_in": summary["rows_in"],
+            "validate/rows_quarantined": summary["rows_quarantined"],
+            "validate/success": float(summary["success"]),
+        }
+        metrics.update({f"validate/{s}_rows": n for s, n in summary.get("splits", {}).items()})
+        mlflow.log_metrics(tracking.finite_metrics(metrics))
+        mlflow.log_artifacts(str(REPORT_DIR), artifact_path="validation")
+        if not summary["success"]:
+            for line in summary["failures"]:
+                print(f"[validate] FAILED {line}")
+            raise StageError(
+                f"{len(summary['failures'])} check(s) failed; no prepared data written "
+                f"(Data Docs: {REPORT_DIR}/data_docs/index.html)"
+            )
+
+
+def main() -> None:
+    params = load_params("validate")
+    experiment = load_params("mlflow").experiment
+    table, manifest = read_raw()
+    print(f"[validate] checking {len(table)} rows from {manifest.source!r}")
+    with atomic_dir(REPORT_DIR) as report_tmp:
+        kept, quarantine, summary = validate(table, manifest, params, report_tmp / "data_docs")
+        with atomic_path(report_tmp / "quarantine.csv") as tmp:
+            quarantine.to_csv(tmp, index=False)
+        write_json(report_tmp / "summary.json", summary)
+    log_to_mlflow(summary, manifest, experiment)
+    write_prepared(kept, manifest)
+    splits = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
+    print(
+        f"[validate] passed {len(summary['expectations'])} expectations; "
+        f"{summary['rows_quarantined']} row(s) quarantined; {splits}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage("validate", main)

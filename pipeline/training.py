@@ -1,0 +1,157 @@
+"""What tune and train share: the prepared data as tensors, seeding, and one Lightning fit.
+
+The splits are loaded once into memory and moved to the training device once; batches are
+slices of those tensors (see :class:`pipeline.data.loader.TensorBatches`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pandas as pd
+import torch
+
+from pipeline.config import TrainParams
+from pipeline.data.loader import TensorBatches, to_tensors
+from pipeline.data.table import Manifest
+from pipeline.io import StageError, read_json
+from pipeline.models import MODELS
+from pipeline.models.module import Classifier
+
+PREPARED_DIR = Path("data/prepared")
+
+# Deterministic cuBLAS on GPUs; harmless on the CPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# Lightning's start-up banners (devices found, tips) would drown the per-epoch lines.
+for _name in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+@dataclass
+class Prepared:
+    manifest: Manifest
+    tables: dict[str, pd.DataFrame]
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def load_prepared(prepared_dir: Path = PREPARED_DIR, splits=("train", "val", "test")) -> Prepared:
+    """Read the validated splits and their manifest."""
+    manifest_path = prepared_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise StageError(f"{manifest_path} not found: run the validate stage first")
+    manifest = Manifest.from_dict(read_json(manifest_path))
+    tables, tensors = {}, {}
+    for split in splits:
+        path = prepared_dir / f"{split}.parquet"
+        if not path.exists():
+            raise StageError(f"{path} not found: run the validate stage first")
+        tables[split] = pd.read_parquet(path)
+        tensors[split] = to_tensors(tables[split], manifest.image_shape)
+    return Prepared(manifest, tables, tensors)
+
+
+def set_seeds(seed: int) -> None:
+    """Seed Python, NumPy and torch, and make torch pick deterministic kernels."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class InMemoryData(pl.LightningDataModule):
+    """Train/val tensors moved to the training device once; batches are slices."""
+
+    def __init__(self, data: Prepared, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device
+        self.on_device = {
+            split: (x.to(device), y.to(device))
+            for split, (x, y) in self.data.tensors.items()
+            if split in ("train", "val")
+        }
+
+    def train_dataloader(self) -> TensorBatches:
+        x, y = self.on_device["train"]
+        return TensorBatches(x, y, self.batch_size, shuffle=True, seed=self.seed)
+
+    def val_dataloader(self) -> TensorBatches:
+        x, y = self.on_device["val"]
+        return TensorBatches(x, y, max(self.batch_size, 512))
+
+
+class MetricHistory(pl.Callback):
+    """Collects every epoch's logged metrics (``history[i]`` is epoch i's dict)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.history.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+
+
+class EpochLine(pl.Callback):
+    """One progress line per epoch: losses, accuracy and time (quiet, log-friendly)."""
+
+    def __init__(self, prefix: str = "[train]") -> None:
+        self.prefix = prefix
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not hasattr(self, "_start"):
+            return
+        m = trainer.callback_metrics
+        parts = [f"{k} {m[k].item():.4f}" for k in ("train/loss", "val/loss", "val/acc") if k in m]
+        print(
+            f"{self.prefix} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  "
+            + "  ".join(parts)
+            + f"  ({time.perf_counter() - self._start:.1f}s)",
+            flush=True,
+        )
+
+
+def build_module(hp: TrainParams, manifest: Manifest) -> Classifier:
+    net = MODELS["cnn"](
+        manifest.image_shape,
+        len(manifest.classes),
+        manifest.pixel_range,
+        channels=hp.channels,
+        dropout=hp.dropout,
+    )
+    return Classifier(net, hp.lr, hp.optimizer, hp.weight_decay, hp.max_epochs)
+
+
+def fit(
+    hp: TrainParams,
+    data: Prepared,
+    callbacks: list[pl.Callback],
+    logger=False,
+    checkpoint: bool = False,
+    default_root_dir: str | None = None,
+) -> tuple[Classifier, pl.Trainer]:
+    """Seed, build and train one model on the train split, validating on val every epoch."""
+    set_seeds(hp.seed)
+    module = build_module(hp, data.manifest)
+    trainer = pl.Trainer(
+        accelerator=hp.accelerator,
+        devices=1,
+        max_epochs=hp.max_epochs,
+        deterministic=True,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=checkpoint,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=default_root_dir,
+    )
+    trainer.fit(module, datamodule=InMemoryData(data, hp.batch_size, hp.seed))
+    return module, trainer

@@ -1,0 +1,1 @@
+"""Cleaning rules, the deterministic split and the Great Expectations suites."""

@@ -1,0 +1,94 @@
+"""Row-level cleaning: every row that cannot be trained on goes to quarantine with a reason.
+
+Checks, in order, each naming the column and value: a label that is missing, not an integer
+or outside the class set; a feature that is NaN or ±inf; a feature outside the source's pixel
+range; an exact duplicate of an earlier row (same content hash and label: the first is kept);
+the same content under two different labels (all copies quarantined). Columns that are missing
+or extra are not a row problem: the Great Expectations suite reports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data.table import ID_COLUMN, LABEL_COLUMN, Manifest, features_of
+
+
+def _mark(reasons: pd.Series, mask: np.ndarray, describe: Callable[[int], str]) -> None:
+    """Give each row in ``mask`` that has no reason yet the reason ``describe(position)``."""
+    positions = np.flatnonzero(np.asarray(mask, dtype=bool) & reasons.isna().to_numpy())
+    if len(positions):
+        reasons.iloc[positions] = [describe(i) for i in positions]
+
+
+def _show(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def find_bad_rows(table: pd.DataFrame, manifest: Manifest) -> pd.Series:
+    """A reason string per offending row, indexed like ``table`` (first problem only)."""
+    reasons = pd.Series(pd.NA, index=table.index, dtype=object)
+
+    if LABEL_COLUMN in table:
+        raw = table[LABEL_COLUMN]
+        numeric = pd.to_numeric(raw, errors="coerce")
+        missing = raw.isna().to_numpy()
+        not_number = numeric.isna().to_numpy() & ~missing
+        not_integer = ~missing & ~not_number & (numeric % 1 != 0).fillna(False).to_numpy()
+        outside = ~missing & ~not_number & ~not_integer & ~numeric.isin(manifest.classes).to_numpy()
+        for mask, what in (
+            (missing, "label is missing"),
+            (not_number, "label is not a number"),
+            (not_integer, "label is not an integer"),
+            (outside, f"label outside the class set {manifest.classes}"),
+        ):
+            _mark(reasons, mask, lambda i, what=what: f"{what}: {_show(raw.iloc[i])}")
+
+    columns = features_of(table)
+    if columns:
+        values = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        low, high = manifest.pixel_range
+        for bad, what in (
+            (~np.isfinite(values), "non-finite feature"),
+            ((values < low) | (values > high), f"feature outside [{low:g}, {high:g}]"),
+        ):
+            first = bad.argmax(axis=1)
+            _mark(
+                reasons,
+                bad.any(axis=1),
+                lambda i, what=what, first=first: (
+                    f"{what}: {columns[first[i]]}={values[i, first[i]]:g}"
+                ),
+            )
+
+    if ID_COLUMN in table and LABEL_COLUMN in table:
+        labels_per_id = table.groupby(ID_COLUMN, sort=False)[LABEL_COLUMN].transform("nunique")
+        conflict = (labels_per_id > 1).to_numpy()
+        _mark(reasons, conflict, lambda i: "same content as another row but a different label")
+        duplicate = table.duplicated(subset=[ID_COLUMN, LABEL_COLUMN], keep="first").to_numpy()
+        first_row = table.reset_index().groupby(ID_COLUMN, sort=False)["index"].transform("first")
+        _mark(reasons, duplicate, lambda i: f"exact duplicate of row {first_row.iloc[i]}")
+    return reasons.dropna()
+
+
+def clean(table: pd.DataFrame, manifest: Manifest) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``table`` into rows to keep and a quarantine table (row, sample_id, reason)."""
+    reasons = find_bad_rows(table, manifest)
+    quarantine = pd.DataFrame(
+        {
+            "row": reasons.index.to_numpy(),
+            ID_COLUMN: table.loc[reasons.index, ID_COLUMN].to_numpy()
+            if ID_COLUMN in table
+            else pd.NA,
+            "reason": reasons.to_numpy(dtype=str),
+        }
+    )
+    kept = table.drop(index=reasons.index)
+    if LABEL_COLUMN in kept:
+        labels = pd.to_numeric(kept[LABEL_COLUMN], errors="coerce")
+        if labels.notna().all():
+            kept = kept.assign(**{LABEL_COLUMN: labels.astype(np.int64)})
+    return kept.reset_index(drop=True), quarantine

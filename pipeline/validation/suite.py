@@ -1,0 +1,158 @@
+"""The Great Expectations 1.x suites that gate the prepared data.
+
+Two suites, each run through a Checkpoint that also renders Data Docs:
+
+- ``samples`` on the cleaned, split table: exact column list, dtypes, ids that are 16 hex
+  digits and unique (so no sample is in two splits), labels in the class set, every feature
+  non-null and within the pixel range, split names known.
+- ``class_counts`` on one row per class: at least ``min_per_class`` samples in all, and at least
+  one in each of train, val and test.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.data.table import ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, SPLITS, Manifest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+@dataclass
+class SuiteResult:
+    success: bool
+    failures: list[str]
+    statistics: dict[str, dict]
+    expectations: list[dict]
+
+
+def class_counts(table: pd.DataFrame, classes: list[int]) -> pd.DataFrame:
+    """One row per class: label, samples per split and in total (zeros included)."""
+    counts = pd.crosstab(table[LABEL_COLUMN], table[SPLIT_COLUMN])
+    counts = counts.reindex(index=classes, columns=list(SPLITS), fill_value=0)
+    counts["total"] = counts.sum(axis=1)
+    counts = counts.rename_axis(index=LABEL_COLUMN, columns=None).reset_index()
+    return counts.astype("int64")
+
+
+def _samples_expectations(columns: list[str], manifest: Manifest) -> list:
+    import great_expectations.expectations as gxe
+
+    low, high = manifest.pixel_range
+    pixels = [f"px_{i}" for i in range(manifest.n_features)]
+    expected = [ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, *pixels]
+    found = [ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, *(c for c in columns if c.startswith("px_"))]
+    exps = [
+        gxe.ExpectTableColumnsToMatchOrderedList(column_list=expected),
+        gxe.ExpectColumnValuesToNotBeNull(column=ID_COLUMN),
+        gxe.ExpectColumnValuesToMatchRegex(column=ID_COLUMN, regex=r"^[0-9a-f]{16}$"),
+        gxe.ExpectColumnValuesToBeUnique(column=ID_COLUMN),
+        gxe.ExpectColumnValuesToBeOfType(column=LABEL_COLUMN, type_="int64"),
+        gxe.ExpectColumnValuesToBeInSet(column=LABEL_COLUMN, value_set=manifest.classes),
+        gxe.ExpectColumnValuesToBeInSet(column=SPLIT_COLUMN, value_set=list(SPLITS)),
+    ]
+    for column in pixels:
+        if column not in found:
+            continue  # reported once by the column-list expectation
+        exps += [
+            gxe.ExpectColumnValuesToBeOfType(column=column, type_="float32"),
+            gxe.ExpectColumnValuesToNotBeNull(column=column),
+            gxe.ExpectColumnValuesToBeBetween(column=column, min_value=low, max_value=high),
+        ]
+    return exps
+
+
+def _counts_expectations(min_per_class: int, classes: list[int]) -> list:
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnDistinctValuesToEqualSet(column=LABEL_COLUMN, value_set=classes),
+        gxe.ExpectColumnValuesToBeBetween(column="total", min_value=min_per_class),
+        *(gxe.ExpectColumnValuesToBeBetween(column=split, min_value=1) for split in SPLITS),
+    ]
+
+
+def _describe_failure(suite: str, r, row_names: list | None = None) -> str:
+    """One line for a failed expectation: what was expected, where, and examples."""
+    config = r.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "column")}
+    where = f"column {config.kwargs['column']!r}" if "column" in config.kwargs else "table"
+    result = r.result or {}
+    detail = ""
+    if "unexpected_count" in result:
+        examples = result.get("partial_unexpected_list") or []
+        detail = f": {result['unexpected_count']} unexpected value(s), e.g. {examples[:5]}"
+        rows = result.get("partial_unexpected_index_list")
+        if row_names is not None and rows:
+            detail += f" for {LABEL_COLUMN} {[row_names[i] for i in rows[:10]]}"
+    elif "observed_value" in result:
+        detail = f": observed {result['observed_value']!r}"
+    elif r.exception_info and r.exception_info.get("raised_exception"):
+        detail = f": {r.exception_info.get('exception_message')}"
+    return f"{suite}: {config.type} on {where} {kwargs}{detail}"
+
+
+def run_suites(
+    table: pd.DataFrame, manifest: Manifest, min_per_class: int, docs_dir: Path
+) -> SuiteResult:
+    """Validate ``table`` (with a split column); write Data Docs into ``docs_dir``."""
+    import great_expectations as gx
+
+    context = gx.get_context(mode="ephemeral")
+    context.add_data_docs_site(
+        site_name="runway",
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(Path(docs_dir).resolve()),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    source = context.data_sources.add_pandas("runway")
+    counts = class_counts(table, manifest.classes) if LABEL_COLUMN in table else pd.DataFrame()
+    frames = {
+        "samples": (table, _samples_expectations(list(table.columns), manifest), None),
+        "class_counts": (
+            counts,
+            _counts_expectations(min_per_class, manifest.classes),
+            manifest.classes,
+        ),
+    }
+    failures: list[str] = []
+    statistics: dict[str, dict] = {}
+    expectations: list[dict] = []
+    for name, (frame, exps, row_names) in frames.items():
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=exps))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        )
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{name}_gate",
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                result_format={"result_format": "SUMMARY"},
+            )
+        )
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+        for validation in outcome.run_results.values():
+            statistics[name] = dict(validation.statistics)
+            for r in validation.results:
+                expectations.append(
+                    {
+                        "suite": name,
+                        "type": r.expectation_config.type,
+                        "column": r.expectation_config.kwargs.get("column"),
+                        "success": bool(r.success),
+                    }
+                )
+                if not r.success:
+                    failures.append(_describe_failure(name, r, row_names))
+    return SuiteResult(not failures, failures, statistics, expectations)
