@@ -1,0 +1,101 @@
+"""Shared fixtures: a small canonical table, a manifest, and a copy of the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.data.table import Manifest, make_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def manifest() -> Manifest:
+    return Manifest(
+        source="digits",
+        rows=0,
+        checksum="sha256:test",
+        classes=list(range(10)),
+        image_shape=[1, 8, 8],
+        pixel_range=[0.0, 16.0],
+        class_names=[str(c) for c in range(10)],
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_table():
+    from pipeline.data import digits
+
+    return digits.load()
+
+
+@pytest.fixture
+def small_table():
+    rng = np.random.default_rng(0)
+    features = rng.integers(0, 17, size=(200, 64)).astype(np.float32)
+    return make_table(features, np.arange(200) % 10)
+
+
+def project_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n"
+            f"{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's source files (not its outputs) in a fresh git repo at ``dest``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    skip = ("dvc.lock", "reports/")
+    for rel in listed:
+        if rel.startswith(skip) or not (ROOT / rel).is_file():
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def edit_params(project: Path, changes: dict[str, dict]) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        params.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+TINY = {
+    "tune": {"n_trials": 2, "epochs": 2},
+    "train": {"max_epochs": 3, "patience": 2},
+}

@@ -1,0 +1,144 @@
+"""The whole pipeline, for real: `dvc repro` on a copy of the project with tiny params."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import TINY, copy_project, edit_params, run
+
+STAGES = ["ingest", "validate", "tune", "train", "evaluate", "register"]
+
+
+def ran_stages(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("runway"))
+    edit_params(project, TINY)
+    first = run(["dvc", "repro"], project)
+    return project, first.stdout + first.stderr
+
+
+def mlflow_client(project):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+
+
+def test_repro_writes_every_output(project):
+    project, output = project
+    assert ran_stages(output) == STAGES
+    for path in (
+        "data/raw/samples.parquet",
+        "data/raw/manifest.json",
+        "data/prepared/train.parquet",
+        "data/prepared/val.parquet",
+        "data/prepared/test.parquet",
+        "reports/validation/summary.json",
+        "reports/validation/data_docs/index.html",
+        "reports/tune/best_params.json",
+        "reports/tune/optimization_history.png",
+        "models/model.pt",
+        "models/run.json",
+        "reports/evaluate/confusion_matrix.png",
+        "reports/evaluate/predictions.csv",
+        "reports/register.json",
+    ):
+        assert (project / path).is_file(), path
+    metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())
+    assert set(metrics["test"]) == {"accuracy", "precision_macro", "recall_macro", "f1_macro"}
+    # Even three epochs on the digits are far above chance (10 %).
+    assert metrics["test"]["accuracy"] > 0.8
+    manifest = json.loads((project / "data/raw/manifest.json").read_text())
+    assert manifest["rows"] == 1797 and manifest["source"] == "digits"
+    summary = json.loads((project / "reports/validation/summary.json").read_text())
+    assert summary["success"] and sum(summary["splits"].values()) == 1797
+
+
+def test_mlflow_holds_validation_tuning_training_and_the_registry(project):
+    project, _ = project
+    client = mlflow_client(project)
+    experiment = client.get_experiment_by_name("runway-digits")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    by_stage = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags.get("stage"), []).append(r)
+    assert set(by_stage) == {"validate", "tune", "train"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+    (validate,) = by_stage["validate"]
+    artifacts = [a.path for a in client.list_artifacts(validate.info.run_id, "validation")]
+    assert "validation/data_docs" in artifacts
+
+    tune_runs = by_stage["tune"]
+    parents = [r for r in tune_runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in tune_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(trials) == 2
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
+    for t in trials:
+        assert t.data.tags["optuna.trial_state"] in {"COMPLETE", "PRUNED", "FAIL"}
+        assert {"lr", "batch_size", "optimizer"} <= set(t.data.params)
+
+    (train,) = by_stage["train"]
+    tags, metrics = train.data.tags, train.data.metrics
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    prepared = next(o for o in lock["stages"]["validate"]["outs"] if o["path"] == "data/prepared")
+    assert tags["data.dvc_md5"] == prepared["md5"]
+    commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert tags["git.commit"] == commit
+    assert tags["git.dirty"] == "true"  # params.yaml was shrunk after the commit
+    assert {"train/loss", "val/loss", "val/acc", "test/accuracy", "test/f1_macro"} <= set(metrics)
+    history = client.get_metric_history(train.info.run_id, "val/loss")
+    assert len(history) == metrics["epochs_trained"] >= 2  # one point per epoch
+    evaluated = [a.path for a in client.list_artifacts(train.info.run_id, "evaluation")]
+    assert "evaluation/confusion_matrix.png" in evaluated
+    assert client.search_logged_models([experiment.experiment_id])
+
+    record = json.loads((project / "reports/register.json").read_text())
+    champion = client.get_model_version_by_alias("digits-cnn", "champion")
+    assert int(champion.version) == record["version"] and champion.run_id == train.info.run_id
+    assert "challenger" in champion.aliases
+
+
+def test_champion_loads_and_predicts_raw_pixels(project):
+    project, _ = project
+    import mlflow
+    import pandas as pd
+    import torch
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
+    model = mlflow.pytorch.load_model("models:/digits-cnn@champion", map_location="cpu")
+    test = pd.read_parquet(project / "data/prepared/test.parquet")
+    x = torch.tensor(test.filter(like="px_").to_numpy("float32")).reshape(-1, 1, 8, 8)
+    accuracy = (model(x).argmax(1).numpy() == test["label"].to_numpy()).mean()
+    metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())
+    assert accuracy == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_second_repro_is_a_no_op_and_metrics_commands_work(project):
+    project, _ = project
+    again = run(["dvc", "repro"], project)
+    assert ran_stages(again.stdout + again.stderr) == []
+    shown = run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "accuracy" in shown
+    run(["dvc", "plots", "show", "--out", "plots_html"], project)
+    assert (project / "plots_html/index.html").is_file()
+
+
+def test_register_param_change_reruns_only_register(project):
+    project, _ = project
+    before = json.loads((project / "reports/register.json").read_text())
+    edit_params(project, {"register": {"min_delta": 0.5}})
+    out = run(["dvc", "repro"], project)
+    assert ran_stages(out.stdout + out.stderr) == ["register"]
+    after = json.loads((project / "reports/register.json").read_text())
+    # Same run: same version, still champion, no duplicate registration.
+    assert after["version"] == before["version"]
+    assert "champion" in after["aliases"]
+    summary = run(["runway", "summary"], project).stdout
+    assert "digits-cnn version" in summary and "127.0.0.1:5000" in summary
