@@ -1,0 +1,51 @@
+"""params.yaml is checked before anything runs; errors name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ParamsError, load_params, parse_params
+from tests.conftest import ROOT, copy_project, edit_params, run
+
+
+def test_repository_params_are_valid():
+    params = load_params(path=ROOT / "params.yaml")
+    assert params.data.source == "digits"
+    split = params.validate_.split
+    assert split.train + split.val + split.test == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"train": {"lr": -0.1}}, "train.lr: Input should be greater than 0"),
+        ({"train": {"optimizer": "rmsprop"}}, "train.optimizer: 'rmsprop' is not allowed"),
+        ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key"),
+        ({"tarin": {}}, "tarin: unknown key"),
+        ({"validate": {"split": {"train": 0.5, "val": 0.2, "test": 0.2}}}, "must sum to 1"),
+        ({"tune": {"search_space": {"lr": [0.1, 0.001]}}}, "lr: low 0.1 is above high 0.001"),
+        ({"tune": {"n_trials": -1}}, "tune.n_trials"),
+        ({"register": {"min_delta": 2}}, "register.min_delta"),
+        ({"data": {"source": "imagenet"}}, "data.source: 'imagenet' is not allowed"),
+    ],
+)
+def test_bad_values_name_the_key(raw, expected):
+    with pytest.raises(ParamsError, match=expected.replace(".", r"\.").replace("(", r"\(")):
+        parse_params(raw)
+
+
+def test_unknown_section_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: {lr: 0.01}\n")
+    with pytest.raises(ParamsError, match="no section 'nope'"):
+        load_params("nope", path=path)
+
+
+def test_a_stage_with_a_bad_param_exits_non_zero_and_writes_nothing(tmp_path):
+    project = copy_project(tmp_path)
+    edit_params(project, {"data": {"source": "mnsit"}})
+    result = run(["python", "-m", "pipeline.stages.ingest"], project, check=False)
+    assert result.returncode == 1
+    assert "data.source: 'mnsit' is not allowed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (project / "data/raw").exists()

@@ -1,0 +1,63 @@
+"""The canonical table and the in-memory batch loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.loader import TensorBatches, to_tensors
+from pipeline.data.table import content_ids, make_table
+
+
+def test_digits_table_is_canonical(digits_table):
+    assert list(digits_table.columns[:2]) == ["sample_id", "label"]
+    assert len(digits_table.columns) == 2 + 64
+    assert len(digits_table) == 1797
+    assert digits_table["label"].dtype == np.int64
+    assert digits_table["px_0"].dtype == np.float32
+    assert digits_table["sample_id"].str.fullmatch(r"[0-9a-f]{16}").all()
+
+
+def test_sample_id_is_a_content_hash():
+    a = np.arange(64, dtype=np.float32).reshape(1, 64)
+    b = a.copy()
+    b[0, 5] += 1
+    assert content_ids(a) == content_ids(a.astype(np.float64))  # same content, same id
+    assert content_ids(a) != content_ids(b)
+    table = make_table(np.vstack([a, a]), [3, 7])
+    assert table["sample_id"].nunique() == 1  # labels are not part of the id
+
+
+def test_make_table_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="2 feature rows but 1 labels"):
+        make_table(np.zeros((2, 4)), [1])
+
+
+def test_batches_cover_every_sample_once_per_epoch():
+    x, y = torch.arange(10.0).reshape(10, 1), torch.arange(10)
+    batches = TensorBatches(x, y, batch_size=4, shuffle=True, seed=1)
+    assert len(batches) == 3
+    epoch1 = torch.cat([yb for _, yb in batches])
+    epoch2 = torch.cat([yb for _, yb in batches])
+    assert sorted(epoch1.tolist()) == list(range(10))
+    assert sorted(epoch2.tolist()) == list(range(10))
+    assert epoch1.tolist() != epoch2.tolist()  # a new order every epoch
+    for xb, yb in batches:
+        assert torch.equal(xb[:, 0].long(), yb)  # inputs stay paired with labels
+    again = TensorBatches(x, y, batch_size=4, shuffle=True, seed=1)
+    assert torch.cat([yb for _, yb in again]).tolist() == epoch1.tolist()  # reproducible
+
+
+def test_unshuffled_and_drop_last():
+    x, y = torch.zeros(10, 2), torch.arange(10)
+    assert [len(b[1]) for b in TensorBatches(x, y, 4)] == [4, 4, 2]
+    assert [len(b[1]) for b in TensorBatches(x, y, 4, drop_last=True)] == [4, 4]
+    assert torch.cat([b[1] for b in TensorBatches(x, y, 3)]).tolist() == list(range(10))
+
+
+def test_to_tensors_shapes(digits_table):
+    x, y = to_tensors(digits_table.head(5), [1, 8, 8])
+    assert x.shape == (5, 1, 8, 8) and x.dtype == torch.float32
+    assert y.tolist() == digits_table["label"].head(5).tolist()
+    assert float(x.max()) <= 16.0

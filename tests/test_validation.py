@@ -1,0 +1,134 @@
+"""Cleaning, the split and the Great Expectations gate, on real bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import SplitParams, ValidateParams
+from pipeline.data.table import SPLITS
+from pipeline.stages.validate import validate
+from pipeline.validation.cleaning import clean
+from pipeline.validation.split import assign_splits
+from tests.conftest import copy_project, run
+
+
+def test_clean_quarantines_each_kind_of_bad_row(small_table, manifest):
+    t = small_table.copy()
+    t.loc[1, "px_3"] = np.nan
+    t.loc[2, "px_4"] = np.inf
+    t.loc[3, "px_5"] = 17.0
+    t.loc[4, "px_6"] = -1.0
+    t["label"] = t["label"].astype(object)
+    t.loc[5, "label"] = 12
+    t.loc[6, "label"] = "seven"
+    t.loc[7, "label"] = 2.5
+    t.loc[8, "label"] = None
+    dup = t.iloc[[20]].copy()
+    conflict = t.iloc[[30]].copy()
+    conflict["label"] = (int(conflict["label"].iloc[0]) + 1) % 10
+    t = pd.concat([t, dup, conflict], ignore_index=True)
+    kept, quarantine = clean(t, manifest)
+    reasons = dict(zip(quarantine["row"], quarantine["reason"], strict=True))
+    assert reasons[1] == "non-finite feature: px_3=nan"
+    assert reasons[2] == "non-finite feature: px_4=inf"
+    assert reasons[3] == "feature outside [0, 16]: px_5=17"
+    assert reasons[4] == "feature outside [0, 16]: px_6=-1"
+    assert reasons[5].startswith("label outside the class set") and reasons[5].endswith("12")
+    assert reasons[6] == "label is not a number: 'seven'"
+    assert reasons[7] == "label is not an integer: 2.5"
+    assert reasons[8] == "label is missing: None"
+    assert reasons[200] == "exact duplicate of row 20"
+    assert "different label" in reasons[30] and "different label" in reasons[201]
+    assert len(quarantine) == 11
+    assert len(kept) == len(t) - 11
+    assert kept["label"].dtype == np.int64
+    assert not kept["sample_id"].duplicated().any()
+
+
+def test_split_is_deterministic_stable_and_near_the_fractions(digits_table):
+    fractions = SplitParams(train=0.7, val=0.15, test=0.15)
+    ids = digits_table["sample_id"]
+    splits = assign_splits(ids, fractions)
+    assert (assign_splits(ids, fractions) == splits).all()
+    # A sample keeps its split when other samples come and go.
+    subset = assign_splits(ids.iloc[::3].reset_index(drop=True), fractions)
+    assert (subset == splits[::3]).all()
+    shares = pd.Series(splits).value_counts(normalize=True)
+    for name, share in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+        assert abs(shares[name] - share) < 0.03
+    per_class = pd.crosstab(digits_table["label"], splits)
+    assert (per_class[list(SPLITS)] > 0).all().all()
+
+
+def test_clean_digits_pass_the_suite(digits_table, manifest, tmp_path):
+    kept, quarantine, summary = validate(digits_table, manifest, ValidateParams(), tmp_path)
+    assert summary["success"], summary["failures"]
+    assert len(quarantine) == 0 and len(kept) == 1797
+    assert (tmp_path / "index.html").is_file()
+    assert len(summary["expectations"]) > 64 * 3
+
+
+def test_suite_reports_dtype_drift_and_missing_columns(digits_table, manifest, tmp_path):
+    t = digits_table.drop(columns=["px_63"])
+    t["px_7"] = t["px_7"].astype("float64")
+    _, _, summary = validate(t, manifest, ValidateParams(), tmp_path)
+    assert not summary["success"]
+    text = "\n".join(summary["failures"])
+    assert "expect_table_columns_to_match_ordered_list" in text
+    assert "column 'px_7'" in text and "float64" in text
+
+
+def test_suite_reports_classes_below_the_minimum(digits_table, manifest, tmp_path):
+    t = pd.concat(
+        [digits_table[digits_table.label != 3], digits_table[digits_table.label == 3][:5]]
+    )
+    _, _, summary = validate(t, manifest, ValidateParams(min_per_class=20), tmp_path)
+    assert not summary["success"]
+    (line,) = [f for f in summary["failures"] if "'total'" in f]
+    assert "label [3]" in line and "min_value" in line
+
+
+def test_too_many_quarantined_rows_fail(digits_table, manifest, tmp_path):
+    t = digits_table.copy()
+    t.loc[:199, "px_10"] = np.nan  # 200 of 1797 rows = 11 %
+    _, quarantine, summary = validate(
+        t, manifest, ValidateParams(max_quarantine_frac=0.05), tmp_path
+    )
+    assert len(quarantine) == 200
+    assert not summary["success"]
+    assert "200 × non-finite feature" in summary["failures"][0]
+
+
+def test_validate_stage_refuses_bad_data_and_writes_no_prepared_data(tmp_path):
+    project = copy_project(tmp_path)
+    run(["python", "-m", "pipeline.stages.ingest"], project)
+    raw = project / "data/raw/samples.parquet"
+    table = pd.read_parquet(raw)
+    table["px_12"] = table["px_12"].astype("float64")  # schema drift
+    table.to_parquet(raw, index=False)
+    result = run(["python", "-m", "pipeline.stages.validate"], project, check=False)
+    assert result.returncode == 1
+    assert "FAILED samples: expect_column_values_to_be_of_type on column 'px_12'" in result.stdout
+    assert "no prepared data written" in result.stderr
+    assert not (project / "data/prepared").exists()
+    summary = json.loads((project / "reports/validation/summary.json").read_text())
+    assert summary["success"] is False
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
+    (run_,) = client.search_runs([client.get_experiment_by_name("runway-digits").experiment_id])
+    assert run_.info.status == "FAILED" and run_.data.tags["stage"] == "validate"
+
+
+@pytest.mark.parametrize("missing", ["samples.parquet", "manifest.json"])
+def test_validate_stage_without_ingest_output(tmp_path, missing):
+    project = copy_project(tmp_path)
+    run(["python", "-m", "pipeline.stages.ingest"], project)
+    (project / "data/raw" / missing).unlink()
+    result = run(["python", "-m", "pipeline.stages.validate"], project, check=False)
+    assert result.returncode == 1
+    assert f"data/raw/{missing} not found: run the ingest stage first" in result.stderr
