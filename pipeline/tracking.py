@@ -26,28 +26,27 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 MLRUNS_DIR = Path("mlruns")
-DEFAULT_TRACKING_URI = f"sqlite:///{MLRUNS_DIR}/mlflow.db"
 PREPARED_DIR = Path("data/prepared")
 
 
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    if uri == DEFAULT_TRACKING_URI:
-        MLRUNS_DIR.mkdir(exist_ok=True)
-    return uri
+    """``MLFLOW_TRACKING_URI`` if set, else the project's sqlite store (as an absolute path)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    MLRUNS_DIR.mkdir(exist_ok=True)
+    return f"sqlite:///{MLRUNS_DIR.resolve()}/mlflow.db"
 
 
 def setup(experiment: str) -> str:
     """Point MLflow at the store and return the experiment's id (created if new)."""
     import mlflow
 
+    local = not os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri())
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
-    artifacts = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        artifacts = (MLRUNS_DIR / "artifacts").resolve().as_uri()
+    artifacts = (MLRUNS_DIR / "artifacts").resolve().as_uri() if local else None
     return mlflow.create_experiment(experiment, artifact_location=artifacts)
 
 

@@ -99,3 +99,33 @@ TINY = {
     "tune": {"n_trials": 2, "epochs": 2},
     "train": {"max_epochs": 3, "patience": 2},
 }
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(digits_table):
+    """The digits, split as the pipeline splits them, as a Prepared bundle."""
+    from pipeline.config import SplitParams
+    from pipeline.data.loader import to_tensors
+    from pipeline.training import Prepared
+    from pipeline.validation.split import assign_splits
+
+    splits = assign_splits(digits_table["sample_id"], SplitParams())
+    tables = {s: digits_table[splits == s].reset_index(drop=True) for s in ("train", "val", "test")}
+    m = Manifest(
+        "digits",
+        1797,
+        "sha256:x",
+        list(range(10)),
+        [1, 8, 8],
+        [0.0, 16.0],
+        [str(c) for c in range(10)],
+    )
+    return Prepared(m, tables, {s: to_tensors(t, [1, 8, 8]) for s, t in tables.items()})
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh local MLflow store: the test runs inside tmp_path with the default URI."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
