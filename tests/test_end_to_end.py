@@ -126,8 +126,20 @@ def test_second_repro_is_a_no_op_and_metrics_commands_work(project):
     assert ran_stages(again.stdout + again.stderr) == []
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "accuracy" in shown
+    diff = run(["dvc", "metrics", "diff", "--json"], project).stdout
+    assert "reports/evaluate/metrics.json" in diff  # new against HEAD, which has none
     run(["dvc", "plots", "show", "--out", "plots_html"], project)
     assert (project / "plots_html/index.html").is_file()
+
+
+def test_rerunning_tune_resumes_the_same_study(project):
+    project, output = project
+    first = next(line for line in output.splitlines() if line.startswith("[tune] study"))
+    again = run(["python", "-m", "pipeline.stages.tune"], project).stdout
+    second = next(line for line in again.splitlines() if line.startswith("[tune] study"))
+    assert first.split(":")[0] == second.split(":")[0]  # same study name
+    assert "2 trial(s) already done; running 0 more" in second
+    run(["dvc", "commit", "-f", "tune"], project)  # keep the workspace in step with dvc.lock
 
 
 def test_register_param_change_reruns_only_register(project):
