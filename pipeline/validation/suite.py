@@ -101,8 +101,11 @@ def run_suites(
 ) -> SuiteResult:
     """Validate ``table`` (with a split column); write Data Docs into ``docs_dir``."""
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
+    # One summary line per suite reads better in `dvc repro` logs than GX's metric bars.
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     context.add_data_docs_site(
         site_name="runway",
         site_config={
