@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.data.table import LABEL_COLUMN, features_of
-
-PREPARED_DIR = Path("data/prepared")
+from pipeline.data.table import LABEL_COLUMN, PREPARED_DIR, features_of
 
 
 def _xy(split: str, prepared_dir: Path) -> tuple[np.ndarray, np.ndarray]:

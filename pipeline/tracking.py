@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.table import PREPARED_DIR
 from pipeline.io import Terminated
 
 # Nothing leaves this machine: no usage telemetry from MLflow or Great Expectations.
@@ -26,7 +27,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 MLRUNS_DIR = Path("mlruns")
-PREPARED_DIR = Path("data/prepared")
 
 
 def tracking_uri() -> str:

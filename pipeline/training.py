@@ -18,12 +18,10 @@ import torch
 
 from pipeline.config import TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
-from pipeline.data.table import Manifest
+from pipeline.data.table import PREPARED_DIR, Manifest
 from pipeline.io import StageError, read_json
 from pipeline.models import MODELS
 from pipeline.models.module import Classifier
-
-PREPARED_DIR = Path("data/prepared")
 
 # Deterministic cuBLAS on GPUs; harmless on the CPU.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -20,6 +20,10 @@ LABEL_COLUMN = "label"
 SPLIT_COLUMN = "split"
 SPLITS = ("train", "val", "test")
 
+# Where ingest writes the raw table and validate the prepared splits.
+RAW_DIR = Path("data/raw")
+PREPARED_DIR = Path("data/prepared")
+
 
 def feature_columns(n_features: int) -> list[str]:
     return [f"px_{i}" for i in range(n_features)]

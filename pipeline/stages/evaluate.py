@@ -18,10 +18,9 @@ from pipeline import tracking
 from pipeline.config import load_params
 from pipeline.data.table import ID_COLUMN
 from pipeline.io import StageError, atomic_dir, atomic_path, read_json, run_stage, write_json
-from pipeline.models import MODELS
+from pipeline.models import MODELS, MODELS_DIR
 from pipeline.training import load_prepared
 
-MODELS_DIR = Path("models")
 REPORT_DIR = Path("reports/evaluate")
 
 

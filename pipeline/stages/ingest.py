@@ -12,10 +12,8 @@ import pandas as pd
 
 from pipeline.config import DataParams, load_params
 from pipeline.data.sources import SOURCES
-from pipeline.data.table import Manifest, file_sha256
+from pipeline.data.table import RAW_DIR, Manifest, file_sha256
 from pipeline.io import StageError, atomic_path, run_stage, write_json
-
-RAW_DIR = Path("data/raw")
 
 
 def ingest(params: DataParams) -> tuple[pd.DataFrame, dict]:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import load_params
+from pipeline.data.table import PREPARED_DIR
 from pipeline.io import StageError, read_json, run_stage, write_json
+from pipeline.models import MODELS_DIR
 
-MODELS_DIR = Path("models")
 METRICS = Path("reports/evaluate/metrics.json")
 REPORT = Path("reports/register.json")
 
@@ -61,7 +62,7 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
             name,
             tags={f"test.{k}": f"{v:.6f}" for k, v in test_metrics.items()}
             | tracking.git_info()
-            | {"data.dvc_md5": tracking.dvc_hash(tracking.PREPARED_DIR)},
+            | {"data.dvc_md5": tracking.dvc_hash(PREPARED_DIR)},
         )
     client.set_registered_model_alias(name, "challenger", version.version)
 

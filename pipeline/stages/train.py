@@ -18,9 +18,9 @@ import torch
 from pipeline import tracking
 from pipeline.config import TrainParams, direction, load_params
 from pipeline.io import StageError, atomic_dir, read_json, run_stage, write_json
+from pipeline.models import MODELS_DIR
 from pipeline.training import EpochLine, Prepared, fit, load_prepared
 
-MODELS_DIR = Path("models")
 BEST_PARAMS = Path("reports/tune/best_params.json")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import Params, TrainParams, TuneParams, direction, load_params
+from pipeline.data.table import PREPARED_DIR
 from pipeline.io import StageError, atomic_dir, atomic_path, run_stage, write_json
 
 REPORT_DIR = Path("reports/tune")
@@ -123,7 +124,7 @@ def tune(params: Params, out_dir: Path) -> dict:
 
     cfg, metric = params.tune, params.tune.metric
     data = load_prepared(splits=("train", "val"))
-    data_hash = tracking.dvc_hash(tracking.PREPARED_DIR)
+    data_hash = tracking.dvc_hash(PREPARED_DIR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name(params, data_hash),

@@ -17,14 +17,20 @@ import pandas as pd
 
 from pipeline import tracking
 from pipeline.config import ValidateParams, load_params
-from pipeline.data.table import ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, SPLITS, Manifest
+from pipeline.data.table import (
+    ID_COLUMN,
+    LABEL_COLUMN,
+    PREPARED_DIR,
+    RAW_DIR,
+    SPLIT_COLUMN,
+    SPLITS,
+    Manifest,
+)
 from pipeline.io import StageError, atomic_dir, atomic_path, read_json, run_stage, write_json
 from pipeline.validation.cleaning import clean
 from pipeline.validation.split import assign_splits
 from pipeline.validation.suite import class_counts, run_suites
 
-RAW_DIR = Path("data/raw")
-PREPARED_DIR = Path("data/prepared")
 REPORT_DIR = Path("reports/validation")
 
 
