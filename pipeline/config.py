@@ -29,8 +29,37 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Source = Literal["digits", "mnist", "fashion-mnist", "cifar10", "image_folder", "csv"]
+# Sources with a known public download; the others read only what data.path points at.
+DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10")
+EXTERNAL_DIR = Path("data/external")
+
+
 class DataParams(_Section):
-    source: Literal["digits"] = "digits"
+    source: Source = "digits"
+    path: str | None = None
+    download: bool = False
+    image_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    color: Literal["grey", "rgb"] = "grey"
+    label_column: Annotated[str, Field(min_length=1)] = "label"
+    classes: list[str | int] | None = Field(default=None, min_length=2)
+
+    @model_validator(mode="after")
+    def _path_given(self) -> DataParams:
+        if self.source in ("image_folder", "csv") and not self.path:
+            raise ValueError(f"path: source {self.source!r} reads a file or folder; set data.path")
+        if self.download and self.source not in DOWNLOADABLE:
+            raise ValueError(
+                f"download: source {self.source!r} has nothing to download "
+                f"(only {', '.join(DOWNLOADABLE)})"
+            )
+        if self.classes is not None and len(set(map(str, self.classes))) != len(self.classes):
+            raise ValueError("classes: names must be unique")
+        return self
+
+    def location(self) -> Path:
+        """Where the source's files are: data.path, or data/external/<source>/."""
+        return Path(self.path) if self.path else EXTERNAL_DIR / self.source
 
 
 class SplitParams(_Section):
@@ -52,6 +81,26 @@ class ValidateParams(_Section):
     max_quarantine_frac: Fraction = 0.05
 
 
+ModelName = Literal["cnn", "resnet18", "mlp"]
+Augmentation = Literal["crop", "flip"]
+
+
+class ModelParams(_Section):
+    name: ModelName = "cnn"
+    channels: Annotated[int, Field(ge=1)] = 32
+    dropout: Fraction = 0.2
+    weights_path: str | None = None
+    freeze_backbone: bool = False
+
+    @model_validator(mode="after")
+    def _transfer_options(self) -> ModelParams:
+        if self.freeze_backbone and not self.weights_path:
+            raise ValueError(
+                "freeze_backbone: needs model.weights_path (a frozen random backbone is useless)"
+            )
+        return self
+
+
 class SearchSpace(_Section):
     lr: tuple[PositiveFloat, PositiveFloat] = (5e-4, 2e-2)
     batch_size: list[Annotated[int, Field(ge=1)]] = Field(default=[32, 64, 128], min_length=1)
@@ -59,6 +108,7 @@ class SearchSpace(_Section):
     dropout: tuple[Fraction, Fraction] = (0.0, 0.4)
     weight_decay: tuple[PositiveFloat, PositiveFloat] = (1e-6, 1e-3)
     optimizer: list[Optimizer] = Field(default=["adam", "adamw", "sgd"], min_length=1)
+    model: list[ModelName] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> SearchSpace:
@@ -96,8 +146,7 @@ class TrainParams(_Section):
     lr: PositiveFloat = 3e-3
     optimizer: Optimizer = "adamw"
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    dropout: Fraction = 0.2
-    channels: Annotated[int, Field(ge=1)] = 32
+    augment: list[Augmentation] = []
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
 
 
@@ -117,12 +166,22 @@ class MlflowParams(_Section):
 
 class Params(_Section):
     data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     tune: TuneParams = TuneParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(default=RegisterParams(), alias="register")
     mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _weights_for_resnet(self) -> Params:
+        names = self.tune.search_space.model or [self.model.name]
+        if self.model.weights_path and "resnet18" not in names:
+            raise ValueError(
+                f"model.weights_path: only resnet18 loads pretrained weights, not {names[0]}"
+            )
+        return self
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -132,6 +191,14 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{key}: unknown key"
     if kind == "literal_error":
         return f"{key}: {error['input']!r} is not allowed; {error['msg'].lower()}"
+    if kind == "value_error":  # from a model validator: "field: what is wrong"
+        message = error["msg"].removeprefix("Value error, ")
+        if key == "<top level>":
+            return message
+        field, sep, rest = message.partition(": ")
+        if sep and field.isidentifier():
+            return f"{key}.{field}: {rest}"
+        return f"{key}: {message}"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
@@ -163,3 +230,36 @@ def load_params(section: str | None = None, path: Path | str = PARAMS_FILE) -> A
     if section not in Params.model_fields and f"{section}_" not in Params.model_fields:
         raise ParamsError(f"{path}: no section {section!r}")
     return getattr(params, section if section in Params.model_fields else f"{section}_")
+
+
+# Where each tuned value (a key of reports/tune/best_params.json) goes: (section, field).
+TUNED_FIELDS: dict[str, tuple[str, str]] = {
+    "lr": ("train", "lr"),
+    "batch_size": ("train", "batch_size"),
+    "weight_decay": ("train", "weight_decay"),
+    "optimizer": ("train", "optimizer"),
+    "channels": ("model", "channels"),
+    "dropout": ("model", "dropout"),
+    "model": ("model", "name"),
+}
+
+
+def with_tuned(
+    train: TrainParams, model: ModelParams, tuned: dict[str, Any], source: str = "tuned values"
+) -> tuple[TrainParams, ModelParams]:
+    """The train and model sections with tuned values on top, validated the same way."""
+    unknown = sorted(set(tuned) - set(TUNED_FIELDS))
+    if unknown:
+        raise ParamsError(f"{source}: keys that cannot be tuned: {unknown}")
+    sections = {"train": train.model_dump(), "model": model.model_dump()}
+    for key, value in tuned.items():
+        section, field = TUNED_FIELDS[key]
+        sections[section][field] = value
+    validated = []
+    for name, section in (("train", TrainParams), ("model", ModelParams)):
+        try:
+            validated.append(section.model_validate(sections[name]))
+        except ValidationError as exc:
+            problems = "; ".join(_describe({**e, "loc": (name, *e["loc"])}) for e in exc.errors())
+            raise ParamsError(f"{source}: {problems}") from None
+    return validated[0], validated[1]

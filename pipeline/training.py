@@ -16,12 +16,14 @@ import lightning.pytorch as pl
 import pandas as pd
 import torch
 
-from pipeline.config import TrainParams
+from pipeline.config import ModelParams, TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
 from pipeline.data.table import PREPARED_DIR, Manifest
 from pipeline.io import StageError, read_json
-from pipeline.models import MODELS
+from pipeline.models import build_net, incompatibility, model_spec
+from pipeline.models.cnn import Scale
 from pipeline.models.module import Classifier
+from pipeline.models.resnet import ResNet18, WeightsError
 
 # Deterministic cuBLAS on GPUs; harmless on the CPU.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -116,19 +118,42 @@ class EpochLine(pl.Callback):
         )
 
 
-def build_module(hp: TrainParams, manifest: Manifest) -> Classifier:
-    net = MODELS["cnn"](
-        manifest.image_shape,
-        len(manifest.classes),
-        manifest.pixel_range,
-        channels=hp.channels,
-        dropout=hp.dropout,
-    )
-    return Classifier(net, hp.lr, hp.optimizer, hp.weight_decay, hp.max_epochs)
+def check_model(model: ModelParams, manifest: Manifest, augment: list[str] = ()) -> None:
+    """Refuse a model or augmentation that cannot take this data, before any training."""
+    problem = incompatibility(model.name, manifest.image_shape, manifest.source)
+    if problem:
+        raise StageError(f"params.yaml: model.name: {problem}")
+    if augment and len(manifest.image_shape) != 3:
+        raise StageError(
+            f"params.yaml: train.augment: {list(augment)} applies to images, but data source "
+            f"{manifest.source!r} is tabular; set train.augment: []"
+        )
+
+
+def build_module(hp: TrainParams, model: ModelParams, data: Prepared) -> Classifier:
+    """The network for ``model`` (pretrained and frozen as asked), wrapped for training.
+
+    Tabular inputs are standardised with the training split's mean and standard deviation,
+    stored in the network so the logged model takes raw features."""
+    manifest = data.manifest
+    check_model(model, manifest, hp.augment)
+    net = build_net(model_spec(model.name, manifest, model.channels, model.dropout))
+    for layer in net.modules():
+        if isinstance(layer, Scale) and manifest.pixel_range is None:
+            layer.fit(data.tensors["train"][0])
+    if isinstance(net, ResNet18) and model.weights_path:
+        try:
+            fresh = net.load_backbone(model.weights_path)
+        except WeightsError as exc:
+            raise StageError(f"model.weights_path: {exc}") from None
+        if model.freeze_backbone:
+            net.freeze_backbone(except_stem=bool(fresh))
+    return Classifier(net, hp.lr, hp.optimizer, hp.weight_decay, hp.max_epochs, hp.augment)
 
 
 def fit(
     hp: TrainParams,
+    model: ModelParams,
     data: Prepared,
     callbacks: list[pl.Callback],
     logger=False,
@@ -137,7 +162,7 @@ def fit(
 ) -> tuple[Classifier, pl.Trainer]:
     """Seed, build and train one model on the train split, validating on val every epoch."""
     set_seeds(hp.seed)
-    module = build_module(hp, data.manifest)
+    module = build_module(hp, model, data)
     trainer = pl.Trainer(
         accelerator=hp.accelerator,
         devices=1,

@@ -35,7 +35,7 @@ def manifest() -> Manifest:
 def digits_table():
     from pipeline.data import digits
 
-    return digits.load()
+    return digits.load()["table"]
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import Params, TrainParams, parse_params
+from pipeline.config import ModelParams, Params, TrainParams, parse_params
 from pipeline.models.cnn import build_cnn
 from pipeline.stages.train import merged_params
 from pipeline.stages.tune import fail_stale_trials, study_name
@@ -20,9 +20,10 @@ def test_cnn_takes_raw_pixels_of_any_small_size(shape):
 
 
 def test_training_is_seeded_and_learns(digits_prepared):
-    hp = TrainParams(max_epochs=3, channels=8, batch_size=32, accelerator="cpu")
-    first, _ = fit(hp, digits_prepared, [])
-    second, _ = fit(hp, digits_prepared, [])
+    hp = TrainParams(max_epochs=3, batch_size=32, accelerator="cpu")
+    model = ModelParams(channels=8)
+    first, _ = fit(hp, model, digits_prepared, [])
+    second, _ = fit(hp, model, digits_prepared, [])
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     x, y = digits_prepared.tensors["val"]
@@ -32,15 +33,20 @@ def test_training_is_seeded_and_learns(digits_prepared):
     assert accuracy > 0.5  # three epochs already far above chance (0.1)
 
 
-def test_best_params_override_train_section(tmp_path):
+def test_best_params_override_train_and_model_sections(tmp_path):
     best = tmp_path / "best_params.json"
-    best.write_text('{"lr": 0.01, "optimizer": "sgd"}')
-    hp = merged_params(TrainParams(lr=0.001), best)
+    best.write_text('{"lr": 0.01, "optimizer": "sgd", "channels": 16, "model": "mlp"}')
+    params = parse_params({"train": {"lr": 0.001}})
+    hp, model = merged_params(params, best)
     assert (hp.lr, hp.optimizer, hp.max_epochs) == (0.01, "sgd", TrainParams().max_epochs)
-    assert merged_params(TrainParams(lr=0.001), tmp_path / "absent.json").lr == 0.001
+    assert (model.name, model.channels, model.dropout) == ("mlp", 16, ModelParams().dropout)
+    assert merged_params(params, tmp_path / "absent.json")[0].lr == 0.001
     best.write_text('{"learning_rate": 0.01}')
     with pytest.raises(Exception, match="learning_rate"):
-        merged_params(TrainParams(), best)
+        merged_params(params, best)
+    best.write_text('{"model": "vgg"}')
+    with pytest.raises(Exception, match="model.name: 'vgg' is not allowed"):
+        merged_params(params, best)
 
 
 def test_study_name_changes_with_what_makes_trials_comparable():

@@ -69,7 +69,8 @@ def test_clean_digits_pass_the_suite(digits_table, manifest, tmp_path):
     assert summary["success"], summary["failures"]
     assert len(quarantine) == 0 and len(kept) == 1797
     assert (tmp_path / "index.html").is_file()
-    assert len(summary["expectations"]) > 64 * 3
+    assert {e["suite"] for e in summary["expectations"]} == {"samples", "features", "class_counts"}
+    assert all(e["success"] for e in summary["expectations"])
 
 
 def test_suite_reports_dtype_drift_and_missing_columns(digits_table, manifest, tmp_path):
@@ -79,7 +80,8 @@ def test_suite_reports_dtype_drift_and_missing_columns(digits_table, manifest, t
     assert not summary["success"]
     text = "\n".join(summary["failures"])
     assert "expect_table_columns_to_match_ordered_list" in text
-    assert "column 'px_7'" in text and "float64" in text
+    (dtype_line,) = [f for f in summary["failures"] if "column 'dtype'" in f]
+    assert "['float64']" in dtype_line and "feature ['px_7']" in dtype_line
 
 
 def test_suite_reports_classes_below_the_minimum(digits_table, manifest, tmp_path):
@@ -112,7 +114,8 @@ def test_validate_stage_refuses_bad_data_and_writes_no_prepared_data(tmp_path):
     table.to_parquet(raw, index=False)
     result = run(["python", "-m", "pipeline.stages.validate"], project, check=False)
     assert result.returncode == 1
-    assert "FAILED samples: expect_column_values_to_be_of_type on column 'px_12'" in result.stdout
+    assert "FAILED features: expect_column_values_to_be_in_set on column 'dtype'" in result.stdout
+    assert "for feature ['px_12']" in result.stdout
     assert "no prepared data written" in result.stderr
     assert not (project / "data/prepared").exists()
     summary = json.loads((project / "reports/validation/summary.json").read_text())

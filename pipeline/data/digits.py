@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import pandas as pd
-
+from pipeline.config import DataParams
 from pipeline.data.table import make_table
 
 IMAGE_SHAPE = [1, 8, 8]
@@ -11,8 +10,14 @@ PIXEL_RANGE = [0.0, 16.0]
 CLASSES = list(range(10))
 
 
-def load() -> pd.DataFrame:
+def load(params: DataParams | None = None) -> dict:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    return make_table(digits.data, digits.target)
+    return {
+        "table": make_table(digits.data, digits.target),
+        "classes": CLASSES,
+        "class_names": [str(c) for c in CLASSES],
+        "image_shape": IMAGE_SHAPE,
+        "pixel_range": PIXEL_RANGE,
+    }

@@ -54,11 +54,18 @@ class TensorBatches:
 
 
 def to_tensors(table: pd.DataFrame, image_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table rows → raw float32 images (N×C×H×W) and int64 labels.
+    """Table rows → raw inputs (N×C×H×W images, or N×F features) and int64 labels.
 
-    Scaling happens inside the model, so a logged model takes raw pixels as served.
+    uint8 pixels stay uint8 (the model's first layer converts each batch to float32), so
+    CIFAR-10 takes 180 MB in memory rather than 740 MB. Scaling happens inside the model, so a
+    logged model takes raw values as served.
     """
-    pixels = table[features_of(table)].to_numpy(dtype=np.float32, copy=True)
-    x = torch.from_numpy(pixels).reshape(len(table), *image_shape)
+    columns = features_of(table)
+    dtypes = set(table.dtypes[columns]) if columns else set()
+    dtype = np.uint8 if dtypes == {np.dtype(np.uint8)} else np.float32
+    values = np.ascontiguousarray(table[columns].to_numpy(dtype=dtype))
+    if not values.flags.writeable:  # a view of pandas' read-only block
+        values = values.copy()
+    x = torch.from_numpy(values).reshape(len(table), *image_shape)
     y = torch.from_numpy(table[LABEL_COLUMN].to_numpy(dtype=np.int64, copy=True))
     return x, y

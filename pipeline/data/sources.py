@@ -1,30 +1,24 @@
-"""Registry of data sources: name → how to read it and what its samples look like."""
+"""Registry of data sources: ``data.source`` → the function that reads it.
+
+Each loader takes the ``data`` params and returns the canonical table (see
+:mod:`pipeline.data.table`) with what the manifest records about it: ``classes``,
+``class_names``, ``image_shape``, ``pixel_range`` and optionally ``feature_names`` and
+``files`` (each source file with its checksum). Only ingest calls these; every later stage
+sees the same table whatever the source.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import pandas as pd
+from pipeline.config import DataParams
+from pipeline.data import cifar, digits, idx, image_folder, tabular
 
-from pipeline.data import digits
-
-
-@dataclass(frozen=True)
-class Source:
-    load: Callable[[], pd.DataFrame]
-    image_shape: list[int]
-    pixel_range: list[float]
-    classes: list[int]
-    class_names: list[str]
-
-
-SOURCES: dict[str, Source] = {
-    "digits": Source(
-        load=digits.load,
-        image_shape=digits.IMAGE_SHAPE,
-        pixel_range=digits.PIXEL_RANGE,
-        classes=digits.CLASSES,
-        class_names=[str(c) for c in digits.CLASSES],
-    ),
+SOURCES: dict[str, Callable[[DataParams], dict]] = {
+    "digits": digits.load,
+    "mnist": idx.load,
+    "fashion-mnist": idx.load,
+    "cifar10": cifar.load,
+    "image_folder": image_folder.load,
+    "csv": tabular.load,
 }

@@ -1,9 +1,12 @@
 """The canonical sample table every source is turned into.
 
 One row per sample: ``sample_id`` (a content hash of the features, so the same sample keeps
-the same id whatever file it came from), ``label`` (int64) and the features as float32 columns
-``px_0 … px_{n-1}`` (pixels in row-major C×H×W order). The manifest beside it records what a
-later stage must know: source, row count, checksum, class set, image shape and pixel range.
+the same id whatever file it came from), ``label`` (int64, an index into the class list) and the
+features as columns ``px_0 … px_{n-1}``: pixels in row-major C×H×W order (uint8 for 8-bit
+images, float32 otherwise) or, for tabular data, the numeric columns in file order (float32).
+The manifest beside it records what a later stage must know: source, row count, checksum,
+class set and names, the shape of one sample, the value range (None for tabular data, which is
+standardised instead), the storage dtype, the original feature names and the source files read.
 """
 
 from __future__ import annotations
@@ -29,20 +32,30 @@ def feature_columns(n_features: int) -> list[str]:
     return [f"px_{i}" for i in range(n_features)]
 
 
-def content_ids(features: np.ndarray) -> list[str]:
-    """A stable id per row: the first 16 hex digits of SHA-256 over its float32 bytes."""
-    rows = np.ascontiguousarray(features, dtype=np.float32)
-    return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in rows]
+def content_ids(features: np.ndarray, chunk: int = 4096) -> list[str]:
+    """A stable id per row: the first 16 hex digits of SHA-256 over its float32 bytes.
+
+    The same pixels give the same id whether stored as uint8 or float32. Rows are converted a
+    chunk at a time, so a 60,000 × 3,072 uint8 array never exists as float32 all at once."""
+    ids: list[str] = []
+    for start in range(0, len(features), chunk):
+        rows = np.ascontiguousarray(features[start : start + chunk], dtype=np.float32)
+        ids.extend(hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in rows)
+    return ids
 
 
 def make_table(features: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-    """Build the canonical table from an (n, n_features) array and n integer labels."""
-    features = np.asarray(features, dtype=np.float32)
+    """Build the canonical table from an (n, n_features) array and n integer labels.
+
+    uint8 features stay uint8 (a quarter of the memory and disk); anything else is float32."""
+    features = np.asarray(features)
+    if features.dtype != np.uint8:
+        features = features.astype(np.float32, copy=False)
     if features.ndim != 2:
         raise ValueError(f"features must be 2-D (samples × features), got shape {features.shape}")
     if len(labels) != len(features):
         raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
-    table = pd.DataFrame(features, columns=feature_columns(features.shape[1]))
+    table = pd.DataFrame(features, columns=feature_columns(features.shape[1]), copy=False)
     table.insert(0, LABEL_COLUMN, np.asarray(labels, dtype=np.int64))
     table.insert(0, ID_COLUMN, content_ids(features))
     return table
@@ -61,12 +74,23 @@ class Manifest:
     checksum: str
     classes: list[int]
     image_shape: list[int]
-    pixel_range: list[float]
+    pixel_range: list[float] | None
     class_names: list[str] = field(default_factory=list)
+    dtype: str = "float32"
+    feature_names: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_features(self) -> int:
         return int(np.prod(self.image_shape))
+
+    def feature_name(self, column: str) -> str:
+        """``px_3`` → ``px_3 (petal_width)`` when the source named its columns."""
+        if self.feature_names and column.startswith("px_"):
+            index = int(column[3:])
+            if index < len(self.feature_names) and self.feature_names[index] != column:
+                return f"{column} ({self.feature_names[index]})"
+        return column
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,7 +1,8 @@
-"""A small CNN for small images (8×8 digits up to 32×32), any channel count.
+"""A small CNN for small images (8×8 digits up to 32×32 and beyond), any channel count.
 
-The network starts with a :class:`Scale` layer that maps raw pixel values to [0, 1], so the
-logged model takes pixels exactly as they are stored and served.
+Every network here starts with a :class:`Scale` layer that maps inputs as stored (raw pixels,
+or raw tabular features) to a standard range, so a logged model takes data exactly as it is
+stored and served.
 """
 
 from __future__ import annotations
@@ -11,15 +12,32 @@ from torch import nn
 
 
 class Scale(nn.Module):
-    """(x - low) / (high - low), with the range stored as buffers (exported with the model)."""
+    """``(x - low) / span`` in float32, with ``low`` and ``span`` stored as buffers (exported
+    with the model). Scalars for pixels with a known range; one value per feature for tabular
+    data, fitted on the training split with :meth:`fit` (mean and standard deviation)."""
 
-    def __init__(self, low: float, high: float) -> None:
+    def __init__(self, low: float | torch.Tensor, span: float | torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("low", torch.tensor(float(low)))
-        self.register_buffer("span", torch.tensor(float(high - low)))
+        self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32).clone())
+        self.register_buffer("span", torch.as_tensor(span, dtype=torch.float32).clone())
+
+    @classmethod
+    def for_range(cls, pixel_range: list[float] | None, n_features: int) -> Scale:
+        if pixel_range is None:  # per-feature, fitted later
+            return cls(torch.zeros(n_features), torch.ones(n_features))
+        low, high = pixel_range
+        return cls(low, high - low)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Standardise per feature: mean and standard deviation of ``x`` (N × features)."""
+        x = x.reshape(len(x), -1).to(torch.float64)
+        std = x.std(dim=0)
+        self.low.copy_(x.mean(dim=0).reshape(self.low.shape))
+        self.span.copy_(torch.where(std > 1e-12, std, 1.0).reshape(self.span.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.low) / self.span
+        return (x.to(torch.float32) - self.low) / self.span
 
 
 def _block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -29,15 +47,17 @@ def _block(c_in: int, c_out: int) -> list[nn.Module]:
 def build_cnn(
     image_shape: list[int],
     n_classes: int,
-    pixel_range: list[float],
+    pixel_range: list[float] | None,
     channels: int = 32,
     dropout: float = 0.2,
 ) -> nn.Sequential:
     """Two conv-conv stages (the second at half resolution and twice the channels), pooled
-    to 2×2, then dropout and a linear classifier."""
+    to 2×2, then dropout and a linear classifier. Works for any C×H×W with H, W ≥ 2."""
+    if pixel_range is None:
+        raise ValueError("a CNN needs images with a known pixel range")
     in_channels = image_shape[0]
     return nn.Sequential(
-        Scale(*pixel_range),
+        Scale.for_range(pixel_range, in_channels),
         *_block(in_channels, channels),
         *_block(channels, channels),
         nn.MaxPool2d(2),

@@ -10,7 +10,9 @@ from torch.nn import functional as F
 
 class Classifier(pl.LightningModule):
     """Wraps a network; logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` per
-    epoch. The learning rate follows a cosine schedule over ``max_epochs``."""
+    epoch. The learning rate follows a cosine schedule over ``max_epochs``. Only parameters
+    that require gradients are optimised (a frozen backbone stays as loaded). ``augment``
+    names the image augmentations applied to training batches on the device."""
 
     def __init__(
         self,
@@ -19,8 +21,10 @@ class Classifier(pl.LightningModule):
         optimizer: str,
         weight_decay: float,
         max_epochs: int,
+        augment: list[str] | tuple[str, ...] = (),
     ) -> None:
         super().__init__()
+        self.augment = tuple(augment)
         self.net = net
         self.lr = lr
         self.optimizer_name = optimizer
@@ -41,13 +45,18 @@ class Classifier(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.augment:
+            from pipeline.models.augment import augment
+
+            x, y = batch
+            batch = (augment(x, self.augment), y)
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
 
     def configure_optimizers(self):
-        params = self.net.parameters()
+        params = [p for p in self.net.parameters() if p.requires_grad]
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(
                 params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay

@@ -18,7 +18,7 @@ from pipeline import tracking
 from pipeline.config import load_params
 from pipeline.data.table import ID_COLUMN
 from pipeline.io import StageError, atomic_dir, atomic_path, read_json, run_stage, write_json
-from pipeline.models import MODELS, MODELS_DIR
+from pipeline.models import MODELS, MODELS_DIR, build_net
 from pipeline.training import load_prepared
 
 REPORT_DIR = Path("reports/evaluate")
@@ -31,13 +31,9 @@ def load_model(models_dir: Path = MODELS_DIR) -> tuple[torch.nn.Module, dict]:
         if not path.exists():
             raise StageError(f"{path} not found: run the train stage first")
     spec = read_json(spec_path)
-    net = MODELS[spec["architecture"]](
-        spec["image_shape"],
-        spec["n_classes"],
-        spec["pixel_range"],
-        channels=spec["channels"],
-        dropout=spec["dropout"],
-    )
+    if spec.get("architecture") not in MODELS:
+        raise StageError(f"{spec_path}: unknown architecture {spec.get('architecture')!r}")
+    net = build_net(spec)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
@@ -48,8 +44,11 @@ def load_model(models_dir: Path = MODELS_DIR) -> tuple[torch.nn.Module, dict]:
 
 @torch.no_grad()
 def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Class index per row, batched."""
-    out = [net(x[i : i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)]
+    """Class index per row, batched (inputs as stored; sent to the model as float32)."""
+    out = [
+        net(x[i : i + batch_size].to(torch.float32)).argmax(dim=1)
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out).numpy()
 
 

@@ -1,7 +1,10 @@
 """Ingest: read the configured source into the canonical table under data/raw/.
 
-Writes ``data/raw/samples.parquet`` (sample_id, label, px_*) and ``data/raw/manifest.json``
-(source, row count, checksum, classes, image shape, pixel range). Imports no torch.
+Sources: ``digits`` (bundled), ``mnist`` and ``fashion-mnist`` (IDX files), ``cifar10`` (the
+binary archive), ``image_folder`` (one sub-folder per class) and ``csv`` (tabular); see
+:mod:`pipeline.data.sources`. Writes ``data/raw/samples.parquet`` (sample_id, label, px_*) and
+``data/raw/manifest.json`` (source, row count, checksum, classes and names, sample shape, value
+range, dtype, source files with their checksums). Imports no torch.
 """
 
 from __future__ import annotations
@@ -13,44 +16,46 @@ import pandas as pd
 from pipeline.config import DataParams, load_params
 from pipeline.data.sources import SOURCES
 from pipeline.data.table import RAW_DIR, Manifest, file_sha256
-from pipeline.io import StageError, atomic_path, run_stage, write_json
+from pipeline.io import StageError, atomic_dir, run_stage, write_json
 
 
 def ingest(params: DataParams) -> tuple[pd.DataFrame, dict]:
     """Load the source; return the table and the manifest fields it implies."""
-    source = SOURCES[params.source]
-    table = source.load()
+    loaded = SOURCES[params.source](params)
+    table = loaded.pop("table")
     if table.empty:
         raise StageError(f"data source {params.source!r} returned no rows")
+    dtypes = {str(t) for t in table.dtypes.iloc[2:]}
     info = {
         "source": params.source,
         "rows": len(table),
-        "classes": source.classes,
-        "class_names": source.class_names,
-        "image_shape": source.image_shape,
-        "pixel_range": source.pixel_range,
+        "dtype": dtypes.pop() if len(dtypes) == 1 else "float32",
+        **loaded,
     }
     return table, info
 
 
 def write_raw(table: pd.DataFrame, info: dict, out_dir: Path = RAW_DIR) -> Manifest:
-    samples = out_dir / "samples.parquet"
-    with atomic_path(samples) as tmp:
-        table.to_parquet(tmp, index=False)
-    manifest = Manifest(checksum=f"sha256:{file_sha256(samples)}", **info)
-    write_json(out_dir / "manifest.json", manifest.to_dict())
+    """Table and manifest appear together or not at all."""
+    with atomic_dir(out_dir) as tmp:
+        samples = tmp / "samples.parquet"
+        table.to_parquet(samples, index=False)
+        manifest = Manifest(checksum=f"sha256:{file_sha256(samples)}", **info)
+        write_json(tmp / "manifest.json", manifest.to_dict())
     return manifest
 
 
 def main() -> None:
     params = load_params("data")
-    print(f"[ingest] reading source {params.source!r}")
+    where = "" if params.source == "digits" else f" from {params.location()}"
+    print(f"[ingest] reading source {params.source!r}{where}")
     table, info = ingest(params)
     manifest = write_raw(table, info)
     shape = "×".join(map(str, manifest.image_shape))
+    kind = f"images {shape} {manifest.dtype}" if len(manifest.image_shape) == 3 else "features"
     print(
         f"[ingest] wrote {RAW_DIR}/samples.parquet: {manifest.rows} samples, "
-        f"{len(manifest.classes)} classes, images {shape}"
+        f"{len(manifest.classes)} classes, {shape if kind == 'features' else ''}{kind}"
     )
 
 

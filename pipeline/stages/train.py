@@ -16,37 +16,25 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking
-from pipeline.config import TrainParams, direction, load_params
+from pipeline.config import ModelParams, Params, TrainParams, direction, load_params, with_tuned
 from pipeline.io import StageError, atomic_dir, read_json, run_stage, write_json
-from pipeline.models import MODELS_DIR
+from pipeline.models import MODELS_DIR, model_spec
 from pipeline.training import EpochLine, Prepared, fit, load_prepared
 
 BEST_PARAMS = Path("reports/tune/best_params.json")
 
 
-def merged_params(base: TrainParams, best_params_path: Path = BEST_PARAMS) -> TrainParams:
-    """The train section with tuned values on top (both validated the same way)."""
+def merged_params(
+    params: Params, best_params_path: Path = BEST_PARAMS
+) -> tuple[TrainParams, ModelParams]:
+    """The train and model sections with the tuned values on top."""
     best = read_json(best_params_path) if best_params_path.exists() else {}
-    unknown = set(best) - set(TrainParams.model_fields)
-    if unknown:
-        raise StageError(f"{best_params_path}: keys not in the train section: {sorted(unknown)}")
-    return TrainParams.model_validate({**base.model_dump(), **best})
+    return with_tuned(params.train, params.model, best, str(best_params_path))
 
 
-def model_spec(hp: TrainParams, data: Prepared) -> dict:
-    m = data.manifest
-    return {
-        "architecture": "cnn",
-        "image_shape": m.image_shape,
-        "n_classes": len(m.classes),
-        "classes": m.classes,
-        "pixel_range": m.pixel_range,
-        "channels": hp.channels,
-        "dropout": hp.dropout,
-    }
-
-
-def train(hp: TrainParams, data: Prepared, experiment: str, out_dir: Path) -> dict:
+def train(
+    hp: TrainParams, model: ModelParams, data: Prepared, experiment: str, out_dir: Path
+) -> dict:
     """Fit, keep the best checkpoint, save and log the model; return run.json's content."""
     import mlflow
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -58,6 +46,7 @@ def train(hp: TrainParams, data: Prepared, experiment: str, out_dir: Path) -> di
     with tracking.run(experiment_id, "train", tags) as active:
         run_id = active.info.run_id
         mlflow.log_params(hp.model_dump())
+        mlflow.log_params({f"model.{k}": v for k, v in model.model_dump().items()})
         mlflow.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
         mode = "max" if direction(hp.monitor) == "maximize" else "min"
         best = ModelCheckpoint(
@@ -69,14 +58,14 @@ def train(hp: TrainParams, data: Prepared, experiment: str, out_dir: Path) -> di
             EpochLine(),
         ]
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id)
-        module, trainer = fit(hp, data, callbacks, logger=logger, checkpoint=True)
+        module, trainer = fit(hp, model, data, callbacks, logger=logger, checkpoint=True)
         if not best.best_model_path:
             raise StageError("training produced no checkpoint")
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
         net = module.net.cpu().eval()
         torch.save(net.state_dict(), out_dir / "model.pt")
-        spec = model_spec(hp, data)
+        spec = model_spec(model.name, data.manifest, model.channels, model.dropout)
         (out_dir / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
         best_score = float(best.best_model_score)
         mlflow.log_metrics(
@@ -84,7 +73,8 @@ def train(hp: TrainParams, data: Prepared, experiment: str, out_dir: Path) -> di
                 {f"best_{hp.monitor}": best_score, "epochs_trained": trainer.current_epoch}
             )
         )
-        example = data.tensors["train"][0][:5].numpy()
+        # Served inputs are float32 raw values, whatever the storage dtype.
+        example = data.tensors["train"][0][:5].to(torch.float32).numpy()
         with torch.no_grad():
             output = net(torch.from_numpy(example)).numpy()
         info = mlflow.pytorch.log_model(
@@ -107,16 +97,19 @@ def train(hp: TrainParams, data: Prepared, experiment: str, out_dir: Path) -> di
 
 def main() -> None:
     params = load_params()
-    hp = merged_params(params.train)
+    hp, model = merged_params(params)
     data = load_prepared(splits=("train", "val"))
+    pretrained = f", weights {model.weights_path}" if model.weights_path else ""
+    frozen = ", backbone frozen" if model.freeze_backbone else ""
+    augment = f", augment {'+'.join(hp.augment)}" if hp.augment else ""
     print(
-        f"[train] cnn (channels {hp.channels}, dropout {hp.dropout:g}), {hp.optimizer} "
-        f"lr {hp.lr:.3g}, batch {hp.batch_size}, up to {hp.max_epochs} epochs on "
-        f"{len(data.tables['train'])} samples"
+        f"[train] {model.name} (channels {model.channels}, dropout {model.dropout:g}"
+        f"{pretrained}{frozen}), {hp.optimizer} lr {hp.lr:.3g}, batch {hp.batch_size}"
+        f"{augment}, up to {hp.max_epochs} epochs on {len(data.tables['train'])} samples"
     )
     start = time.perf_counter()
     with atomic_dir(MODELS_DIR) as tmp:
-        run = train(hp, data, params.mlflow.experiment, tmp)
+        run = train(hp, model, data, params.mlflow.experiment, tmp)
         write_json(tmp / "run.json", run)
     print(
         f"[train] best {hp.monitor} {run[f'best_{hp.monitor}']:.4f} after "

@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.config import Params, TrainParams, TuneParams, direction, load_params
+from pipeline.config import (
+    ModelParams,
+    Params,
+    TrainParams,
+    TuneParams,
+    direction,
+    load_params,
+    with_tuned,
+)
 from pipeline.data.table import PREPARED_DIR
 from pipeline.io import StageError, atomic_dir, atomic_path, run_stage, write_json
 
@@ -30,12 +38,20 @@ STUDY_STORAGE = f"sqlite:///{tracking.MLRUNS_DIR}/optuna.db"
 def study_name(params: Params, data_hash: str) -> str:
     """Same inputs → same study (resumed); any change → a new study."""
     base = params.train.model_dump(exclude={"max_epochs", "patience", "monitor", "accelerator"})
-    key = {"tune": params.tune.model_dump(exclude={"n_trials"}), "train": base, "data": data_hash}
+    key = {
+        "tune": params.tune.model_dump(exclude={"n_trials"}),
+        "train": base,
+        "model": params.model.model_dump(),
+        "data": data_hash,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return f"{params.mlflow.experiment}-{digest}"
 
 
-def suggest(trial, tune: TuneParams, base: TrainParams) -> TrainParams:
+def suggest(
+    trial, tune: TuneParams, base: TrainParams, model: ModelParams
+) -> tuple[TrainParams, ModelParams]:
+    """This trial's train and model sections: the base ones with the sampled values on top."""
     space = tune.search_space
     values = {
         "lr": trial.suggest_float("lr", *space.lr, log=True),
@@ -45,7 +61,10 @@ def suggest(trial, tune: TuneParams, base: TrainParams) -> TrainParams:
         "weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
         "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
     }
-    return TrainParams.model_validate({**base.model_dump(), **values, "max_epochs": tune.epochs})
+    if space.model:
+        values["model"] = trial.suggest_categorical("model", space.model)
+    base = base.model_copy(update={"max_epochs": tune.epochs})
+    return with_tuned(base, model, values, f"trial {trial.number}")
 
 
 def _sampler(tune: TuneParams):
@@ -120,10 +139,13 @@ def tune(params: Params, out_dir: Path) -> dict:
     from optuna.trial import TrialState
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from pipeline.training import MetricHistory, fit, load_prepared
+    from pipeline.training import MetricHistory, check_model, fit, load_prepared
 
     cfg, metric = params.tune, params.tune.metric
     data = load_prepared(splits=("train", "val"))
+    for name in cfg.search_space.model or [params.model.name]:
+        model = params.model.model_copy(update={"name": name})
+        check_model(model, data.manifest, params.train.augment)
     data_hash = tracking.dvc_hash(PREPARED_DIR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -146,7 +168,7 @@ def tune(params: Params, out_dir: Path) -> dict:
     tags = tracking.run_tags("tune", data.manifest.source)
 
     def objective(trial: optuna.Trial) -> float:
-        hp = suggest(trial, cfg, params.train)
+        hp, model = suggest(trial, cfg, params.train, params.model)
         history = MetricHistory()
         start = time.perf_counter()
         state = "FAIL"
@@ -159,7 +181,7 @@ def tune(params: Params, out_dir: Path) -> dict:
             mlflow.log_params(trial.params)
             try:
                 pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
-                fit(hp, data, [pruning, history])
+                fit(hp, model, data, [pruning, history])
                 values = [h[metric] for h in history.history if metric in h]
                 if not values:
                     raise StageError(f"trial {trial.number} logged no {metric}")

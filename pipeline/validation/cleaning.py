@@ -28,6 +28,15 @@ def _show(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def feature_values(table: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """The feature block as one array in its stored dtype (uint8 or float32, no copy to float64);
+    columns that are not numeric (a damaged table) are coerced, so bad cells become NaN."""
+    frame = table[columns]
+    if all(pd.api.types.is_numeric_dtype(t) for t in frame.dtypes):
+        return frame.to_numpy()
+    return frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+
+
 def find_bad_rows(table: pd.DataFrame, manifest: Manifest) -> pd.Series:
     """A reason string per offending row, indexed like ``table`` (first problem only)."""
     reasons = pd.Series(pd.NA, index=table.index, dtype=object)
@@ -49,18 +58,25 @@ def find_bad_rows(table: pd.DataFrame, manifest: Manifest) -> pd.Series:
 
     columns = features_of(table)
     if columns:
-        values = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-        low, high = manifest.pixel_range
-        for bad, what in (
-            (~np.isfinite(values), "non-finite feature"),
-            ((values < low) | (values > high), f"feature outside [{low:g}, {high:g}]"),
-        ):
+        values = feature_values(table, columns)
+        checks = []
+        if values.dtype.kind == "f":  # integers cannot be NaN or infinite
+            checks.append((~np.isfinite(values), "non-finite feature"))
+        if manifest.pixel_range is not None:
+            low, high = manifest.pixel_range
+            info = np.iinfo(values.dtype) if values.dtype.kind in "iu" else None
+            if info is None or low > info.min or high < info.max:
+                checks.append(
+                    ((values < low) | (values > high), f"feature outside [{low:g}, {high:g}]")
+                )
+        for bad, what in checks:
+            rows = bad.any(axis=1)
             first = bad.argmax(axis=1)
             _mark(
                 reasons,
-                bad.any(axis=1),
+                rows,
                 lambda i, what=what, first=first: (
-                    f"{what}: {columns[first[i]]}={values[i, first[i]]:g}"
+                    f"{what}: {manifest.feature_name(columns[first[i]])}={values[i, first[i]]:g}"
                 ),
             )
 

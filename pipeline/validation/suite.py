@@ -1,10 +1,14 @@
 """The Great Expectations 1.x suites that gate the prepared data.
 
-Two suites, each run through a Checkpoint that also renders Data Docs:
+Three suites, each run through a Checkpoint that also renders Data Docs:
 
-- ``samples`` on the cleaned, split table: exact column list, dtypes, ids that are 16 hex
-  digits and unique (so no sample is in two splits), labels in the class set, every feature
-  non-null and within the pixel range, split names known.
+- ``samples`` on the cleaned, split table: exact column list, ids that are 16 hex digits and
+  unique (so no sample is in two splits), labels int64 and in the class set, split names known.
+- ``features`` on one row per feature column (its dtype and the count of null, non-finite and
+  out-of-range values, computed with NumPy over the whole column): the dtype the manifest
+  promises, no null or non-finite value, nothing outside the value range. One row per column
+  keeps the suite at a handful of expectations whether there are 4 features or 3,072 (CIFAR-10),
+  and a failure names the columns.
 - ``class_counts`` on one row per class: at least ``min_per_class`` samples in all, and at least
   one in each of train, val and test.
 """
@@ -15,9 +19,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.data.table import ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, SPLITS, Manifest
+from pipeline.validation.cleaning import feature_values
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -39,15 +45,38 @@ def class_counts(table: pd.DataFrame, classes: list[int]) -> pd.DataFrame:
     return counts.astype("int64")
 
 
-def _samples_expectations(columns: list[str], manifest: Manifest) -> list:
+def feature_stats(table: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
+    """One row per expected feature column present: dtype and counts of bad values."""
+    columns = [f"px_{i}" for i in range(manifest.n_features) if f"px_{i}" in table]
+    values = feature_values(table, columns) if columns else np.empty((0, 0))
+    if values.dtype.kind == "f":
+        nonfinite = (~np.isfinite(values)).sum(axis=0)
+    else:
+        nonfinite = np.zeros(len(columns), dtype=np.int64)
+    if manifest.pixel_range is not None and len(values):
+        low, high = manifest.pixel_range
+        outside = ((values < low) | (values > high)).sum(axis=0)
+    else:
+        outside = np.zeros(len(columns), dtype=np.int64)
+    return pd.DataFrame(
+        {
+            "feature": [manifest.feature_name(c) for c in columns],
+            "dtype": [str(table[c].dtype) for c in columns],
+            "nulls": table[columns].isna().sum().to_numpy(dtype=np.int64),
+            "non_finite": np.asarray(nonfinite, dtype=np.int64),
+            "out_of_range": np.asarray(outside, dtype=np.int64),
+        }
+    )
+
+
+def _samples_expectations(manifest: Manifest) -> list:
     import great_expectations.expectations as gxe
 
-    low, high = manifest.pixel_range
     pixels = [f"px_{i}" for i in range(manifest.n_features)]
-    expected = [ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, *pixels]
-    found = [ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, *(c for c in columns if c.startswith("px_"))]
-    exps = [
-        gxe.ExpectTableColumnsToMatchOrderedList(column_list=expected),
+    return [
+        gxe.ExpectTableColumnsToMatchOrderedList(
+            column_list=[ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, *pixels]
+        ),
         gxe.ExpectColumnValuesToNotBeNull(column=ID_COLUMN),
         gxe.ExpectColumnValuesToMatchRegex(column=ID_COLUMN, regex=r"^[0-9a-f]{16}$"),
         gxe.ExpectColumnValuesToBeUnique(column=ID_COLUMN),
@@ -55,14 +84,18 @@ def _samples_expectations(columns: list[str], manifest: Manifest) -> list:
         gxe.ExpectColumnValuesToBeInSet(column=LABEL_COLUMN, value_set=manifest.classes),
         gxe.ExpectColumnValuesToBeInSet(column=SPLIT_COLUMN, value_set=list(SPLITS)),
     ]
-    for column in pixels:
-        if column not in found:
-            continue  # reported once by the column-list expectation
-        exps += [
-            gxe.ExpectColumnValuesToBeOfType(column=column, type_="float32"),
-            gxe.ExpectColumnValuesToNotBeNull(column=column),
-            gxe.ExpectColumnValuesToBeBetween(column=column, min_value=low, max_value=high),
-        ]
+
+
+def _features_expectations(manifest: Manifest) -> list:
+    import great_expectations.expectations as gxe
+
+    exps = [
+        gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=[manifest.dtype]),
+        gxe.ExpectColumnValuesToBeBetween(column="nulls", max_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="non_finite", max_value=0),
+    ]
+    if manifest.pixel_range is not None:
+        exps.append(gxe.ExpectColumnValuesToBeBetween(column="out_of_range", max_value=0))
     return exps
 
 
@@ -76,7 +109,7 @@ def _counts_expectations(min_per_class: int, classes: list[int]) -> list:
     ]
 
 
-def _describe_failure(suite: str, r, row_names: list | None = None) -> str:
+def _describe_failure(suite: str, r, rows_named: tuple[str, list] | None = None) -> str:
     """One line for a failed expectation: what was expected, where, and examples."""
     config = r.expectation_config
     kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "column")}
@@ -87,8 +120,9 @@ def _describe_failure(suite: str, r, row_names: list | None = None) -> str:
         examples = result.get("partial_unexpected_list") or []
         detail = f": {result['unexpected_count']} unexpected value(s), e.g. {examples[:5]}"
         rows = result.get("partial_unexpected_index_list")
-        if row_names is not None and rows:
-            detail += f" for {LABEL_COLUMN} {[row_names[i] for i in rows[:10]]}"
+        if rows_named is not None and rows:
+            what, names = rows_named
+            detail += f" for {what} {[names[i] for i in rows[:10]]}"
     elif "observed_value" in result:
         detail = f": observed {result['observed_value']!r}"
     elif r.exception_info and r.exception_info.get("raised_exception"):
@@ -119,12 +153,14 @@ def run_suites(
     )
     source = context.data_sources.add_pandas("runway")
     counts = class_counts(table, manifest.classes) if LABEL_COLUMN in table else pd.DataFrame()
+    stats = feature_stats(table, manifest)
     frames = {
-        "samples": (table, _samples_expectations(list(table.columns), manifest), None),
+        "samples": (table, _samples_expectations(manifest), None),
+        "features": (stats, _features_expectations(manifest), ("feature", list(stats["feature"]))),
         "class_counts": (
             counts,
             _counts_expectations(min_per_class, manifest.classes),
-            manifest.classes,
+            (LABEL_COLUMN, manifest.classes),
         ),
     }
     failures: list[str] = []

@@ -1,0 +1,90 @@
+"""A folder of images, one sub-folder per class (torchvision's ``ImageFolder`` layout).
+
+``data.path/<class name>/**/*.png|jpg|jpeg``. Classes are the sub-folder names in sorted order.
+Every image is decoded with Pillow, converted to grey (``data.color: grey``) or RGB, and resized
+to ``data.image_size`` × ``data.image_size``. A file that cannot be decoded (truncated,
+corrupt, not an image) is never read as black pixels: ingest stops and names every such file.
+Other files (README, .DS_Store) are skipped, as ImageFolder does.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import DataParams
+from pipeline.data.table import make_table
+from pipeline.io import StageError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg")
+SHOW_FILES = 10
+
+
+def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names and (file, class index) pairs, in a stable sorted order."""
+    if not root.is_dir():
+        raise StageError(f"{root}: image folder not found (data.path)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise StageError(
+            f"{root}: found {len(classes)} class folder(s); expected one sub-folder per class "
+            "(at least two), each holding PNG or JPEG files"
+        )
+    files = []
+    for index, name in enumerate(classes):
+        found = sorted(
+            p
+            for p in (root / name).rglob("*")
+            if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")
+        )
+        if not found:
+            raise StageError(f"{root / name}: class folder has no PNG or JPEG files")
+        files += [(p, index) for p in found]
+    return classes, files
+
+
+def load(params: DataParams) -> dict:
+    from PIL import Image, UnidentifiedImageError
+
+    root = params.location()
+    classes, files = list_images(root)
+    size, mode = params.image_size, ("L" if params.color == "grey" else "RGB")
+    channels = 1 if mode == "L" else 3
+    pixels = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    labels = np.fromiter((label for _, label in files), dtype=np.int64, count=len(files))
+    bad: list[str] = []
+    start, shown = time.monotonic(), time.monotonic()
+    for i, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                image = image.convert(mode)  # forces a full decode: truncation raises here
+                if image.size != (size, size):
+                    image = image.resize((size, size), Image.Resampling.BILINEAR)
+                pixels[i] = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            bad.append(f"{path} ({type(exc).__name__}: {exc})")
+        if time.monotonic() - shown > 5:
+            shown = time.monotonic()
+            print(f"[ingest] decoded {i + 1} of {len(files)} images", flush=True)
+    if bad:
+        listing = "; ".join(bad[:SHOW_FILES])
+        more = f"; and {len(bad) - SHOW_FILES} more" if len(bad) > SHOW_FILES else ""
+        raise StageError(
+            f"{len(bad)} of {len(files)} image file(s) under {root} cannot be decoded: "
+            f"{listing}{more}. Fix or remove them."
+        )
+    print(
+        f"[ingest] decoded {len(files)} images in {len(classes)} classes "
+        f"({time.monotonic() - start:.1f}s)"
+    )
+    chw = pixels.transpose(0, 3, 1, 2).reshape(len(files), -1)
+    return {
+        "table": make_table(chw, labels),
+        "classes": list(range(len(classes))),
+        "class_names": classes,
+        "image_shape": [channels, size, size],
+        "pixel_range": [0.0, 255.0],
+        "files": {str(root): f"{len(files)} image files"},
+    }
