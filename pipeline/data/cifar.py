@@ -65,8 +65,8 @@ def _read(location: Path) -> tuple[dict[str, bytes], dict[str, str]]:
         location = location / ARCHIVE
     if not location.is_file():
         raise StageError(
-            f"{location} not found (nor the extracted {FOLDER}/ beside it); put "
-            f"{ARCHIVE} there, set data.path, or set data.download: true"
+            f"{location}: not found (nor an extracted {FOLDER}/ folder); put {ARCHIVE} "
+            "there, set data.path, or set data.download: true"
         )
     data = read_members(location, BATCHES, optional=(META,))
     return data, {str(location): f"sha256:{file_sha256(location)}"}

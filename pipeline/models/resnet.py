@@ -120,6 +120,7 @@ class ResNet18(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(False)
             self._frozen.append(module)
+        self.train(self.training)  # Lightning keeps each submodule's mode as it finds it
 
     def train(self, mode: bool = True) -> ResNet18:
         super().train(mode)

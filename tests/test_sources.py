@@ -1,0 +1,281 @@
+"""Each data source reads its real on-disk format and refuses broken files by name."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import DataParams, ParamsError, parse_params
+from pipeline.data import cifar, idx
+from pipeline.data.download import fetch
+from pipeline.io import StageError
+from pipeline.stages.ingest import ingest
+from tests.formats import (
+    add_member,
+    cifar_records,
+    digits_images,
+    idx_bytes,
+    write_cifar,
+    write_idx,
+    write_image_folder,
+    write_iris_csv,
+    write_mnist,
+)
+
+
+def load(tmp_path, **data):
+    return ingest(DataParams(**data))
+
+
+# --- MNIST / Fashion-MNIST (IDX) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip(tmp_path, gz):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = write_idx(tmp_path / "x-idx3-ubyte", array, gz=gz)
+    assert path.name.endswith(".gz") == gz
+    read = idx.read_idx(path)
+    assert read.dtype == np.uint8 and np.array_equal(read, array)
+    floats = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    assert np.array_equal(idx.read_idx(write_idx(tmp_path / "f-idx2", floats)), floats)
+
+
+def test_mnist_folder_becomes_the_canonical_table(tmp_path):
+    n = write_mnist(tmp_path / "mnist", gz=True)
+    table, info = load(tmp_path, source="mnist", path=str(tmp_path / "mnist"))
+    assert len(table) == n and table.shape[1] == 2 + 28 * 28
+    assert table["px_0"].dtype == np.uint8 and info["dtype"] == "uint8"
+    assert info["image_shape"] == [1, 28, 28] and info["pixel_range"] == [0.0, 255.0]
+    assert set(table["label"]) <= set(range(10))
+    assert len(info["files"]) == 4 and all(v.startswith("sha256:") for v in info["files"].values())
+    _, fashion = load(tmp_path, source="fashion-mnist", path=str(tmp_path / "mnist"))
+    assert fashion["class_names"][0] == "T-shirt/top" and fashion["class_names"][9] == "Ankle boot"
+
+
+def test_idx_problems_name_the_file(tmp_path):
+    folder = tmp_path / "mnist"
+    write_mnist(folder, gz=False)
+    images = folder / "train-images-idx3-ubyte"
+    raw = images.read_bytes()
+
+    images.write_bytes(raw[:-100])  # truncated
+    with pytest.raises(StageError, match=r"train-images-idx3-ubyte: dimensions .*truncated"):
+        load(tmp_path, source="mnist", path=str(folder))
+
+    images.write_bytes(b"\x12\x34" + raw[2:])  # bad magic
+    with pytest.raises(StageError, match="train-images-idx3-ubyte: not an IDX file"):
+        load(tmp_path, source="mnist", path=str(folder))
+
+    images.write_bytes(raw)
+    labels = folder / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(idx_bytes(np.zeros(3, dtype=np.uint8)))  # 3 labels for 80 images
+    with pytest.raises(StageError, match="t10k-labels-idx1-ubyte: expected 80 labels"):
+        load(tmp_path, source="mnist", path=str(folder))
+
+    labels.unlink()
+    with pytest.raises(StageError, match=r"t10k-labels-idx1-ubyte\[.gz\] not found.*download"):
+        load(tmp_path, source="mnist", path=str(folder))
+
+    gz = write_idx(tmp_path / "g" / "x-idx1-ubyte", np.zeros(4, dtype=np.uint8), gz=True)
+    gz.write_bytes(gzip.compress(b"0000")[:-6])  # a broken gzip stream
+    with pytest.raises(StageError, match="x-idx1-ubyte.gz: cannot read"):
+        idx.read_idx(gz)
+
+
+def test_download_checks_md5_and_falls_back_to_the_next_mirror(tmp_path):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    payload = gzip.compress(idx_bytes(np.arange(5, dtype=np.uint8)))
+    (good / "labels.gz").write_bytes(payload)
+    corrupted = payload[:10] + bytes([payload[10] ^ 0xFF]) + payload[11:]
+    (bad / "labels.gz").write_bytes(corrupted)
+    md5 = hashlib.md5(payload).hexdigest()
+    dest = tmp_path / "external"
+    got = fetch("labels.gz", md5, [bad.as_uri() + "/", good.as_uri() + "/"], dest)
+    assert got.read_bytes() == payload
+    assert sorted(p.name for p in dest.iterdir()) == ["labels.gz"]  # no temp file left
+    with pytest.raises(StageError, match=r"could not download other.gz: .*bad/other.gz"):
+        fetch("other.gz", md5, [bad.as_uri()], dest)
+    with pytest.raises(StageError, match=f"MD5 .*, expected {md5}"):
+        fetch("labels.gz", md5, [bad.as_uri()], tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere" / "labels.gz").exists()
+
+
+def test_mnist_download_uses_the_published_checksums(tmp_path):
+    assert idx.DATASETS["mnist"]["md5"]["train-images-idx3-ubyte.gz"] == (
+        "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    )
+    assert cifar.MD5 == "c32a1d4ab5d03f1284b67883e8d87530"
+    with pytest.raises(ParamsError, match="data.download: source 'csv' has nothing to download"):
+        parse_params({"data": {"source": "csv", "path": "x.csv", "download": True}})
+
+
+# --- CIFAR-10 binary ---------------------------------------------------------------------
+
+
+def test_cifar_archive_and_extracted_folder_read_the_same(tmp_path):
+    archive = tmp_path / "cifar10" / "cifar-10-binary.tar.gz"
+    n = write_cifar(archive, per_batch=20)
+    from_archive, info = load(tmp_path, source="cifar10", path=str(archive.parent))
+    assert len(from_archive) == n and info["image_shape"] == [3, 32, 32]
+    assert info["class_names"][0] == "airplane" and info["dtype"] == "uint8"
+    extracted = tmp_path / "extracted"
+    with tarfile.open(archive) as tar:
+        tar.extractall(extracted, filter="data")
+    from_folder, _ = load(tmp_path, source="cifar10", path=str(extracted))
+    pd.testing.assert_frame_equal(from_archive, from_folder)
+    # Channels are planes: pixel 0 of the red plane is px_0, of the green plane px_1024.
+    images, labels = digits_images(20, 32, channels=3)
+    first = from_archive.iloc[0]
+    assert first["label"] == labels[0]
+    assert first["px_0"] == images[0, 0, 0, 0] and first["px_1024"] == images[0, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("../escape.bin", "file"),
+        ("/abs/data_batch_1.bin", "file"),
+        ("cifar-10-batches-bin/link", "symlink"),
+        ("cifar-10-batches-bin/hard", "hardlink"),
+    ],
+)
+def test_cifar_archive_with_unsafe_members_is_refused(tmp_path, name, kind):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    images, labels = digits_images(2, 32, channels=3)
+    batch = cifar_records(images, labels)
+    with tarfile.open(archive, "w:gz") as tar:
+        for b in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+            add_member(tar, f"cifar-10-batches-bin/{b}", batch)
+        info = tarfile.TarInfo(name)
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        elif kind == "hardlink":
+            info.type, info.linkname = tarfile.LNKTYPE, "cifar-10-batches-bin/test_batch.bin"
+            tar.addfile(info)
+        else:
+            add_member(tar, name, b"x")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(StageError, match=f"refusing .*{name.split('/')[-1]}"):
+        load(tmp_path, source="cifar10", path=str(archive))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+    assert not (tmp_path.parent / "escape.bin").exists()
+
+
+def test_cifar_truncated_batch_and_missing_members(tmp_path):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    images, labels = digits_images(2, 32, channels=3)
+    with tarfile.open(archive, "w:gz") as tar:
+        for b in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+            data = cifar_records(images, labels)
+            add_member(
+                tar, f"cifar-10-batches-bin/{b}", data[:-7] if b == "test_batch.bin" else data
+            )
+    with pytest.raises(StageError, match=r"test_batch.bin: 6139 bytes is not a whole number"):
+        load(tmp_path, source="cifar10", path=str(archive))
+    with tarfile.open(archive, "w:gz") as tar:
+        add_member(tar, "cifar-10-batches-bin/data_batch_1.bin", cifar_records(images, labels))
+    with pytest.raises(StageError, match="archive lacks data_batch_2.bin"):
+        load(tmp_path, source="cifar10", path=str(archive))
+    archive.write_bytes(b"not a tar file at all")
+    with pytest.raises(StageError, match="not a readable tar archive"):
+        load(tmp_path, source="cifar10", path=str(archive))
+    with pytest.raises(StageError, match="empty: not found.*cifar-10-binary.tar.gz.*download"):
+        load(tmp_path, source="cifar10", path=str(tmp_path / "empty"))
+
+
+# --- Image folder -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("color, channels", [("grey", 1), ("rgb", 3)])
+def test_image_folder_resizes_and_converts(tmp_path, color, channels):
+    n = write_image_folder(tmp_path / "images", per_class=10, classes=3, size=20)
+    (tmp_path / "images" / "zero" / "notes.txt").write_text("not an image, skipped")
+    table, info = load(
+        tmp_path, source="image_folder", path=str(tmp_path / "images"), image_size=12, color=color
+    )
+    assert len(table) == n and info["image_shape"] == [channels, 12, 12]
+    assert table.shape[1] == 2 + channels * 144 and table["px_0"].dtype == np.uint8
+    assert info["class_names"] == ["one", "two", "zero"]  # sorted folder names
+    assert table["px_0"].max() <= 255 and table.iloc[:, 2:].to_numpy().max() > 100
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"this is text, not a PNG", "UnidentifiedImageError"),
+        ("truncated", "OSError"),
+    ],
+)
+def test_undecodable_images_are_named_not_read_as_black(tmp_path, content, problem):
+    root = tmp_path / "images"
+    write_image_folder(root, per_class=10, classes=2, size=16)
+    victim = sorted((root / "one").glob("*.png"))[0]
+    if content == "truncated":
+        content = victim.read_bytes()[:60]
+    victim.write_bytes(content)
+    with pytest.raises(StageError, match=rf"1 of 20 image file\(s\).*{victim.name} \({problem}"):
+        load(tmp_path, source="image_folder", path=str(root))
+
+
+def test_image_folder_layout_problems(tmp_path):
+    with pytest.raises(StageError, match="image folder not found"):
+        load(tmp_path, source="image_folder", path=str(tmp_path / "nowhere"))
+    root = tmp_path / "images"
+    (root / "cats").mkdir(parents=True)
+    with pytest.raises(StageError, match=r"found 1 class folder\(s\)"):
+        load(tmp_path, source="image_folder", path=str(root))
+    (root / "dogs").mkdir()
+    with pytest.raises(StageError, match="cats: class folder has no PNG or JPEG files"):
+        load(tmp_path, source="image_folder", path=str(root))
+
+
+# --- CSV ----------------------------------------------------------------------------------
+
+
+def test_csv_with_named_labels(tmp_path):
+    path = tmp_path / "iris.csv"
+    n = write_iris_csv(path)
+    table, info = load(tmp_path, source="csv", path=str(path), label_column="species")
+    assert len(table) == n and info["image_shape"] == [4] and info["pixel_range"] is None
+    assert info["class_names"] == ["setosa", "versicolor", "virginica"]
+    assert info["feature_names"] == ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    assert table["px_0"].dtype == np.float32
+    assert (table.groupby("label").size() == 50).all()
+    first = pd.read_csv(path).iloc[0]
+    assert table.iloc[0]["px_2"] == pytest.approx(first["petal_length"])
+
+
+def test_csv_problems_name_the_line_and_column(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,label\n1,2,x\n3,oops,y\n")
+    with pytest.raises(StageError, match=r"t.csv: column 'b' must be numeric; line 3: 'oops'"):
+        load(tmp_path, source="csv", path=str(path))
+    path.write_text("a,b,label\n1,2,x\n3,4,z\n")
+    with pytest.raises(StageError, match=r"line 3: 'z' is not one of data.classes \['x', 'y'\]"):
+        load(tmp_path, source="csv", path=str(path), classes=["x", "y"])
+    with pytest.raises(StageError, match=r"no label column 'target'.*\['a', 'b', 'label'\]"):
+        load(tmp_path, source="csv", path=str(path), label_column="target")
+    path.write_text("")
+    with pytest.raises(StageError, match="t.csv: the file is empty"):
+        load(tmp_path, source="csv", path=str(path))
+    path.write_text("a,b,label\n")
+    with pytest.raises(StageError, match="has a header but no rows"):
+        load(tmp_path, source="csv", path=str(path))
+
+
+def test_csv_numeric_labels_sort_numerically_and_empty_cells_reach_validate(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a,label\n1,10\n2,9\n,10\n4,2\n")
+    table, info = load(tmp_path, source="csv", path=str(path))
+    assert info["class_names"] == ["2", "9", "10"]
+    assert table["label"].tolist() == [2, 1, 2, 0]
+    assert np.isnan(table["px_0"].iloc[2])  # quarantined by validate, with the reason
