@@ -18,9 +18,11 @@ repro: $(STAMP)
 	dvc repro
 	runway summary
 
-## test: create .venv if needed, run the test suite
+## test: create .venv if needed, run the test suite (on 2 workers: most of it is `dvc repro`
+## subprocesses waiting on imports; TEST_WORKERS=0 runs it in one process)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	python -m pytest
+	python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ## ui: the MLflow UI on http://127.0.0.1:5000 (local only, no authentication)
 ui: $(STAMP)

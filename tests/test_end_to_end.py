@@ -11,6 +11,9 @@ from tests.conftest import TINY, copy_project, edit_params, run
 
 STAGES = ["ingest", "validate", "tune", "train", "evaluate", "register"]
 
+# The tests share one `dvc repro` (a module fixture): keep them on one test worker.
+pytestmark = pytest.mark.xdist_group("digits_end_to_end")
+
 
 def ran_stages(output: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in output]

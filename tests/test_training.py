@@ -71,3 +71,19 @@ def test_interrupted_trials_are_marked_failed(tmp_path):
     assert fail_stale_trials(reloaded) == 1
     states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
     assert states == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_model_name_is_a_tuning_dimension_when_the_search_space_lists_it():
+    from optuna.trial import FixedTrial
+
+    from pipeline.stages.tune import suggest
+
+    params = parse_params({"tune": {"search_space": {"model": ["cnn", "mlp"]}}})
+    values = {"lr": 0.01, "batch_size": 32, "channels": 16, "dropout": 0.1}
+    values |= {"weight_decay": 1e-5, "optimizer": "sgd", "model": "mlp"}
+    hp, model = suggest(FixedTrial(values), params.tune, params.train, params.model)
+    assert (model.name, model.channels, model.dropout) == ("mlp", 16, 0.1)
+    assert (hp.lr, hp.batch_size, hp.max_epochs) == (0.01, 32, params.tune.epochs)
+    without = parse_params({})
+    _, model = suggest(FixedTrial(values), without.tune, without.train, without.model)
+    assert model.name == "cnn"  # not in the search space: params.yaml's model.name
