@@ -51,7 +51,7 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(
-            name, description="Image classifier trained by the Runway pipeline."
+            name, description="Classifier trained by the Runway pipeline."
         )
     mine = client.search_model_versions(f"name='{name}' and run_id='{run['run_id']}'")
     if mine:
