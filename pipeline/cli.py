@@ -33,9 +33,17 @@ def summary() -> None:
         raise typer.Exit(1)
     test = metrics["test"]
     verdict = "promoted to champion" if record["promoted"] else "champion unchanged"
+    validation = _read("reports/validation/summary.json") or {}
+    data_line = ""
+    if "rows_in" in validation:
+        quarantined = validation.get("rows_quarantined", 0)
+        data_line = (
+            f"  data            {validation['rows_in']} rows, {quarantined} quarantined"
+            + (" (see reports/validation/quarantine.csv)" if quarantined else "")
+            + "\n"
+        )
     typer.echo(
-        "\nRunway results\n"
-        f"  test accuracy   {test['accuracy']:.4f}\n"
+        "\nRunway results\n" + data_line + f"  test accuracy   {test['accuracy']:.4f}\n"
         f"  test macro F1   {test['f1_macro']:.4f}\n"
         f"  model           {record['model_name']} version {record['version']} "
         f"(aliases: {', '.join(record['aliases']) or 'none'})\n"

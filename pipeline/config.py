@@ -43,6 +43,7 @@ class DataParams(_Section):
     color: Literal["grey", "rgb"] = "grey"
     label_column: Annotated[str, Field(min_length=1)] = "label"
     classes: list[str | int] | None = Field(default=None, min_length=2)
+    features: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _path_given(self) -> DataParams:
@@ -147,6 +148,7 @@ class TrainParams(_Section):
     optimizer: Optimizer = "adamw"
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     augment: list[Augmentation] = []
+    resume: Literal["auto", "must", "never"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
 
 

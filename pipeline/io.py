@@ -1,11 +1,14 @@
 """Atomic file writes and the one-line failure exit every stage uses.
 
 A stage writes each output to a temporary file beside it and moves it into place with
-``os.replace``, so a reader (or the next stage) never sees a half-written file.
+``os.replace``, so a reader (or the next stage) never sees a half-written file. Temporary
+names carry the writer's process id; leftovers of a killed writer (SIGKILL leaves no chance to
+clean up) are removed by the next write of the same path.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -17,12 +20,40 @@ from pathlib import Path
 from typing import Any
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clear_leftovers(path: Path) -> None:
+    """Remove temporary siblings of ``path`` left by writers that no longer run."""
+    prefix = f".{path.name}."
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
+        rest = leftover.name[len(prefix) :]
+        pid = rest.split(".", 1)[0]
+        if rest == "old" or (pid.isdigit() and not _alive(int(pid)) and rest.endswith(".tmp")):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _clear_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -37,7 +68,8 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temporary directory; replace ``path`` with it if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _clear_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():

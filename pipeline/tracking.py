@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -99,6 +100,42 @@ def run_tags(stage: str, dataset: str, data_dir: Path | None = PREPARED_DIR) -> 
     return tags
 
 
+# Keys whose values are credentials, and credentials inside values (URL user:password,
+# ?token=... query parameters, bearer tokens).
+SECRET_KEY = re.compile(r"pass(word|wd)?|secret|token|api[_-]?key|credential|auth", re.I)
+URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.I)
+QUERY_SECRET = re.compile(
+    r"(?P<key>[?&](?:[^=&\s]*(?:token|secret|password|passwd|key|sig|signature)[^=&\s]*)=)"
+    r"[^&\s]+",
+    re.I,
+)
+BEARER = re.compile(r"(?P<key>bearer\s+)[a-z0-9._~+/=-]+", re.I)
+MASK = "***"
+
+
+def mask_value(value: Any) -> str:
+    """The value as text, with any credential inside it replaced by ***."""
+    text = str(value)
+    text = URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    text = QUERY_SECRET.sub(lambda m: f"{m['key']}{MASK}", text)
+    return BEARER.sub(lambda m: f"{m['key']}{MASK}", text)
+
+
+def masked(values: Mapping[str, Any]) -> dict[str, str]:
+    """Params or tags safe to log: credential-named keys get ***, values are scrubbed."""
+    return {
+        k: MASK if SECRET_KEY.search(k.rsplit(".", 1)[-1]) else mask_value(v)
+        for k, v in values.items()
+    }
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """``mlflow.log_params`` with credentials masked."""
+    import mlflow
+
+    mlflow.log_params(masked(params))
+
+
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """Metrics as floats; refuse NaN/±inf, which MLflow would store as ±1.8e308."""
     bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
@@ -126,7 +163,7 @@ def run(
         run_id=run_id,
         experiment_id=experiment_id,
         run_name=None if run_id else run_name,
-        tags=dict(tags),
+        tags=masked(tags),
         nested=nested,
     )
     status = "FAILED"

@@ -162,8 +162,11 @@ def fit(
     logger=False,
     checkpoint: bool = False,
     default_root_dir: str | None = None,
+    ckpt_path: Path | None = None,
 ) -> tuple[Classifier, pl.Trainer]:
-    """Seed, build and train one model on the train split, validating on val every epoch."""
+    """Seed, build and train one model on the train split, validating on val every epoch.
+
+    With ``ckpt_path``, training continues from that checkpoint (loaded weights-only)."""
     set_seeds(hp.seed)
     module = build_module(hp, model, data)
     trainer = pl.Trainer(
@@ -179,5 +182,10 @@ def fit(
         num_sanity_val_steps=0,
         default_root_dir=default_root_dir,
     )
-    trainer.fit(module, datamodule=InMemoryData(data, hp.batch_size, hp.seed))
+    trainer.fit(
+        module,
+        datamodule=InMemoryData(data, hp.batch_size, hp.seed),
+        ckpt_path=ckpt_path,
+        weights_only=True,
+    )
     return module, trainer

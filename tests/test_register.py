@@ -8,8 +8,10 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import parse_params
+from pipeline.io import StageError
 from pipeline.models.cnn import Scale
-from pipeline.stages.register import register
+from pipeline.stages.evaluate import predict, score
+from pipeline.stages.register import check_evaluation, register
 
 
 def _linear_model(digits_prepared, fit: bool) -> torch.nn.Module:
@@ -37,7 +39,14 @@ def _log(net, digits_prepared) -> dict:
         info = mlflow.pytorch.log_model(
             net, name="model", input_example=example, pip_requirements=["torch"]
         )
-    return {"run_id": run.info.run_id, "model_uri": info.model_uri}
+    return {"run_id": run.info.run_id, "model_uri": info.model_uri, "net": net}
+
+
+def _evaluated(logged, digits_prepared) -> dict:
+    """What the evaluate stage would have written for this model."""
+    x, y = digits_prepared.tensors["test"]
+    headline, _ = score(y.numpy(), predict(logged["net"], x, 512), digits_prepared.manifest.classes)
+    return headline
 
 
 def test_champion_moves_only_when_beaten(mlflow_store, digits_prepared):
@@ -46,16 +55,16 @@ def test_champion_moves_only_when_beaten(mlflow_store, digits_prepared):
     good = _log(_linear_model(digits_prepared, fit=True), digits_prepared)
     bad_again = _log(_linear_model(digits_prepared, fit=False), digits_prepared)
 
-    first = register(params, bad, {"accuracy": 0.1}, digits_prepared)
+    first = register(params, bad, _evaluated(bad, digits_prepared), digits_prepared)
     assert first["promoted"] and first["reason"] == "no champion yet"
     assert first["aliases"] == ["challenger", "champion"]
 
-    second = register(params, good, {"accuracy": 0.9}, digits_prepared)
+    second = register(params, good, _evaluated(good, digits_prepared), digits_prepared)
     assert second["promoted"] and second["version"] == first["version"] + 1
     assert second["comparison"]["challenger"] > second["comparison"]["champion"] + 0.01
     assert second["comparison"]["champion_version"] == first["version"]
 
-    third = register(params, bad_again, {"accuracy": 0.1}, digits_prepared)
+    third = register(params, bad_again, _evaluated(bad_again, digits_prepared), digits_prepared)
     assert not third["promoted"] and third["aliases"] == ["challenger"]
     assert third["version"] == second["version"] + 1  # distinct versions
     assert "<" in third["reason"]
@@ -66,7 +75,7 @@ def test_champion_moves_only_when_beaten(mlflow_store, digits_prepared):
     champion = client.get_model_version_by_alias("gate-test", "champion")
     assert int(champion.version) == second["version"]
     # Re-running register for the same run reuses its version instead of duplicating it.
-    again = register(params, good, {"accuracy": 0.9}, digits_prepared)
+    again = register(params, good, _evaluated(good, digits_prepared), digits_prepared)
     assert again["version"] == second["version"]
     assert again["reason"] == "this version is already the champion"
 
@@ -75,9 +84,41 @@ def test_challenger_within_min_delta_is_not_promoted(mlflow_store, digits_prepar
     params = parse_params({"register": {"model_name": "delta-test", "min_delta": 0.5}})
     first = _log(_linear_model(digits_prepared, fit=True), digits_prepared)
     second = _log(_linear_model(digits_prepared, fit=True), digits_prepared)
-    register(params, first, {"accuracy": 0.9}, digits_prepared)
-    decision = register(params, second, {"accuracy": 0.9}, digits_prepared)
+    register(params, first, _evaluated(first, digits_prepared), digits_prepared)
+    decision = register(params, second, _evaluated(second, digits_prepared), digits_prepared)
     scores = decision["comparison"]
     assert scores["challenger"] == pytest.approx(scores["champion"])
     assert not decision["promoted"]
     assert np.isfinite(scores["challenger"])
+
+
+def test_gate_refuses_an_evaluation_of_another_model_or_a_failed_one(mlflow_store, digits_prepared):
+    params = parse_params({"register": {"model_name": "eval-test"}})
+    good = _log(_linear_model(digits_prepared, fit=True), digits_prepared)
+    bad = _log(_linear_model(digits_prepared, fit=False), digits_prepared)
+    with pytest.raises(StageError, match="the evaluation is not of this model.*Not promoted"):
+        register(params, bad, _evaluated(good, digits_prepared), digits_prepared)
+    from mlflow.tracking import MlflowClient
+
+    with pytest.raises(Exception, match="champion"):
+        MlflowClient().get_model_version_by_alias("eval-test", "champion")
+    for broken in ({"accuracy": 0.9}, {k: float("nan") for k in _evaluated(good, digits_prepared)}):
+        with pytest.raises(StageError, match="metrics.json"):
+            check_evaluation(broken)
+
+
+def test_gate_never_compares_models_tested_under_different_splits(mlflow_store, digits_prepared):
+    first = _log(_linear_model(digits_prepared, fit=False), digits_prepared)
+    second = _log(_linear_model(digits_prepared, fit=True), digits_prepared)
+    params = parse_params({"register": {"model_name": "split-test"}})
+    register(params, first, _evaluated(first, digits_prepared), digits_prepared)
+    resplit = parse_params(
+        {
+            "register": {"model_name": "split-test"},
+            "validate": {"split": {"train": 0.6, "val": 0.2, "test": 0.2}},
+        }
+    )
+    decision = register(resplit, second, _evaluated(second, digits_prepared), digits_prepared)
+    assert not decision["promoted"]  # better, but not comparable
+    assert "train=0.7,val=0.15,test=0.15" in decision["reason"]
+    assert decision["aliases"] == ["challenger"]

@@ -1,7 +1,9 @@
 """A CSV table for tabular classification: one label column, numeric feature columns.
 
 ``data.path`` is the file, ``data.label_column`` names the label (default ``label``); every
-other column is a feature, in file order, stored as float32. Labels may be numbers or names;
+other column is a feature, in file order, stored as float32. With ``data.features`` (the
+expected feature columns) a column missing from the file or not in the list stops ingest:
+schema drift is caught before it reaches a model. Labels may be numbers or names;
 classes are the sorted distinct labels, or ``data.classes`` when given (then a label not in it
 is an error). A feature cell that is not a number is an error naming its line and column;
 empty cells become NaN and are quarantined by validate with the reason.
@@ -98,6 +100,19 @@ def load(params: DataParams) -> dict:
             f"{list(table.columns)}"
         )
     features = [c for c in table.columns if c != column]
+    if params.features is not None:
+        missing = [c for c in params.features if c not in features]
+        extra = [c for c in features if c not in params.features]
+        if missing or extra:
+            raise StageError(
+                f"{path}: columns differ from data.features: "
+                + "; ".join(
+                    f"{what} {cols}"
+                    for what, cols in (("missing", missing), ("extra", extra))
+                    if cols
+                )
+            )
+        features = list(params.features)
     if not features:
         raise StageError(f"{path}: no feature columns besides {column!r}")
     labels, classes, names = encode_labels(table[column], params, path)

@@ -7,6 +7,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.io import StageError
+
+
+class NonFiniteLoss(StageError):
+    """The loss became NaN or infinite: the run stops rather than train on garbage."""
+
 
 class Classifier(pl.LightningModule):
     """Wraps a network; logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` per
@@ -50,7 +56,15 @@ class Classifier(pl.LightningModule):
 
             x, y = batch
             batch = (augment(x, self.augment), y)
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):  # stop at the first bad step instead of training on NaN
+            raise NonFiniteLoss(
+                f"training diverged: train/loss is {loss.item()} at epoch "
+                f"{self.current_epoch + 1}, batch {batch_idx + 1} ({self.optimizer_name}, "
+                f"lr {self.lr:g}); lower the learning rate (train.lr, or "
+                "tune.search_space.lr) or check the data"
+            )
+        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -5,10 +5,16 @@ yet, or when it beats the current champion on today's test split by at least
 ``register.min_delta`` in ``register.metric``. Both models are loaded back from the registry
 and re-scored on the same test split, so an old champion is never trusted on an old number.
 Writes ``reports/register.json``: name, version, aliases, the comparison and the decision.
+
+Never promoted: a model whose evaluation is missing, non-finite, or does not match what the
+registered model scores on the test split (the evaluation was of another model); and a model
+whose test split was drawn under other ``validate.split`` fractions than the champion's (the
+champion may have trained on today's test samples, so the comparison would be unfair).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pipeline import tracking
@@ -34,6 +40,30 @@ def score_registered(uri: str, data, metric: str, batch_size: int) -> float:
     x, y = data.tensors["test"]
     headline, _ = score(y.numpy(), predict(net, x, batch_size), data.manifest.classes)
     return headline[metric]
+
+
+HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+
+
+def check_evaluation(test_metrics: object) -> dict[str, float]:
+    """The evaluate stage's headline metrics, or an error saying what is wrong with them."""
+    if not isinstance(test_metrics, dict) or set(HEADLINE) - set(test_metrics):
+        raise StageError(f"{METRICS}: expected test metrics {list(HEADLINE)}; evaluate again")
+    bad = {
+        k: test_metrics[k]
+        for k in HEADLINE
+        if not isinstance(test_metrics[k], int | float)
+        or not math.isfinite(test_metrics[k])
+        or not 0 <= test_metrics[k] <= 1
+    }
+    if bad:
+        raise StageError(f"{METRICS}: evaluation failed, metrics {bad} are not in [0, 1]")
+    return {k: float(test_metrics[k]) for k in HEADLINE}
+
+
+def split_rule(params) -> str:
+    split = params.validate_.split
+    return f"train={split.train:g},val={split.val:g},test={split.test:g}"
 
 
 def register(params, run: dict, test_metrics: dict, data) -> dict:
@@ -62,11 +92,18 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
             name,
             tags={f"test.{k}": f"{v:.6f}" for k, v in test_metrics.items()}
             | tracking.git_info()
-            | {"data.dvc_md5": tracking.dvc_hash(PREPARED_DIR)},
+            | {"data.dvc_md5": tracking.dvc_hash(PREPARED_DIR), "data.split": split_rule(params)},
+        )
+    new_score = score_registered(f"models:/{name}/{version.version}", data, reg.metric, batch)
+    one_sample = 1.0 / max(len(data.tables["test"]), 1)
+    if abs(new_score - test_metrics[reg.metric]) > 1.5 * one_sample:
+        raise StageError(
+            f"{METRICS} says {reg.metric} {test_metrics[reg.metric]:.4f} but registered version "
+            f"{version.version} scores {new_score:.4f} on the test split: the evaluation is "
+            "not of this model; run evaluate again. Not promoted."
         )
     client.set_registered_model_alias(name, "challenger", version.version)
 
-    new_score = score_registered(f"models:/{name}/{version.version}", data, reg.metric, batch)
     try:
         champion = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
@@ -78,6 +115,13 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
     elif champion.version == version.version:
         promote, reason = False, "this version is already the champion"
         comparison["champion"] = new_score
+    elif champion.tags.get("data.split", split_rule(params)) != split_rule(params):
+        promote = False
+        reason = (
+            f"champion v{champion.version} was tested on a split drawn with "
+            f"{champion.tags['data.split']}, this model with {split_rule(params)}: the test "
+            "sets differ, so they are not compared (set the champion alias by hand if intended)"
+        )
     else:
         old = score_registered(f"models:/{name}@champion", data, reg.metric, batch)
         comparison["champion"] = old
@@ -112,7 +156,10 @@ def main() -> None:
         if not path.exists():
             raise StageError(f"{path} not found: run the train and evaluate stages first")
     run = read_json(MODELS_DIR / "run.json")
-    test_metrics = read_json(METRICS)["test"]
+    try:
+        test_metrics = check_evaluation(read_json(METRICS).get("test"))
+    except (ValueError, AttributeError):
+        raise StageError(f"{METRICS}: not a metrics file; run evaluate again") from None
     data = load_prepared(splits=("test",))
     record = register(params, run, test_metrics, data)
     write_json(REPORT, record)

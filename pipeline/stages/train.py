@@ -5,23 +5,111 @@ Seeded and deterministic on the CPU; early stopping and the best checkpoint foll
 URI passed explicitly), and the network is logged as an MLflow model with a signature and an
 input example. Writes ``models/``: ``model.pt`` (state dict), ``model.json`` (what it takes to
 rebuild it), ``checkpoints/best.ckpt`` and ``run.json`` (MLflow run id and model URI).
+
+Interrupted training resumes. On SIGTERM or ^C the stage saves a checkpoint to
+``.runway/train/last.ckpt`` (outside ``models/``, which DVC clears before each run), ends the
+MLflow run KILLED and exits 143 (130 for ^C). The next run with the same params and data picks
+the checkpoint up and continues the same MLflow run (``train.resume: auto``); ``must`` makes
+a missing checkpoint an error, ``never`` starts afresh. Checkpoints are loaded weights-only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
 from pipeline import tracking
 from pipeline.config import ModelParams, Params, TrainParams, direction, load_params, with_tuned
-from pipeline.io import StageError, atomic_dir, read_json, run_stage, write_json
+from pipeline.data.table import PREPARED_DIR
+from pipeline.io import StageError, Terminated, atomic_dir, read_json, run_stage, write_json
 from pipeline.models import MODELS_DIR, model_spec
 from pipeline.training import EpochLine, Prepared, fit, load_prepared
 
 BEST_PARAMS = Path("reports/tune/best_params.json")
+RESUME_DIR = Path(".runway/train")
+
+
+class Resume:
+    """The checkpoints of a training run that may be interrupted, and whether to resume one.
+
+    ``key`` identifies what is being trained (params and data); a checkpoint left by a run
+    with another key is never resumed."""
+
+    def __init__(self, key: str, directory: Path = RESUME_DIR) -> None:
+        self.key, self.dir = key, directory
+        self.last, self.best, self.state = (
+            directory / "last.ckpt",
+            directory / "best.ckpt",
+            directory / "state.json",
+        )
+
+    def find(self, mode: str) -> tuple[Path | None, str | None]:
+        """(checkpoint, MLflow run id) to continue, or (None, None) to start afresh."""
+        state = read_json(self.state) if self.state.is_file() else None
+        usable = state is not None and state.get("key") == self.key and self.last.is_file()
+        if mode == "never" or (not usable and mode == "auto"):
+            if state is not None and mode == "auto":
+                print(f"[train] ignoring {self.last}: it is from a run with other params or data")
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return None, None
+        if not usable:
+            why = "is from a run with other params or data" if state else "does not exist"
+            raise StageError(
+                f"train.resume is 'must' but {self.last} {why}; set train.resume: auto to "
+                "start afresh"
+            )
+        try:
+            checkpoint = torch.load(self.last, map_location="cpu", weights_only=True)
+            epoch = int(checkpoint["epoch"])
+        except Exception as exc:  # truncated, corrupt, or a pickle payload
+            raise StageError(
+                f"{self.last}: cannot resume from this checkpoint ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); delete it or set train.resume: never"
+            ) from None
+        print(f"[train] resuming the interrupted run from {self.last} (epoch {epoch + 1})")
+        return self.last, state["run_id"]
+
+    def started(self, run_id: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.state, {"key": self.key, "run_id": run_id})
+
+    def finished(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SaveOnInterrupt(pl.Callback):
+    """On SIGTERM or ^C, save a full checkpoint (weights, optimiser, loops) to resume from."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, (Terminated, KeyboardInterrupt)):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)
+        os.replace(tmp, self.path)
+        print(
+            f"[train] interrupted in epoch {trainer.current_epoch + 1}: checkpoint saved to "
+            f"{self.path}; run the stage again to resume",
+            flush=True,
+        )
+
+
+def resume_key(hp: TrainParams, model: ModelParams) -> str:
+    what = {
+        "train": hp.model_dump(exclude={"resume", "accelerator"}),
+        "model": model.model_dump(),
+        "data": tracking.dvc_hash(PREPARED_DIR) if PREPARED_DIR.exists() else None,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def merged_params(
@@ -33,7 +121,12 @@ def merged_params(
 
 
 def train(
-    hp: TrainParams, model: ModelParams, data: Prepared, experiment: str, out_dir: Path
+    hp: TrainParams,
+    model: ModelParams,
+    data: Prepared,
+    experiment: str,
+    out_dir: Path,
+    resume: Resume | None = None,
 ) -> dict:
     """Fit, keep the best checkpoint, save and log the model; return run.json's content."""
     import mlflow
@@ -41,27 +134,45 @@ def train(
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.models import infer_signature
 
+    resume = resume or Resume(resume_key(hp, model))
+    ckpt_path, resumed_run = resume.find(hp.resume)
     experiment_id = tracking.setup(experiment)
     tags = tracking.run_tags("train", data.manifest.source)
-    with tracking.run(experiment_id, "train", tags) as active:
+    with tracking.run(experiment_id, "train", tags, run_id=resumed_run) as active:
         run_id = active.info.run_id
-        mlflow.log_params(hp.model_dump())
-        mlflow.log_params({f"model.{k}": v for k, v in model.model_dump().items()})
-        mlflow.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
+        resume.started(run_id)
+        if resumed_run is None:
+            tracking.log_params(hp.model_dump(exclude={"resume"}))
+            tracking.log_params({f"model.{k}": v for k, v in model.model_dump().items()})
+            tracking.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
         mode = "max" if direction(hp.monitor) == "maximize" else "min"
         best = ModelCheckpoint(
-            dirpath=out_dir / "checkpoints", filename="best", monitor=hp.monitor, mode=mode
+            dirpath=resume.dir,
+            filename="best",
+            monitor=hp.monitor,
+            mode=mode,
+            enable_version_counter=False,
         )
         callbacks = [
             EarlyStopping(monitor=hp.monitor, mode=mode, patience=hp.patience),
             best,
             EpochLine(),
+            SaveOnInterrupt(resume.last),
         ]
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id)
-        module, trainer = fit(hp, model, data, callbacks, logger=logger, checkpoint=True)
-        if not best.best_model_path:
+        module, trainer = fit(
+            hp, model, data, callbacks, logger=logger, checkpoint=True, ckpt_path=ckpt_path
+        )
+        if not best.best_model_path or not Path(best.best_model_path).is_file():
             raise StageError("training produced no checkpoint")
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(best.best_model_path, out_dir / "checkpoints" / "best.ckpt")
+        try:
+            state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise StageError(
+                f"{best.best_model_path}: cannot load the best checkpoint: {exc}"
+            ) from None
         module.load_state_dict(state["state_dict"])
         net = module.net.cpu().eval()
         torch.save(net.state_dict(), out_dir / "model.pt")
@@ -108,9 +219,11 @@ def main() -> None:
         f"{augment}, up to {hp.max_epochs} epochs on {len(data.tables['train'])} samples"
     )
     start = time.perf_counter()
+    resume = Resume(resume_key(hp, model))
     with atomic_dir(MODELS_DIR) as tmp:
-        run = train(hp, model, data, params.mlflow.experiment, tmp)
+        run = train(hp, model, data, params.mlflow.experiment, tmp, resume)
         write_json(tmp / "run.json", run)
+    resume.finished()
     print(
         f"[train] best {hp.monitor} {run[f'best_{hp.monitor}']:.4f} after "
         f"{run['epochs_trained']} epochs ({time.perf_counter() - start:.0f}s); "

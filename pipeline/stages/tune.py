@@ -37,7 +37,9 @@ STUDY_STORAGE = f"sqlite:///{tracking.MLRUNS_DIR}/optuna.db"
 
 def study_name(params: Params, data_hash: str) -> str:
     """Same inputs → same study (resumed); any change → a new study."""
-    base = params.train.model_dump(exclude={"max_epochs", "patience", "monitor", "accelerator"})
+    base = params.train.model_dump(
+        exclude={"max_epochs", "patience", "monitor", "accelerator", "resume"}
+    )
     key = {
         "tune": params.tune.model_dump(exclude={"n_trials"}),
         "train": base,
@@ -178,7 +180,7 @@ def tune(params: Params, out_dir: Path) -> dict:
             {**tags, "optuna.trial": str(trial.number)},
             nested=True,
         ):
-            mlflow.log_params(trial.params)
+            tracking.log_params(trial.params)
             try:
                 pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
                 fit(hp, model, data, [pruning, history])
@@ -208,7 +210,7 @@ def tune(params: Params, out_dir: Path) -> dict:
                 )
 
     with tracking.run(experiment_id, "tune", {**tags, "optuna.study": study.study_name}):
-        mlflow.log_params({f"tune.{k}": v for k, v in cfg.model_dump().items()})
+        tracking.log_params({f"tune.{k}": v for k, v in cfg.model_dump().items()})
         if todo:
             study.optimize(objective, n_trials=todo, catch=(Exception,), gc_after_trial=False)
         states = [t.state for t in study.trials]
@@ -224,7 +226,7 @@ def tune(params: Params, out_dir: Path) -> dict:
             )
         best = study.best_trial
         mlflow.log_metrics(tracking.finite_metrics({f"best_{metric}": best.value}))
-        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+        tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
         study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
         plot_history(study, metric, out_dir / "optimization_history.png")
         write_json(out_dir / "best_params.json", best.params)
