@@ -120,3 +120,16 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     except Terminated:
         print(f"[{name}] terminated", file=sys.stderr)
         sys.exit(143)
+
+
+def load_error(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one short phrase.
+
+    torch's own message suggests retrying with ``weights_only=False``, which would execute
+    whatever the file contains; Runway never does that, so the phrase says what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line:
+            return f"refused: it needs pickle to load ({line.rstrip('.')})"
+    first = lines[0] if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {first[:200]}"

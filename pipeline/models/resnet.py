@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.io import load_error
 from pipeline.models.cnn import Scale
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -77,7 +78,9 @@ class ResNet18(nn.Module):
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a pickle payload, a truncated file, not a torch file
-            raise WeightsError(f"{path}: cannot load as a weights-only state dict: {exc}") from None
+            raise WeightsError(
+                f"{path}: cannot load as a weights-only state dict: {load_error(exc)}"
+            ) from None
         for key in ("state_dict", "model"):
             if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
                 loaded = loaded[key]

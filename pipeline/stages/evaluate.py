@@ -17,7 +17,15 @@ import torch
 from pipeline import tracking
 from pipeline.config import load_params
 from pipeline.data.table import ID_COLUMN
-from pipeline.io import StageError, atomic_dir, atomic_path, read_json, run_stage, write_json
+from pipeline.io import (
+    StageError,
+    atomic_dir,
+    atomic_path,
+    load_error,
+    read_json,
+    run_stage,
+    write_json,
+)
 from pipeline.models import MODELS, MODELS_DIR, build_net
 from pipeline.training import load_prepared
 
@@ -38,7 +46,7 @@ def load_model(models_dir: Path = MODELS_DIR) -> tuple[torch.nn.Module, dict]:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
     except Exception as exc:
-        raise StageError(f"{weights}: cannot load the model weights: {exc}") from None
+        raise StageError(f"{weights}: cannot load the model weights: {load_error(exc)}") from None
     return net.eval(), spec
 
 

@@ -6,11 +6,12 @@ URI passed explicitly), and the network is logged as an MLflow model with a sign
 input example. Writes ``models/``: ``model.pt`` (state dict), ``model.json`` (what it takes to
 rebuild it), ``checkpoints/best.ckpt`` and ``run.json`` (MLflow run id and model URI).
 
-Interrupted training resumes. On SIGTERM or ^C the stage saves a checkpoint to
-``.runway/train/last.ckpt`` (outside ``models/``, which DVC clears before each run), ends the
-MLflow run KILLED and exits 143 (130 for ^C). The next run with the same params and data picks
-the checkpoint up and continues the same MLflow run (``train.resume: auto``); ``must`` makes
-a missing checkpoint an error, ``never`` starts afresh. Checkpoints are loaded weights-only.
+Interrupted training resumes. Every epoch ends with a checkpoint in
+``.runway/train/last.ckpt`` (outside ``models/``, which DVC clears before each run); on
+SIGTERM or ^C the stage ends the MLflow run KILLED and exits 143 (130 for ^C). The next run
+with the same params and data picks the checkpoint up and continues the same MLflow run
+(``train.resume: auto``); ``must`` makes a missing checkpoint an error, ``never`` starts
+afresh. Checkpoints are loaded weights-only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ import torch
 from pipeline import tracking
 from pipeline.config import ModelParams, Params, TrainParams, direction, load_params, with_tuned
 from pipeline.data.table import PREPARED_DIR
-from pipeline.io import StageError, Terminated, atomic_dir, read_json, run_stage, write_json
+from pipeline.io import (
+    StageError,
+    Terminated,
+    atomic_dir,
+    load_error,
+    read_json,
+    run_stage,
+    write_json,
+)
 from pipeline.models import MODELS_DIR, model_spec
 from pipeline.training import EpochLine, Prepared, fit, load_prepared
 
@@ -53,14 +62,20 @@ class Resume:
     def find(self, mode: str) -> tuple[Path | None, str | None]:
         """(checkpoint, MLflow run id) to continue, or (None, None) to start afresh."""
         state = read_json(self.state) if self.state.is_file() else None
-        usable = state is not None and state.get("key") == self.key and self.last.is_file()
+        same = state is not None and state.get("key") == self.key
+        usable = same and self.last.is_file()
+        if not usable:
+            why = (
+                "does not exist"
+                if not self.last.is_file()
+                else "is from a run with other params or data"
+            )
         if mode == "never" or (not usable and mode == "auto"):
             if state is not None and mode == "auto":
-                print(f"[train] ignoring {self.last}: it is from a run with other params or data")
+                print(f"[train] not resuming: {self.last} {why}; starting afresh")
             shutil.rmtree(self.dir, ignore_errors=True)
             return None, None
         if not usable:
-            why = "is from a run with other params or data" if state else "does not exist"
             raise StageError(
                 f"train.resume is 'must' but {self.last} {why}; set train.resume: auto to "
                 "start afresh"
@@ -70,10 +85,10 @@ class Resume:
             epoch = int(checkpoint["epoch"])
         except Exception as exc:  # truncated, corrupt, or a pickle payload
             raise StageError(
-                f"{self.last}: cannot resume from this checkpoint ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200]}); delete it or set train.resume: never"
+                f"{self.last}: cannot resume from this checkpoint ({load_error(exc)}); "
+                "delete it or set train.resume: never"
             ) from None
-        print(f"[train] resuming the interrupted run from {self.last} (epoch {epoch + 1})")
+        print(f"[train] resuming the interrupted run from {self.last} (after epoch {epoch + 1})")
         return self.last, state["run_id"]
 
     def started(self, run_id: str) -> None:
@@ -84,21 +99,36 @@ class Resume:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class SaveOnInterrupt(pl.Callback):
-    """On SIGTERM or ^C, save a full checkpoint (weights, optimiser, loops) to resume from."""
+class ResumePoint(pl.Callback):
+    """Keeps ``last.ckpt`` (weights, optimiser, schedule, early-stopping and loop state) at the
+    end of every epoch, and says where to resume from when training is interrupted.
+
+    A checkpoint at an epoch boundary is what Lightning resumes exactly; one taken in the
+    middle of an epoch would replay part of it. Saving a small model takes milliseconds."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.saved_epoch: int | None = None
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, (Terminated, KeyboardInterrupt)):
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         trainer.save_checkpoint(tmp, weights_only=False)
         os.replace(tmp, self.path)
+        self.saved_epoch = trainer.current_epoch + 1
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, (Terminated, KeyboardInterrupt)):
+            return
+        if self.saved_epoch is None:
+            print(
+                "[train] interrupted in epoch 1, before any checkpoint: the next run starts afresh"
+            )
+            return
         print(
-            f"[train] interrupted in epoch {trainer.current_epoch + 1}: checkpoint saved to "
-            f"{self.path}; run the stage again to resume",
+            f"[train] interrupted in epoch {trainer.current_epoch + 1}: checkpoint of epoch "
+            f"{self.saved_epoch} saved to {self.path}; run the stage again to resume",
             flush=True,
         )
 
@@ -152,12 +182,17 @@ def train(
             monitor=hp.monitor,
             mode=mode,
             enable_version_counter=False,
+            save_on_train_epoch_end=False,
         )
+        # Both decide right after validation, where ResumePoint saves: a resumed run then
+        # continues with the next epoch instead of re-checking an epoch whose metrics are gone.
         callbacks = [
-            EarlyStopping(monitor=hp.monitor, mode=mode, patience=hp.patience),
+            EarlyStopping(
+                monitor=hp.monitor, mode=mode, patience=hp.patience, check_on_train_epoch_end=False
+            ),
             best,
             EpochLine(),
-            SaveOnInterrupt(resume.last),
+            ResumePoint(resume.last),
         ]
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id)
         module, trainer = fit(
