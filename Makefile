@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test ui lint format
+.PHONY: repro test bench ui lint format
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ repro: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+## bench: compare against a hand-written PyTorch loop and friends; writes reports/bench.json
+bench: $(STAMP)
+	python -m benchmarks.run
 
 ## ui: the MLflow UI on http://127.0.0.1:5000 (local only, no authentication)
 ui: $(STAMP)

@@ -94,7 +94,7 @@ class MetricHistory(pl.Callback):
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self.history.append({k: v.item() for k, v in trainer.callback_metrics.items()})
 
@@ -108,7 +108,7 @@ class EpochLine(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not hasattr(self, "_start"):
             return
         m = trainer.callback_metrics

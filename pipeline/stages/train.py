@@ -150,6 +150,33 @@ def merged_params(
     return with_tuned(params.train, params.model, best, str(best_params_path))
 
 
+def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback], pl.Callback]:
+    """What the train stage trains with: early stopping, the best checkpoint, one line per
+    epoch and the resume point. Returns the callbacks and the best-checkpoint one."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    mode = "max" if direction(hp.monitor) == "maximize" else "min"
+    best = ModelCheckpoint(
+        dirpath=resume.dir,
+        filename="best",
+        monitor=hp.monitor,
+        mode=mode,
+        enable_version_counter=False,
+        save_on_train_epoch_end=False,
+    )
+    # Both decide right after validation, where ResumePoint saves: a resumed run then
+    # continues with the next epoch instead of re-checking an epoch whose metrics are gone.
+    callbacks = [
+        EarlyStopping(
+            monitor=hp.monitor, mode=mode, patience=hp.patience, check_on_train_epoch_end=False
+        ),
+        best,
+        EpochLine(),
+        ResumePoint(resume.last),
+    ]
+    return callbacks, best
+
+
 def train(
     hp: TrainParams,
     model: ModelParams,
@@ -160,7 +187,6 @@ def train(
 ) -> dict:
     """Fit, keep the best checkpoint, save and log the model; return run.json's content."""
     import mlflow
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.models import infer_signature
 
@@ -175,25 +201,7 @@ def train(
             tracking.log_params(hp.model_dump(exclude={"resume"}))
             tracking.log_params({f"model.{k}": v for k, v in model.model_dump().items()})
             tracking.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
-        mode = "max" if direction(hp.monitor) == "maximize" else "min"
-        best = ModelCheckpoint(
-            dirpath=resume.dir,
-            filename="best",
-            monitor=hp.monitor,
-            mode=mode,
-            enable_version_counter=False,
-            save_on_train_epoch_end=False,
-        )
-        # Both decide right after validation, where ResumePoint saves: a resumed run then
-        # continues with the next epoch instead of re-checking an epoch whose metrics are gone.
-        callbacks = [
-            EarlyStopping(
-                monitor=hp.monitor, mode=mode, patience=hp.patience, check_on_train_epoch_end=False
-            ),
-            best,
-            EpochLine(),
-            ResumePoint(resume.last),
-        ]
+        callbacks, best = train_callbacks(hp, resume)
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id)
         module, trainer = fit(
             hp, model, data, callbacks, logger=logger, checkpoint=True, ckpt_path=ckpt_path

@@ -1,0 +1,514 @@
+"""`make bench`: Runway against what you would write by hand, side by side, as ratios.
+
+Each comparison runs ours and the reference in this one process (or one pipeline run),
+alternating, and reports medians of at least five repetitions: shared machines are noisy and
+ratios of interleaved medians are what survives the noise. Prints a table (metric, ours,
+reference, ratio, goal, pass/fail) and writes ``reports/bench.json``; it also runs the default
+pipeline stage by stage in a scratch copy and records each stage's wall time and peak memory
+(``wait4`` resource usage from the operating system).
+
+    python -m benchmarks.run              # everything (about 10 minutes on 2 cores)
+    python -m benchmarks.run --only loader,imports
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "reports" / "bench.json"
+REPS = 5
+STAGES = ["ingest", "validate", "tune", "train", "evaluate", "register"]
+
+
+def result(metric, ours, reference, ratio, goal, passed, unit="", **extra) -> dict:
+    return {
+        "metric": metric,
+        "ours": ours,
+        "reference": reference,
+        "ratio": ratio,
+        "goal": goal,
+        "pass": bool(passed),
+        "unit": unit,
+        **extra,
+    }
+
+
+# --- shared set-up --------------------------------------------------------------------
+
+
+def digits_prepared():
+    """The digits, cleaned and split exactly as the pipeline does, in memory."""
+    from pipeline.config import SplitParams
+    from pipeline.data import digits
+    from pipeline.data.loader import to_tensors
+    from pipeline.data.table import Manifest
+    from pipeline.training import Prepared
+    from pipeline.validation.split import assign_splits
+
+    loaded = digits.load()
+    table = loaded.pop("table")
+    splits = assign_splits(table["sample_id"], SplitParams())
+    tables = {s: table[splits == s].reset_index(drop=True) for s in ("train", "val", "test")}
+    manifest = Manifest("digits", len(table), "sha256:bench", **loaded)
+    tensors = {s: to_tensors(t, manifest.image_shape) for s, t in tables.items()}
+    return Prepared(manifest, tables, tensors)
+
+
+class EpochTimer:
+    """Seconds per epoch (training plus validation), as a Lightning callback."""
+
+    def __new__(cls):
+        import lightning.pytorch as pl
+
+        class _Timer(pl.Callback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def on_train_epoch_start(self, trainer, pl_module) -> None:
+                self._start = time.perf_counter()
+
+            def on_validation_end(self, trainer, pl_module) -> None:
+                if not trainer.sanity_checking and hasattr(self, "_start"):
+                    self.times.append(time.perf_counter() - self._start)
+
+        return _Timer()
+
+
+def ours_fit(data, epochs: int, store: Path, logging: bool = True) -> tuple[list[float], float]:
+    """The train stage's fit: its callbacks, MLflow logger, checkpoints. Epoch times, total."""
+    import contextlib
+    import io
+
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from pipeline.config import ModelParams, TrainParams
+    from pipeline.stages.train import Resume, train_callbacks
+    from pipeline.training import fit
+
+    hp = TrainParams(max_epochs=epochs, patience=epochs, accelerator="cpu")
+    resume = Resume("bench", store / f"resume-{time.monotonic_ns()}")
+    callbacks, _ = train_callbacks(hp, resume)
+    timer = EpochTimer()
+    logger = False
+    if logging:
+        logger = MLFlowLogger(
+            experiment_name="bench", tracking_uri=f"sqlite:///{store}/mlflow.db", run_name="bench"
+        )
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        fit(hp, ModelParams(), data, [*callbacks, timer], logger=logger, checkpoint=True)
+    total = time.perf_counter() - start
+    shutil.rmtree(resume.dir, ignore_errors=True)
+    return timer.times, total
+
+
+def reference_fit(data, epochs: int) -> list[float]:
+    """A hand-written loop: same network, optimiser, schedule, seed and batch size, batches
+    sliced from in-memory tensors, a validation pass and a printed line per epoch."""
+    import contextlib
+    import io
+
+    import torch
+    from torch.nn import functional as F
+
+    from pipeline.config import ModelParams, TrainParams
+    from pipeline.models import build_net, model_spec
+    from pipeline.training import set_seeds
+
+    hp, mp = TrainParams(), ModelParams()
+    set_seeds(hp.seed)
+    net = build_net(model_spec(mp.name, data.manifest, mp.channels, mp.dropout))
+    opt = torch.optim.AdamW(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    x, y = data.tensors["train"]
+    xv, yv = data.tensors["val"]
+    generator = torch.Generator().manual_seed(hp.seed)
+    times = []
+    with contextlib.redirect_stdout(io.StringIO()):
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            net.train()
+            order = torch.randperm(len(x), generator=generator)
+            xs, ys = x[order], y[order]
+            total = 0.0
+            for i in range(0, len(xs), hp.batch_size):
+                logits = net(xs[i : i + hp.batch_size])
+                loss = F.cross_entropy(logits, ys[i : i + hp.batch_size])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(logits)
+            schedule.step()
+            net.eval()
+            with torch.no_grad():
+                logits = net(xv)
+                val_loss = F.cross_entropy(logits, yv).item()
+                val_acc = (logits.argmax(1) == yv).float().mean().item()
+            print(f"epoch {epoch + 1}: {total / len(x):.4f} {val_loss:.4f} {val_acc:.4f}")
+            times.append(time.perf_counter() - start)
+    return times
+
+
+# --- the comparisons ------------------------------------------------------------------
+
+
+def bench_epoch(ctx: dict) -> dict:
+    data, store = ctx["data"], ctx["store"]
+    epochs = REPS + 2  # the first epoch of each run warms up and is dropped
+    ours, ref = [], []
+    for _ in range(2):
+        ours += ours_fit(data, epochs, store)[0][1:]
+        ref += reference_fit(data, epochs)[1:]
+    o, r = statistics.median(ours), statistics.median(ref)
+    return result(
+        f"train-stage epoch time (median of {len(ours)} epochs)",
+        round(o, 4),
+        round(r, 4),
+        round(o / r, 3),
+        "<= 1.10x",
+        o / r <= 1.10,
+        "s",
+    )
+
+
+def bench_loader(ctx: dict) -> dict:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data.loader import TensorBatches
+
+    x, y = ctx["data"].tensors["train"]
+    ours_loader = TensorBatches(x, y, 64, shuffle=True, seed=0)
+    torch_loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+
+    def epoch(loader) -> float:
+        start = time.perf_counter()
+        for xb, _ in loader:
+            xb.sum()  # touch the batch
+        return time.perf_counter() - start
+
+    ours, ref = [], []
+    for _ in range(max(REPS, 9)):
+        ours.append(epoch(ours_loader))
+        ref.append(epoch(torch_loader))
+    o, r = statistics.median(ours), statistics.median(ref)
+    return result(
+        "in-memory loader, one epoch of batches",
+        round(o * 1000, 3),
+        round(r * 1000, 3),
+        round(r / o, 1),
+        ">= 3x faster",
+        r / o >= 3,
+        "ms",
+    )
+
+
+def bench_mlflow(ctx: dict) -> dict:
+    data, store = ctx["data"], ctx["store"]
+    on, off = [], []
+    for _ in range(REPS):
+        on.append(ours_fit(data, 6, store, logging=True)[1])
+        off.append(ours_fit(data, 6, store, logging=False)[1])
+    o, r = statistics.median(on), statistics.median(off)
+    return result(
+        "training run, MLflow logging on vs off",
+        round(o, 3),
+        round(r, 3),
+        round(o / r, 3),
+        "<= 1.05x",
+        o / r <= 1.05,
+        "s",
+    )
+
+
+IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
+
+
+def import_cost(code: str) -> tuple[float, set[str]]:
+    """Seconds spent importing what ``code`` imports (cumulative, top level), and the set
+    of top-level packages imported."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    total, packages, started = 0, set(), False
+    for line in out.splitlines():
+        match = IMPORT_LINE.match(line)
+        if not match:
+            continue
+        _, cumulative, indent, name = match.groups()
+        packages.add(name.split(".")[0])
+        if name == "site":
+            started = True  # interpreter start-up ends with site; the code's imports follow
+            continue
+        if started and indent == " ":
+            total += int(cumulative)
+    return total / 1e6, packages
+
+
+def bench_imports(ctx: dict) -> list[dict]:
+    ref_times = []
+    stage_times = {s: [] for s in STAGES}
+    packages = {}
+    for _ in range(REPS):
+        ref_times.append(import_cost("import torch; import lightning")[0])
+        for s in STAGES:
+            seconds, packages[s] = import_cost(f"import pipeline.stages.{s}")
+            stage_times[s].append(seconds)
+    r = statistics.median(ref_times)
+    rows = []
+    for s in STAGES:
+        o = statistics.median(stage_times[s])
+        torch_free = "torch" not in packages[s]
+        if s in ("ingest", "validate"):
+            goal, passed = "no torch import", torch_free
+        else:
+            goal, passed = "<= 1.3x", o / r <= 1.3
+        rows.append(
+            result(
+                f"import pipeline.stages.{s}" + ("" if torch_free else " (imports torch)"),
+                round(o, 3),
+                round(r, 3),
+                round(o / r, 2),
+                goal,
+                passed,
+                "s",
+            )
+        )
+    return rows
+
+
+def _copy_project(dest: Path) -> Path:
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in listed:
+        if rel.startswith(("dvc.lock", "reports/")) or not (ROOT / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=bench", "-c", "user.email=b@b", "commit", "-qm", "bench"],
+    ):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedProcess]:
+    """Wall seconds and peak RSS (kB, from wait4) of one child process."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        text = out.read()
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {code}:\n{text[-3000:]}")
+    return wall, usage.ru_maxrss, subprocess.CompletedProcess(cmd, code, text, "")
+
+
+def bench_pipeline(ctx: dict) -> list[dict]:
+    """The default pipeline, stage by stage, in a scratch copy; then no-op repro and SVC."""
+    project = _copy_project(ctx["store"] / "project")
+    stages = {}
+    for s in STAGES:
+        wall, rss, _ = timed([sys.executable, "-m", f"pipeline.stages.{s}"], project)
+        stages[s] = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss / 1024)}
+        print(f"  {s:<9} {wall:6.1f} s  {rss / 1024:7.0f} MB", flush=True)
+    ctx["stages"] = stages
+    subprocess.run(["dvc", "commit", "-f", "-q"], cwd=project, env=_env(), check=True)
+    noop = []
+    for _ in range(REPS):
+        wall, _, done = timed(["dvc", "repro"], project)
+        assert "Running stage" not in done.stdout, done.stdout
+        noop.append(wall)
+    n = statistics.median(noop)
+    rows = [result("no-op `dvc repro`", round(n, 2), None, None, "<= 1.5 s", n <= 1.5, "s")]
+
+    metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())["test"]
+    from pipeline.baseline import svc_baseline
+
+    svc = svc_baseline(
+        [0.1, 1, 10, 100], ["scale", 0.0003, 0.001, 0.003, 0.01], project / "data/prepared"
+    )
+    o, r = metrics["accuracy"], svc["test_accuracy"]
+    rows.append(
+        result(
+            "test accuracy, default pipeline vs RBF SVC (C, gamma tuned on val)",
+            round(o, 4),
+            round(r, 4),
+            round(o / r, 4),
+            ">= SVC",
+            o >= r,
+            "",
+            svc={"C": svc["C"], "gamma": svc["gamma"]},
+        )
+    )
+    return rows
+
+
+def bench_pruning(ctx: dict) -> dict:
+    """Same TPE seed and trial count, median pruner vs none: epochs trained in all, and
+    whether the pruned study still finds the no-pruning study's best val accuracy."""
+    import contextlib
+    import io
+
+    import optuna
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from pipeline.config import Params
+    from pipeline.stages.tune import _pruner, _sampler, suggest
+    from pipeline.training import MetricHistory, fit
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params = Params()
+
+    def study(pruner_name: str) -> dict:
+        cfg = params.tune.model_copy(update={"pruner": pruner_name})
+        s = optuna.create_study(direction="minimize", sampler=_sampler(cfg), pruner=_pruner(cfg))
+        log = []  # (epochs trained, best val/acc of the trial)
+
+        def objective(trial):
+            hp, model = suggest(trial, cfg, params.train, params.model)
+            history = MetricHistory()
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    fit(
+                        hp,
+                        model,
+                        ctx["data"],
+                        [PyTorchLightningPruningCallback(trial, monitor=cfg.metric), history],
+                    )
+            finally:
+                accs = [h["val/acc"] for h in history.history if "val/acc" in h]
+                log.append((len(history.history), max(accs) if accs else 0.0))
+            return min(h[cfg.metric] for h in history.history)
+
+        s.optimize(objective, n_trials=cfg.n_trials, catch=(Exception,))
+        return {"log": log, "epochs": sum(e for e, _ in log), "best_acc": max(a for _, a in log)}
+
+    plain, pruned = study("none"), study("median")
+    target = plain["best_acc"] - 0.002
+    until, matched = 0, False
+    for epochs, acc in pruned["log"]:
+        until += epochs
+        if acc >= target:
+            matched = True
+            break
+    ratio = pruned["epochs"] / plain["epochs"]
+    return result(
+        "tuning epochs, median pruning vs none (12 trials, same TPE seed)",
+        pruned["epochs"],
+        plain["epochs"],
+        round(ratio, 3),
+        "<= 0.5x, same best val acc",
+        ratio <= 0.5 and matched,
+        "epochs",
+        best_val_acc={"pruned": pruned["best_acc"], "none": plain["best_acc"]},
+        pruned_epochs_until_match=until if matched else None,
+    )
+
+
+BENCHES: dict[str, Callable[[dict], dict | list[dict]]] = {
+    "epoch": bench_epoch,
+    "loader": bench_loader,
+    "mlflow": bench_mlflow,
+    "imports": bench_imports,
+    "pipeline": bench_pipeline,
+    "pruning": bench_pruning,
+}
+
+
+def table(rows: list[dict]) -> str:
+    def show(v, unit):
+        return "—" if v is None else f"{v} {unit}".strip()
+
+    lines = [
+        f"{'metric':<66} {'ours':>12} {'reference':>12} {'ratio':>7}  {'goal':<26} result",
+        "-" * 136,
+    ]
+    for r in rows:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']}"
+        lines.append(
+            f"{r['metric']:<66} {show(r['ours'], r['unit']):>12} "
+            f"{show(r['reference'], r['unit']):>12} {ratio:>7}  {r['goal']:<26} "
+            + ("pass" if r["pass"] else "FAIL")
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHES)}")
+    args = parser.parse_args()
+    chosen = args.only.split(",") if args.only else list(BENCHES)
+    unknown = set(chosen) - set(BENCHES)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHES)}")
+    os.environ["MLFLOW_TRACKING_URI"] = ""
+    del os.environ["MLFLOW_TRACKING_URI"]
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="runway-bench-") as scratch:
+        ctx = {"store": Path(scratch), "data": digits_prepared()}
+        rows = []
+        for name in chosen:
+            print(f"[bench] {name} …", flush=True)
+            start = time.perf_counter()
+            out = BENCHES[name](ctx)
+            rows += out if isinstance(out, list) else [out]
+            print(f"[bench] {name} done in {time.perf_counter() - start:.0f}s", flush=True)
+    print()
+    print(table(rows))
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "python": sys.version.split()[0],
+        },
+        "repetitions": REPS,
+        "results": rows,
+        "stages": ctx.get("stages", {}),
+    }
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    if ctx.get("stages"):
+        print("\nstage      wall     peak RSS")
+        for s, v in ctx["stages"].items():
+            print(f"{s:<9} {v['wall_s']:6.1f} s {v['peak_rss_mb']:7d} MB")
+    print(f"\nwrote {REPORT.relative_to(ROOT)}")
+    return 0 if all(r["pass"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
