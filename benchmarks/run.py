@@ -292,28 +292,6 @@ def bench_imports(ctx: dict) -> list[dict]:
     return rows
 
 
-def _copy_project(dest: Path) -> Path:
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in listed:
-        if rel.startswith(("dvc.lock", "reports/")) or not (ROOT / rel).is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=bench", "-c", "user.email=b@b", "commit", "-qm", "bench"],
-    ):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-    return dest
-
-
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -338,7 +316,9 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedPr
 
 def bench_pipeline(ctx: dict) -> list[dict]:
     """The default pipeline, stage by stage, in a scratch copy; then no-op repro and SVC."""
-    project = _copy_project(ctx["store"] / "project")
+    from tests.conftest import copy_project  # the same scratch copy the tests use
+
+    project = copy_project(ctx["store"] / "project")
     stages = {}
     for s in STAGES:
         wall, rss, _ = timed([sys.executable, "-m", f"pipeline.stages.{s}"], project)
