@@ -66,24 +66,22 @@ def digits_prepared():
     return Prepared(manifest, tables, tensors)
 
 
-class EpochTimer:
-    """Seconds per epoch (training plus validation), as a Lightning callback."""
+def epoch_timer():
+    """A Lightning callback collecting seconds per epoch (training plus validation)."""
+    import lightning.pytorch as pl
 
-    def __new__(cls):
-        import lightning.pytorch as pl
+    class EpochTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
 
-        class _Timer(pl.Callback):
-            def __init__(self) -> None:
-                self.times: list[float] = []
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self._start = time.perf_counter()
 
-            def on_train_epoch_start(self, trainer, pl_module) -> None:
-                self._start = time.perf_counter()
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking and hasattr(self, "_start"):
+                self.times.append(time.perf_counter() - self._start)
 
-            def on_validation_end(self, trainer, pl_module) -> None:
-                if not trainer.sanity_checking and hasattr(self, "_start"):
-                    self.times.append(time.perf_counter() - self._start)
-
-        return _Timer()
+    return EpochTimer()
 
 
 def ours_fit(data, epochs: int, store: Path, logging: bool = True) -> tuple[list[float], float]:
@@ -100,7 +98,7 @@ def ours_fit(data, epochs: int, store: Path, logging: bool = True) -> tuple[list
     hp = TrainParams(max_epochs=epochs, patience=epochs, accelerator="cpu")
     resume = Resume("bench", store / f"resume-{time.monotonic_ns()}")
     callbacks, _ = train_callbacks(hp, resume)
-    timer = EpochTimer()
+    timer = epoch_timer()
     logger = False
     if logging:
         logger = MLFlowLogger(
@@ -454,8 +452,7 @@ def main() -> int:
     unknown = set(chosen) - set(BENCHES)
     if unknown:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHES)}")
-    os.environ["MLFLOW_TRACKING_URI"] = ""
-    del os.environ["MLFLOW_TRACKING_URI"]
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the benchmark logs to its scratch store
     import torch
 
     with tempfile.TemporaryDirectory(prefix="runway-bench-") as scratch:

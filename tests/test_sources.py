@@ -108,6 +108,20 @@ def test_download_checks_md5_and_falls_back_to_the_next_mirror(tmp_path):
     assert not (tmp_path / "elsewhere" / "labels.gz").exists()
 
 
+def test_download_true_fetches_the_four_files_then_reads_them(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    n = write_mnist(mirror, gz=True)
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in mirror.iterdir()}
+    info = {**idx.DATASETS["mnist"], "mirrors": [mirror.as_uri() + "/"], "md5": md5}
+    monkeypatch.setitem(idx.DATASETS, "mnist", info)
+    target = tmp_path / "external" / "mnist"
+    table, _ = load(tmp_path, source="mnist", path=str(target), download=True)
+    assert len(table) == n and sorted(p.name for p in target.iterdir()) == sorted(md5)
+    (target / "t10k-labels-idx1-ubyte.gz").unlink()  # only missing files are fetched again
+    (mirror / "train-images-idx3-ubyte.gz").unlink()
+    assert len(load(tmp_path, source="mnist", path=str(target), download=True)[0]) == n
+
+
 def test_mnist_download_uses_the_published_checksums(tmp_path):
     assert idx.DATASETS["mnist"]["md5"]["train-images-idx3-ubyte.gz"] == (
         "f68b3c2dcbeaaa9fbdd348bbdeb94873"
