@@ -6,6 +6,7 @@ slices of those tensors (see :class:`pipeline.data.loader.TensorBatches`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -33,6 +34,50 @@ for _name in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 # A frozen backbone is deliberately in eval mode (its batch-norm statistics stay as loaded).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start")
+
+
+@contextlib.contextmanager
+def plain_cuda_check():
+    """Let ``torch.cuda.is_available()`` use its cached runtime answer while training.
+
+    Importing Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` for the whole process (it
+    keeps forked workers CUDA-safe). With it set, every call loads and initialises NVML, and
+    Adam/AdamW call ``is_available()`` on every ``step()``: about 85 µs per step on the CPU
+    here, more where an NVIDIA driver is installed. Nothing is forked during a fit (batches are
+    slices of in-memory tensors), so the variable is lifted for its duration."""
+    saved = os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = saved
+
+
+class Throttle:
+    """When a periodic side job of training (writing a checkpoint, sending metrics to the
+    tracking store) is due, so that it takes at most ``budget`` of the wall time.
+
+    The first time it is always due; after that, once the time since the job last ran is at
+    least its last duration divided by ``budget`` (1%: a 5 ms write waits 0.5 s), or
+    ``max_wait`` seconds, whichever is shorter."""
+
+    def __init__(self, budget: float = 0.01, max_wait: float = 600.0, clock=time.monotonic):
+        self.budget, self.max_wait, self.clock = budget, max_wait, clock
+        self.last: float | None = None
+        self.cost = 0.0
+
+    def due(self) -> bool:
+        if self.last is None:
+            return True
+        return self.clock() - self.last >= min(self.cost / self.budget, self.max_wait)
+
+    @contextlib.contextmanager
+    def timed(self):
+        """Run the job inside this block; its duration sets the next wait."""
+        start = self.clock()
+        yield
+        self.last = self.clock()
+        self.cost = self.last - start
 
 
 @dataclass
@@ -160,7 +205,6 @@ def fit(
     data: Prepared,
     callbacks: list[pl.Callback],
     logger=False,
-    checkpoint: bool = False,
     default_root_dir: str | None = None,
     ckpt_path: Path | None = None,
 ) -> tuple[Classifier, pl.Trainer]:
@@ -176,16 +220,17 @@ def fit(
         deterministic=True,
         logger=logger,
         callbacks=callbacks,
-        enable_checkpointing=checkpoint,
+        enable_checkpointing=False,  # the train stage keeps its own (see stages/train.py)
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=default_root_dir,
     )
-    trainer.fit(
-        module,
-        datamodule=InMemoryData(data, hp.batch_size, hp.seed),
-        ckpt_path=ckpt_path,
-        weights_only=True,
-    )
+    with plain_cuda_check():
+        trainer.fit(
+            module,
+            datamodule=InMemoryData(data, hp.batch_size, hp.seed),
+            ckpt_path=ckpt_path,
+            weights_only=True,
+        )
     return module, trainer

@@ -455,7 +455,7 @@ def test_15_20_corrupt_or_malicious_checkpoints_are_refused_by_name(pipeline_pro
     last = state_dir / "last.ckpt"
     with params_restored(project):
         edit_params(project, {"train": {"resume": "must"}})
-        last.write_bytes((project / "models/checkpoints/best.ckpt").read_bytes()[:4096])
+        last.write_bytes((project / "models/model.pt").read_bytes()[:4096])  # a truncated file
         fails(stage(project, "train"), ".runway/train/last.ckpt: cannot resume from this")
         marker = tmp_path / "pwned"
         torch.save({"epoch": 1, "state_dict": _Payload(marker)}, last)

@@ -138,6 +138,7 @@ def tune(params: Params, out_dir: Path) -> dict:
     """Run (or resume) the study; write its reports into ``out_dir``; return best params."""
     import mlflow
     import optuna
+    from mlflow.entities import Metric
     from optuna.trial import TrialState
     from optuna_integration import PyTorchLightningPruningCallback
 
@@ -168,6 +169,7 @@ def tune(params: Params, out_dir: Path) -> dict:
     )
     experiment_id = tracking.setup(params.mlflow.experiment)
     tags = tracking.run_tags("tune", data.manifest.source)
+    client = mlflow.MlflowClient()
 
     def objective(trial: optuna.Trial) -> float:
         hp, model = suggest(trial, cfg, params.train, params.model)
@@ -195,9 +197,16 @@ def tune(params: Params, out_dir: Path) -> dict:
                 state = "PRUNED"
                 raise
             finally:
-                for epoch, h in enumerate(history.history):
-                    finite = {k: v for k, v in h.items() if math.isfinite(v)}
-                    mlflow.log_metrics(finite, step=epoch)
+                # One call for the whole trial: each call is a round trip to the store.
+                now = int(time.time() * 1000)
+                epochs = [
+                    Metric(k, v, now, epoch)
+                    for epoch, h in enumerate(history.history)
+                    for k, v in h.items()
+                    if math.isfinite(v)
+                ]
+                if epochs:
+                    client.log_batch(mlflow.active_run().info.run_id, metrics=epochs)
                 mlflow.set_tag("optuna.trial_state", state)
                 print(
                     f"[tune] trial {trial.number}: {state:<8} after {len(history.history)} "
