@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from pipeline import tracking
 from pipeline.config import ModelParams, Params, TrainParams, direction, load_params, with_tuned
@@ -107,13 +108,7 @@ class Resume:
 def _to_cpu(state):
     """A copy of a checkpoint dict with every tensor copied to the CPU (training goes on
     updating the originals in place)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: _to_cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_cpu(v) for v in state)
-    return state
+    return apply_to_collection(state, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
 
 
 class ResumePoint(pl.Callback):
