@@ -102,24 +102,6 @@ class ModelParams(_Section):
         return self
 
 
-class SearchSpace(_Section):
-    lr: tuple[PositiveFloat, PositiveFloat] = (5e-4, 2e-2)
-    batch_size: list[Annotated[int, Field(ge=1)]] = Field(default=[32, 64, 128], min_length=1)
-    channels: list[Annotated[int, Field(ge=1)]] = Field(default=[16, 32, 48], min_length=1)
-    dropout: tuple[Fraction, Fraction] = (0.0, 0.4)
-    weight_decay: tuple[PositiveFloat, PositiveFloat] = (1e-6, 1e-3)
-    optimizer: list[Optimizer] = Field(default=["adam", "adamw", "sgd"], min_length=1)
-    model: list[ModelName] | None = Field(default=None, min_length=1)
-
-    @model_validator(mode="after")
-    def _ranges_ordered(self) -> SearchSpace:
-        for name in ("lr", "dropout", "weight_decay"):
-            low, high = getattr(self, name)
-            if low > high:
-                raise ValueError(f"{name}: low {low:g} is above high {high:g}")
-        return self
-
-
 Monitor = Literal["val/acc", "val/loss"]
 
 
@@ -128,14 +110,50 @@ def direction(metric: str) -> Literal["maximize", "minimize"]:
     return "minimize" if metric.endswith("loss") else "maximize"
 
 
+# Searched as a [low, high] range by the tpe and random samplers; with the grid sampler, every
+# listed value is a grid point.
+RANGES = ("lr", "dropout", "weight_decay")
+
+
+class SearchSpace(_Section):
+    lr: list[PositiveFloat] = Field(default=[5e-4, 2e-2], min_length=1)
+    batch_size: list[Annotated[int, Field(ge=1)]] = Field(default=[32, 64, 128], min_length=1)
+    channels: list[Annotated[int, Field(ge=1)]] = Field(default=[16, 32, 48], min_length=1)
+    dropout: list[Fraction] = Field(default=[0.0, 0.4], min_length=1)
+    weight_decay: list[PositiveFloat] = Field(default=[1e-6, 1e-3], min_length=1)
+    optimizer: list[Optimizer] = Field(default=["adam", "adamw", "sgd"], min_length=1)
+    model: list[ModelName] | None = Field(default=None, min_length=1)
+
+    def grid(self) -> dict[str, list]:
+        """Every searched key with its listed values (the grid sampler's search space)."""
+        return {k: list(v) for k, v in self.model_dump().items() if v is not None}
+
+
 class TuneParams(_Section):
     n_trials: Annotated[int, Field(ge=0)] = 12
     metric: Monitor = "val/loss"
     epochs: Annotated[int, Field(ge=1)] = 15
     seed: int = 42
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     search_space: SearchSpace = SearchSpace()
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneParams:
+        if self.sampler == "grid":
+            return self
+        for name in RANGES:
+            values = getattr(self.search_space, name)
+            if len(values) != 2:
+                raise ValueError(
+                    f"search_space: {name}: the {self.sampler} sampler searches a range "
+                    f"[low, high], got {len(values)} value(s); list several values only with "
+                    "tune.sampler: grid"
+                )
+            low, high = values
+            if low > high:
+                raise ValueError(f"search_space: {name}: low {low:g} is above high {high:g}")
+        return self
 
 
 class TrainParams(_Section):
@@ -148,8 +166,14 @@ class TrainParams(_Section):
     optimizer: Optimizer = "adamw"
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     augment: list[Augmentation] = []
+    gradient_clip_val: Annotated[float, Field(gt=0)] | None = None
+    accumulate_grad_batches: Annotated[int, Field(ge=1)] = 1
     resume: Literal["auto", "must", "never"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    # true: bit-identical runs, an error where an op has no deterministic kernel (some CUDA
+    # backward passes); warn: deterministic kernels where they exist, a warning where not
+    # (bit-identical on the CPU); false: the fastest kernels.
+    deterministic: bool | Literal["warn"] = "warn"
 
 
 class EvaluateParams(_Section):
