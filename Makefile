@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test bench ui lint format
+.PHONY: repro test test-fast bench ui lint format
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ repro: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+## test-fast: the in-process unit tests only (no `dvc repro`, no stage subprocesses)
+test-fast: $(STAMP)
+	python -m pytest -m "not slow" -q
 
 ## bench: compare against a hand-written PyTorch loop and friends; writes reports/bench.json
 bench: $(STAMP)

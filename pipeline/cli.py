@@ -87,11 +87,12 @@ def ui(
     port: int = typer.Option(5000, help="Port to listen on."),
 ) -> None:
     """Serve the MLflow UI over the local store (mlruns/)."""
+    from pipeline.io import NO_TELEMETRY
     from pipeline.tracking import tracking_uri
 
     uri = tracking_uri()
     typer.echo(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl+C to stop)")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**NO_TELEMETRY, **os.environ}
     command = [
         sys.executable,
         "-m",

@@ -8,13 +8,17 @@ raises :class:`ParamsError` whose message names the bad key and what is allowed.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 PARAMS_FILE = Path("params.yaml")
+# Set to a directory, every stage writes there which params keys it read (<stage>.json); the
+# tests compare that with the keys dvc.yaml lists for the stage.
+READS_ENV = "RUNWAY_PARAMS_READS"
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -25,14 +29,64 @@ class ParamsError(ValueError):
     """A params.yaml value that the pipeline cannot use."""
 
 
+# The params keys read since load_params() started recording (None: not recording).
+_reads: set[str] | None = None
+
+
+def params_read() -> set[str]:
+    """The dotted params keys read so far (empty unless RUNWAY_PARAMS_READS is set)."""
+    return set(_reads or ())
+
+
 class _Section(BaseModel):
+    """A params.yaml section. Sections returned by load_params() know their dotted key, so
+    that reading a value can be recorded (see READS_ENV); values put in by tuning or by
+    ``model_copy(update=...)`` are not params.yaml values and are not recorded."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _key: str | None = PrivateAttr(default=None)
+    _replaced: frozenset[str] = PrivateAttr(default=frozenset())
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if _reads is not None and name in type(self).model_fields:
+            if isinstance(value, _Section):
+                return value
+            key = self._key
+            if key is not None and name not in self._replaced:
+                _reads.add(f"{key}.{name.rstrip('_')}")
+        return value
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        if _reads is not None and self._key is not None:
+            exclude = kwargs.get("exclude") or ()
+            for name in type(self).model_fields:
+                if name not in exclude:
+                    value = getattr(self, name)
+                    if isinstance(value, _Section):
+                        value.model_dump()
+        return super().model_dump(**kwargs)
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
+        copy = super().model_copy(update=update, deep=deep)
+        copy._replaced = self._replaced | frozenset(update or ())
+        return copy
+
+    def _bind(self, key: str, replaced: frozenset[str] = frozenset()) -> None:
+        """Name this section (and its sub-sections) by its dotted key in params.yaml."""
+        self._key, self._replaced = key, replaced
+        for name in type(self).model_fields:
+            value = BaseModel.__getattribute__(self, name)
+            if isinstance(value, _Section):
+                value._bind(f"{key}.{name.rstrip('_')}")
 
 
 Source = Literal["digits", "mnist", "fashion-mnist", "cifar10", "image_folder", "csv"]
 # Sources with a known public download; the others read only what data.path points at.
 DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10")
 EXTERNAL_DIR = Path("data/external")
+# Local weights files for transfer learning (model.weights_path): hashed by DVC as a dependency.
+PRETRAINED_DIR = Path("pretrained")
 
 
 class DataParams(_Section):
@@ -251,6 +305,11 @@ def load_params(section: str | None = None, path: Path | str = PARAMS_FILE) -> A
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     params = parse_params(raw, str(path))
+    global _reads
+    if os.environ.get(READS_ENV) and _reads is None:
+        _reads = set()
+    for name in Params.model_fields:
+        getattr(params, name)._bind(name.rstrip("_"))
     if section is None:
         return params
     if section not in Params.model_fields and f"{section}_" not in Params.model_fields:
@@ -277,15 +336,22 @@ def with_tuned(
     unknown = sorted(set(tuned) - set(TUNED_FIELDS))
     if unknown:
         raise ParamsError(f"{source}: keys that cannot be tuned: {unknown}")
-    sections = {"train": train.model_dump(), "model": model.model_dump()}
+    originals = {"train": train, "model": model}
+    updates: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
     for key, value in tuned.items():
         section, field = TUNED_FIELDS[key]
-        sections[section][field] = value
+        updates[section][field] = value
     validated = []
     for name, section in (("train", TrainParams), ("model", ModelParams)):
+        original = originals[name]
+        # BaseModel's own dump: the values that tuning replaces are not read from params.yaml.
+        values = BaseModel.model_dump(original) | updates[name]
         try:
-            validated.append(section.model_validate(sections[name]))
+            result = section.model_validate(values)
         except ValidationError as exc:
             problems = "; ".join(_describe({**e, "loc": (name, *e["loc"])}) for e in exc.errors())
             raise ParamsError(f"{source}: {problems}") from None
+        if original._key is not None:
+            result._bind(original._key, original._replaced | frozenset(updates[name]))
+        validated.append(result)
     return validated[0], validated[1]

@@ -7,11 +7,16 @@ Lightning does. Evaluate and register score on the device train used.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported when a device is asked for, not with this module
+    import torch
 
 
 def resolve(accelerator: str = "auto") -> torch.device:
     """The torch device ``accelerator`` stands for on this machine."""
+    import torch
+
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", 0)
     mps = getattr(torch.backends, "mps", None)
@@ -22,6 +27,8 @@ def resolve(accelerator: str = "auto") -> torch.device:
 
 def describe(device: torch.device | str) -> str:
     """``cuda:0 NVIDIA H100 80GB HBM3``, ``mps``, or ``cpu (2 threads)``."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

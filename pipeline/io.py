@@ -1,13 +1,18 @@
 """Atomic file writes and the one-line failure exit every stage uses.
 
 A stage writes each output to a temporary file beside it and moves it into place with
-``os.replace``, so a reader (or the next stage) never sees a half-written file. Temporary
-names carry the writer's process id; leftovers of a killed writer (SIGKILL leaves no chance to
-clean up) are removed by the next write of the same path.
+``os.replace``, so a reader (or the next stage) never sees a half-written file. A directory
+output is swapped with its new version in one step (Linux's ``renameat2(RENAME_EXCHANGE)``),
+so there is no moment when neither exists; where that call is missing, the old directory is
+moved aside to ``.<name>.old`` first and put back by the next write if the writer died between
+the two moves. Temporary names carry the writer's process id; leftovers of a killed writer
+(SIGKILL leaves no chance to clean up) are removed by the next write of the same path.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import glob
 import json
 import os
@@ -30,8 +35,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
 def _clear_leftovers(path: Path) -> None:
-    """Remove temporary siblings of ``path`` left by writers that no longer run."""
+    """Remove temporary siblings of ``path`` left by writers that no longer run; put back a
+    previous output that a writer killed mid-swap left moved aside."""
+    if _old(path).exists() and not path.exists():
+        os.replace(_old(path), path)
     prefix = f".{path.name}."
     for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
         rest = leftover.name[len(prefix) :]
@@ -63,6 +75,37 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 (macOS, musl, Windows)
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # file system or kernel lacks it
+        return False
+    raise OSError(code, os.strerror(code), str(a))
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the finished directory ``tmp`` at ``path``; ``tmp`` then holds the previous one."""
+    if not path.exists():
+        os.replace(tmp, path)
+    elif not exchange(tmp, path):
+        # Two moves: a kill between them leaves the previous output at .<name>.old, which
+        # the next write of ``path`` puts back (see _clear_leftovers).
+        os.replace(path, _old(path))
+        os.replace(tmp, path)
+        os.replace(_old(path), tmp)
+
+
 @contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temporary directory; replace ``path`` with it if the block succeeds."""
@@ -72,14 +115,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -105,14 +141,41 @@ class Terminated(BaseException):
     """Raised in the main thread when the process receives SIGTERM (see tracking.run)."""
 
 
+def require(path: Path | str, stage: str) -> Path:
+    """``path`` if it exists, else the error that says which stage makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found: run the {stage} stage first")
+    return path
+
+
+def _write_params_read(name: str) -> None:
+    from pipeline.config import READS_ENV, params_read
+
+    folder = os.environ.get(READS_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        write_json(Path(folder) / f"{name}.json", sorted(params_read()))
+
+
+# Nothing leaves this machine: no usage telemetry from MLflow or Great Expectations.
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false"}
+
+
 def run_stage(name: str, main: Callable[[], None]) -> None:
-    """Run a stage's main(); on an expected failure print one clear line and exit 1."""
+    """Run a stage's main() as the stage process; on an expected failure print one clear
+    line and exit 1 (130 on ^C, 143 on SIGTERM)."""
     from pipeline.config import ParamsError
 
+    for key, value in NO_TELEMETRY.items():
+        os.environ.setdefault(key, value)
     try:
         main()
     except (StageError, ParamsError) as exc:
         print(f"[{name}] error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except FileNotFoundError as exc:  # an input no check above named: still one line
+        print(f"[{name}] error: {exc.filename or exc}: file not found", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"[{name}] interrupted", file=sys.stderr)
@@ -120,6 +183,8 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     except Terminated:
         print(f"[{name}] terminated", file=sys.stderr)
         sys.exit(143)
+    finally:
+        _write_params_read(name)
 
 
 def load_error(exc: BaseException) -> str:

@@ -23,10 +23,6 @@ from typing import Any
 from pipeline.data.table import PREPARED_DIR
 from pipeline.io import Terminated
 
-# Nothing leaves this machine: no usage telemetry from MLflow or Great Expectations.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-
 MLRUNS_DIR = Path("mlruns")
 
 

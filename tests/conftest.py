@@ -1,11 +1,17 @@
-"""Shared fixtures: a small canonical table, a manifest, and a copy of the project."""
+"""Shared fixtures: a small canonical table, a manifest, and a copy of the project.
+
+Tests that run `dvc repro` or a stage as a subprocess are marked ``slow``: `make test-fast`
+skips them, `make test` (and CI) runs everything.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +58,12 @@ def project_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True)
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``cwd`` with the project's environment (plus ``env``)."""
+    environment = project_env() | (env or {})
+    result = subprocess.run(cmd, cwd=cwd, env=environment, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n"
@@ -62,8 +72,26 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
+@functools.cache
+def empty_store() -> Path:
+    """An empty, fully migrated MLflow sqlite store, made once per test process: creating
+    one takes about 10 s of schema migrations, copying it a few milliseconds."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="runway-mlflow-"))
+    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
+
+
+def new_store(mlruns: Path) -> Path:
+    """A copy of the empty store at ``mlruns/mlflow.db``."""
+    mlruns.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy2(empty_store(), mlruns / "mlflow.db"))
+
+
 def copy_project(dest: Path) -> Path:
-    """The project's source files (not its outputs) in a fresh git repo at ``dest``."""
+    """The project's source files (not its outputs) in a fresh git repo at ``dest``, with an
+    empty MLflow store."""
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],
         cwd=ROOT,
@@ -78,6 +106,7 @@ def copy_project(dest: Path) -> Path:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, target)
+    new_store(dest / "mlruns")
     for cmd in (
         ["git", "init", "-q"],
         ["git", "add", "-A"],
@@ -128,4 +157,5 @@ def mlflow_store(tmp_path, monkeypatch):
     """A fresh local MLflow store: the test runs inside tmp_path with the default URI."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
+    new_store(tmp_path / "mlruns")
     return tmp_path

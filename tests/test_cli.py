@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import psutil
+import pytest
 
 from tests.conftest import project_env, run
 
@@ -18,6 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_help_explains_the_commands(tmp_path):
     out = run(["runway", "--help"], tmp_path).stdout
     for command in ("summary", "ui", "baseline"):
@@ -25,11 +27,13 @@ def test_help_explains_the_commands(tmp_path):
     assert "no authentication" in run(["runway", "ui", "--help"], tmp_path).stdout
 
 
+@pytest.mark.slow
 def test_summary_without_results_says_what_to_do(tmp_path):
     result = run(["runway", "summary"], tmp_path, check=False)
     assert result.returncode == 1 and "make repro" in result.stderr
 
 
+@pytest.mark.slow
 def test_ui_serves_the_store_on_loopback_only(tmp_path):
     port = _free_port()
     server = subprocess.Popen(

@@ -41,6 +41,7 @@ def test_unknown_section_is_refused(tmp_path):
         load_params("nope", path=path)
 
 
+@pytest.mark.slow
 def test_a_stage_with_a_bad_param_exits_non_zero_and_writes_nothing(tmp_path):
     project = copy_project(tmp_path)
     edit_params(project, {"data": {"source": "mnsit"}})

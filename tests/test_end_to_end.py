@@ -7,12 +7,14 @@ import json
 import pytest
 import yaml
 
+from pipeline.config import READS_ENV
 from tests.conftest import TINY, copy_project, edit_params, run
+from tests.test_dvc_yaml import unlisted_reads
 
-STAGES = ["ingest", "validate", "tune", "train", "evaluate", "register"]
+STAGES = ["params", "ingest", "validate", "tune", "train", "evaluate", "register"]
 
 # The tests share one `dvc repro` (a module fixture): keep them on one test worker.
-pytestmark = pytest.mark.xdist_group("digits_end_to_end")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("digits_end_to_end")]
 
 
 def ran_stages(output: str) -> list[str]:
@@ -23,8 +25,17 @@ def ran_stages(output: str) -> list[str]:
 def project(tmp_path_factory):
     project = copy_project(tmp_path_factory.mktemp("runway"))
     edit_params(project, TINY)
-    first = run(["dvc", "repro"], project)
+    # Each stage records which params keys it reads (see test_dvc_yaml.py).
+    first = run(["dvc", "repro"], project, env={READS_ENV: str(project / ".params-read")})
     return project, first.stdout + first.stderr
+
+
+def test_every_stage_reads_only_params_its_dvc_yaml_entry_lists(project):
+    project, _ = project
+    for name in STAGES[1:]:  # the params stage validates the whole file and reads nothing
+        reads = set(json.loads((project / ".params-read" / f"{name}.json").read_text()))
+        assert reads, name
+        assert unlisted_reads(name, reads) == [], f"stage {name!r} reads params dvc.yaml omits"
 
 
 def mlflow_client(project):
@@ -83,8 +94,15 @@ def test_mlflow_holds_validation_tuning_training_and_the_registry(project):
     trials = [r for r in tune_runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(trials) == 2
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
-    for t in trials:
-        assert t.data.tags["optuna.trial_state"] in {"COMPLETE", "PRUNED", "FAIL"}
+    import optuna
+
+    study = optuna.load_study(
+        study_name=parents[0].data.tags["optuna.study"],
+        storage=f"sqlite:///{project}/mlruns/optuna.db",
+    )
+    states = {str(t.number): t.state.name for t in study.trials}
+    for t in trials:  # each trial run says what the study says of that trial
+        assert t.data.tags["optuna.trial_state"] == states[t.data.tags["optuna.trial"]]
         assert {"lr", "batch_size", "optimizer"} <= set(t.data.params)
 
     (train,) = by_stage["train"]
@@ -150,7 +168,7 @@ def test_register_param_change_reruns_only_register(project):
     before = json.loads((project / "reports/register.json").read_text())
     edit_params(project, {"register": {"min_delta": 0.5}})
     out = run(["dvc", "repro"], project)
-    assert ran_stages(out.stdout + out.stderr) == ["register"]
+    assert ran_stages(out.stdout + out.stderr) == ["params", "register"]
     after = json.loads((project / "reports/register.json").read_text())
     # Same run: same version, still champion, no duplicate registration.
     assert after["version"] == before["version"]

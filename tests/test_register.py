@@ -67,7 +67,7 @@ def test_champion_moves_only_when_beaten(mlflow_store, digits_prepared):
     third = register(params, bad_again, _evaluated(bad_again, digits_prepared), digits_prepared)
     assert not third["promoted"] and third["aliases"] == ["challenger"]
     assert third["version"] == second["version"] + 1  # distinct versions
-    assert "<" in third["reason"]
+    assert "does not beat champion v" in third["reason"]
 
     from mlflow.tracking import MlflowClient
 
@@ -122,3 +122,14 @@ def test_gate_never_compares_models_tested_under_different_splits(mlflow_store, 
     assert not decision["promoted"]  # better, but not comparable
     assert "train=0.7,val=0.15,test=0.15" in decision["reason"]
     assert decision["aliases"] == ["challenger"]
+
+
+def test_a_tie_does_not_promote(mlflow_store, digits_prepared):
+    params = parse_params({"register": {"model_name": "tie-test"}})  # min_delta 0
+    first = _log(_linear_model(digits_prepared, fit=True), digits_prepared)
+    same = _log(_linear_model(digits_prepared, fit=True), digits_prepared)
+    assert register(params, first, _evaluated(first, digits_prepared), digits_prepared)["promoted"]
+    tie = register(params, same, _evaluated(same, digits_prepared), digits_prepared)
+    assert tie["comparison"]["challenger"] == tie["comparison"]["champion"]
+    assert not tie["promoted"] and tie["aliases"] == ["challenger"]
+    assert "ties (a tie does not promote)" in tie["reason"]

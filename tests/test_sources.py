@@ -51,8 +51,13 @@ def test_mnist_folder_becomes_the_canonical_table(tmp_path):
     table, info = load(tmp_path, source="mnist", path=str(tmp_path / "mnist"))
     assert len(table) == n and table.shape[1] == 2 + 28 * 28
     assert table["px_0"].dtype == np.uint8 and info["dtype"] == "uint8"
-    assert info["image_shape"] == [1, 28, 28] and info["pixel_range"] == [0.0, 255.0]
-    assert set(table["label"]) <= set(range(10))
+    assert info["image_shape"] == [1, 28, 28]
+    # Every pixel and label as written, train files first, then t10k.
+    x_train, y_train = digits_images(240, 28)
+    x_test, y_test = digits_images(80, 28, offset=240)
+    pixels = np.concatenate([x_train, x_test]).reshape(n, -1)
+    assert np.array_equal(table.iloc[:, 2:].to_numpy(), pixels)
+    assert table["label"].tolist() == [*y_train, *y_test]
     assert len(info["files"]) == 4 and all(v.startswith("sha256:") for v in info["files"].values())
     _, fashion = load(tmp_path, source="fashion-mnist", path=str(tmp_path / "mnist"))
     assert fashion["class_names"][0] == "T-shirt/top" and fashion["class_names"][9] == "Ankle boot"
@@ -219,7 +224,15 @@ def test_image_folder_resizes_and_converts(tmp_path, color, channels):
     assert len(table) == n and info["image_shape"] == [channels, 12, 12]
     assert table.shape[1] == 2 + channels * 144 and table["px_0"].dtype == np.uint8
     assert info["class_names"] == ["one", "two", "zero"]  # sorted folder names
-    assert table["px_0"].max() <= 255 and table.iloc[:, 2:].to_numpy().max() > 100
+    # The first row is the first file of the first sorted class folder, decoded and resized
+    # exactly as Pillow does it.
+    from PIL import Image
+
+    first = sorted((tmp_path / "images" / "one").glob("*.*"))[0]
+    mode = "L" if color == "grey" else "RGB"
+    image = Image.open(first).convert(mode).resize((12, 12), Image.Resampling.BILINEAR)
+    expected = np.asarray(image).reshape(12, 12, channels).transpose(2, 0, 1).ravel()
+    assert np.array_equal(table.iloc[0, 2:].to_numpy(np.uint8), expected)
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,7 @@ def test_too_many_quarantined_rows_fail(digits_table, manifest, tmp_path):
     assert "200 × non-finite feature" in summary["failures"][0]
 
 
+@pytest.mark.slow
 def test_validate_stage_refuses_bad_data_and_writes_no_prepared_data(tmp_path):
     project = copy_project(tmp_path)
     run(["python", "-m", "pipeline.stages.ingest"], project)
@@ -118,8 +119,10 @@ def test_validate_stage_refuses_bad_data_and_writes_no_prepared_data(tmp_path):
     assert "for feature ['px_12']" in result.stdout
     assert "no prepared data written" in result.stderr
     assert not (project / "data/prepared").exists()
-    summary = json.loads((project / "reports/validation/summary.json").read_text())
+    assert not (project / "reports/validation").exists()  # only a passing gate writes there
+    summary = json.loads((project / ".runway/validation-failed/summary.json").read_text())
     assert summary["success"] is False
+    assert (project / ".runway/validation-failed/data_docs/index.html").is_file()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlruns/mlflow.db")
@@ -127,6 +130,7 @@ def test_validate_stage_refuses_bad_data_and_writes_no_prepared_data(tmp_path):
     assert run_.info.status == "FAILED" and run_.data.tags["stage"] == "validate"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("missing", ["samples.parquet", "manifest.json"])
 def test_validate_stage_without_ingest_output(tmp_path, missing):
     project = copy_project(tmp_path)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import device as devices
 from pipeline import tracking
 from pipeline.config import load_params
 from pipeline.data.table import ID_COLUMN
@@ -23,6 +24,7 @@ from pipeline.io import (
     atomic_path,
     load_error,
     read_json,
+    require,
     run_stage,
     write_json,
 )
@@ -30,14 +32,14 @@ from pipeline.models import MODELS, MODELS_DIR, build_net
 from pipeline.training import load_prepared
 
 REPORT_DIR = Path("reports/evaluate")
+METRICS = REPORT_DIR / "metrics.json"
 
 
 def load_model(models_dir: Path = MODELS_DIR) -> tuple[torch.nn.Module, dict]:
     """Rebuild the network from model.json and load model.pt (weights only, never pickles)."""
     spec_path, weights = models_dir / "model.json", models_dir / "model.pt"
-    for path in (spec_path, weights):
-        if not path.exists():
-            raise StageError(f"{path} not found: run the train stage first")
+    for path in (spec_path, weights, models_dir / "run.json"):
+        require(path, "train")
     spec = read_json(spec_path)
     if spec.get("architecture") not in MODELS:
         raise StageError(f"{spec_path}: unknown architecture {spec.get('architecture')!r}")
@@ -51,13 +53,16 @@ def load_model(models_dir: Path = MODELS_DIR) -> tuple[torch.nn.Module, dict]:
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Class index per row, batched (inputs as stored; sent to the model as float32)."""
+def predict(
+    net: torch.nn.Module, x: torch.Tensor, batch_size: int, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Class index per row, batched on ``device`` (inputs as stored, sent as float32)."""
+    net = net.to(device)
     out = [
-        net(x[i : i + batch_size].to(torch.float32)).argmax(dim=1)
+        net(x[i : i + batch_size].to(device, torch.float32)).argmax(dim=1)
         for i in range(0, len(x), batch_size)
     ]
-    return torch.cat(out).numpy()
+    return torch.cat(out).cpu().numpy()
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[int]) -> tuple[dict, dict]:
@@ -112,15 +117,19 @@ def main() -> None:
     params = load_params()
     data = load_prepared(splits=("test",))
     net, spec = load_model()
+    device = devices.resolve(params.train.accelerator)
+    print(f"[evaluate] device {devices.describe(device)}")
     x, y = data.tensors["test"]
-    y_pred = predict(net, x, params.evaluate.batch_size)
+    y_pred = predict(net, x, params.evaluate.batch_size, device)
     classes = data.manifest.classes
     headline, per_class = score(y.numpy(), y_pred, classes)
     predictions = pd.DataFrame(
         {ID_COLUMN: data.tables["test"][ID_COLUMN], "actual": y.numpy(), "predicted": y_pred}
     )
     with atomic_dir(REPORT_DIR) as tmp:
-        write_json(tmp / "metrics.json", {"test": headline})
+        if (REPORT_DIR / ".gitignore").exists():  # DVC's: names the cached outputs here
+            (tmp / ".gitignore").write_bytes((REPORT_DIR / ".gitignore").read_bytes())
+        write_json(tmp / METRICS.name, {"test": headline})
         write_json(tmp / "per_class.json", per_class)
         predictions.to_csv(tmp / "predictions.csv", index=False)
         plot_confusion(

@@ -1,9 +1,10 @@
 """Register: add the trained model to the MLflow registry and decide on ``champion``.
 
 The new version gets alias ``challenger``. It also becomes ``champion`` when there is none
-yet, or when it beats the current champion on today's test split by at least
-``register.min_delta`` in ``register.metric``. Both models are loaded back from the registry
-and re-scored on the same test split, so an old champion is never trusted on an old number.
+yet, or when it beats the current champion on today's test split: strictly better in
+``register.metric``, and by at least ``register.min_delta`` (a tie never promotes). Both
+models are loaded back from the registry and re-scored on the same test split, so an old
+champion is never trusted on an old number.
 Writes ``reports/register.json``: name, version, aliases, the comparison and the decision.
 
 Never promoted: a model whose evaluation is missing, non-finite, or does not match what the
@@ -17,29 +18,36 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from pipeline import device as devices
 from pipeline import tracking
 from pipeline.config import load_params
 from pipeline.data.table import PREPARED_DIR
-from pipeline.io import StageError, read_json, run_stage, write_json
+from pipeline.io import StageError, read_json, require, run_stage, write_json
 from pipeline.models import MODELS_DIR
+from pipeline.stages.evaluate import METRICS
 
-METRICS = Path("reports/evaluate/metrics.json")
 REPORT = Path("reports/register.json")
 
 
-def score_registered(uri: str, data, metric: str, batch_size: int) -> float:
-    """Load a registered model and score it on the test split."""
+def score_registered(uri: str, data, metric: str, batch_size: int, device="cpu") -> float:
+    """Load a registered model onto ``device`` and score it on the test split."""
     import mlflow
 
     from pipeline.stages.evaluate import predict, score
 
     try:
-        net = mlflow.pytorch.load_model(uri, map_location="cpu")
+        net = mlflow.pytorch.load_model(uri, map_location=device)
     except Exception as exc:
         raise StageError(f"cannot load {uri} from the registry: {exc}") from None
     x, y = data.tensors["test"]
-    headline, _ = score(y.numpy(), predict(net, x, batch_size), data.manifest.classes)
+    predicted = predict(net, x, batch_size, device)
+    headline, _ = score(y.numpy(), predicted, data.manifest.classes)
     return headline[metric]
+
+
+def beats(new: float, old: float, min_delta: float) -> bool:
+    """The promotion rule: strictly better, and by at least ``min_delta``."""
+    return new > old and new - old >= min_delta
 
 
 HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
@@ -77,6 +85,7 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
     client = MlflowClient()
     name = reg.model_name
     batch = params.evaluate.batch_size
+    device = devices.resolve(params.train.accelerator)
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -94,7 +103,9 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
             | tracking.git_info()
             | {"data.dvc_md5": tracking.dvc_hash(PREPARED_DIR), "data.split": split_rule(params)},
         )
-    new_score = score_registered(f"models:/{name}/{version.version}", data, reg.metric, batch)
+    new_score = score_registered(
+        f"models:/{name}/{version.version}", data, reg.metric, batch, device
+    )
     one_sample = 1.0 / max(len(data.tables["test"]), 1)
     if abs(new_score - test_metrics[reg.metric]) > 1.5 * one_sample:
         raise StageError(
@@ -123,14 +134,19 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
             "sets differ, so they are not compared (set the champion alias by hand if intended)"
         )
     else:
-        old = score_registered(f"models:/{name}@champion", data, reg.metric, batch)
+        old = score_registered(f"models:/{name}@champion", data, reg.metric, batch, device)
         comparison["champion"] = old
         comparison["champion_version"] = int(champion.version)
-        promote = new_score >= old + reg.min_delta
-        sign = ">=" if promote else "<"
+        promote = beats(new_score, old, reg.min_delta)
+        if promote:
+            verdict = "beats"
+        elif new_score == old:
+            verdict = "ties (a tie does not promote)"
+        else:
+            verdict = "does not beat"
         reason = (
-            f"{reg.metric} {new_score:.4f} {sign} champion v{champion.version}'s {old:.4f} "
-            f"+ min_delta {reg.min_delta:g} on today's test split"
+            f"{reg.metric} {new_score:.4f} {verdict} champion v{champion.version}'s {old:.4f} "
+            f"by min_delta {reg.min_delta:g} on today's test split"
         )
     if promote:
         client.set_registered_model_alias(name, "champion", version.version)
@@ -152,15 +168,14 @@ def main() -> None:
     params = load_params()
     from pipeline.training import load_prepared
 
-    for path in (MODELS_DIR / "run.json", METRICS):
-        if not path.exists():
-            raise StageError(f"{path} not found: run the train and evaluate stages first")
-    run = read_json(MODELS_DIR / "run.json")
+    run = read_json(require(MODELS_DIR / "run.json", "train"))
+    require(METRICS, "evaluate")
     try:
         test_metrics = check_evaluation(read_json(METRICS).get("test"))
     except (ValueError, AttributeError):
         raise StageError(f"{METRICS}: not a metrics file; run evaluate again") from None
     data = load_prepared(splits=("test",))
+    print(f"[register] device {devices.describe(devices.resolve(params.train.accelerator))}")
     record = register(params, run, test_metrics, data)
     write_json(REPORT, record)
     verdict = "promoted to champion" if record["promoted"] else "champion unchanged"

@@ -4,13 +4,16 @@ Rows that cannot be trained on go to ``reports/validation/quarantine.csv`` with 
 more than ``validate.max_quarantine_frac`` of the rows would be quarantined the stage fails.
 The rest is split train/val/test by hash of ``sample_id`` and checked by the suites in
 :mod:`pipeline.validation.suite`. On success writes ``data/prepared/`` (one parquet per split
-and the manifest); on failure prints one line per failed expectation, exits non-zero and
-writes no prepared data. Either way the summary and Data Docs land in ``reports/validation/``
-and are logged to MLflow. Imports no torch.
+and the manifest) and ``reports/validation/`` (summary, quarantine, Data Docs). On failure it
+prints one line per failed expectation, exits non-zero and leaves both as they were (the last
+good data stays in place); the failing summary and Data Docs go to
+``.runway/validation-failed/`` and to the FAILED MLflow run. Imports no torch.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -26,12 +29,13 @@ from pipeline.data.table import (
     SPLITS,
     Manifest,
 )
-from pipeline.io import StageError, atomic_dir, atomic_path, read_json, run_stage, write_json
+from pipeline.io import StageError, atomic_dir, read_json, run_stage, write_json
 from pipeline.validation.cleaning import clean
 from pipeline.validation.split import assign_splits
 from pipeline.validation.suite import class_counts, run_suites
 
 REPORT_DIR = Path("reports/validation")
+FAILED_DIR = Path(".runway/validation-failed")  # the report of the last failed gate
 
 
 def read_raw(raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, Manifest]:
@@ -92,7 +96,7 @@ def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPA
         write_json(tmp / "manifest.json", manifest.to_dict())
 
 
-def log_to_mlflow(summary: dict, manifest: Manifest, experiment: str) -> None:
+def log_to_mlflow(summary: dict, manifest: Manifest, experiment: str, report: Path) -> None:
     """Log counts and the reports into a 'validate' run; the run fails with the gate."""
     import mlflow
 
@@ -106,13 +110,13 @@ def log_to_mlflow(summary: dict, manifest: Manifest, experiment: str) -> None:
         }
         metrics.update({f"validate/{s}_rows": n for s, n in summary.get("splits", {}).items()})
         mlflow.log_metrics(tracking.finite_metrics(metrics))
-        mlflow.log_artifacts(str(REPORT_DIR), artifact_path="validation")
+        mlflow.log_artifacts(str(report), artifact_path="validation")
         if not summary["success"]:
             for line in summary["failures"]:
                 print(f"[validate] FAILED {line}")
             raise StageError(
-                f"{len(summary['failures'])} check(s) failed; no prepared data written "
-                f"(Data Docs: {REPORT_DIR}/data_docs/index.html)"
+                f"{len(summary['failures'])} check(s) failed; no prepared data written, the "
+                f"previous outputs are unchanged (Data Docs: {report}/data_docs/index.html)"
             )
 
 
@@ -121,12 +125,21 @@ def main() -> None:
     experiment = load_params("mlflow").experiment
     table, manifest = read_raw()
     print(f"[validate] checking {len(table)} rows from {manifest.source!r}")
-    with atomic_dir(REPORT_DIR) as report_tmp:
-        kept, quarantine, summary = validate(table, manifest, params, report_tmp / "data_docs")
-        with atomic_path(report_tmp / "quarantine.csv") as tmp:
-            quarantine.to_csv(tmp, index=False)
-        write_json(report_tmp / "summary.json", summary)
-    log_to_mlflow(summary, manifest, experiment)
+    FAILED_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".validate.", dir=FAILED_DIR.parent) as staging:
+        staged = Path(staging)
+        kept, quarantine, summary = validate(table, manifest, params, staged / "data_docs")
+        quarantine.to_csv(staged / "quarantine.csv", index=False)
+        write_json(staged / "summary.json", summary)
+        # Good results replace the last ones; a failed gate's report goes aside.
+        report = REPORT_DIR if summary["success"] else FAILED_DIR
+        with atomic_dir(report) as tmp:
+            shutil.copytree(staged, tmp, dirs_exist_ok=True)
+    try:
+        log_to_mlflow(summary, manifest, experiment, report)
+    finally:
+        if summary["success"]:
+            shutil.rmtree(FAILED_DIR, ignore_errors=True)
     write_prepared(kept, manifest)
     splits = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
     print(

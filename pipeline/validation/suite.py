@@ -15,7 +15,6 @@ Three suites, each run through a Checkpoint that also renders Data Docs:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +23,6 @@ import pandas as pd
 
 from pipeline.data.table import ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, SPLITS, Manifest
 from pipeline.validation.cleaning import feature_values
-
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
 @dataclass
@@ -152,7 +149,11 @@ def run_suites(
         },
     )
     source = context.data_sources.add_pandas("runway")
-    counts = class_counts(table, manifest.classes) if LABEL_COLUMN in table else pd.DataFrame()
+    if LABEL_COLUMN in table and SPLIT_COLUMN in table:
+        counts = class_counts(table, manifest.classes)
+    else:  # no labels, or no ids to split by: the samples suite names the missing columns
+        counts = pd.DataFrame({c: pd.Series(dtype="int64") for c in (LABEL_COLUMN, *SPLITS)})
+        counts["total"] = pd.Series(dtype="int64")
     stats = feature_stats(table, manifest)
     frames = {
         "samples": (table, _samples_expectations(manifest), None),

@@ -1,0 +1,76 @@
+"""Atomic outputs: a directory output is replaced in one step, and a writer killed at any
+point leaves either the previous output or the new one, never none."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.io import atomic_dir, exchange
+
+# Writes version 2 of out/ over version 1 and SIGKILLs itself at the named point.
+KILLED_WRITER = """
+import os, shutil, signal, sys
+from pathlib import Path
+from pipeline import io
+
+point = sys.argv[1]
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+if point == "after-swap":  # the new output is in place, the old one not yet removed
+    io.shutil.rmtree = die
+elif point == "between-moves":  # no atomic exchange here: killed between the two moves
+    io.exchange = lambda a, b: False
+    real = os.replace
+    calls = []
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            die()
+        return real(src, dst)
+    io.os.replace = replace
+with io.atomic_dir("out") as tmp:
+    (tmp / "version").write_text("2")
+"""
+
+
+def write(folder: Path, version: str) -> None:
+    with atomic_dir(folder / "out") as tmp:
+        (tmp / "version").write_text(version)
+
+
+def killed_writer(folder: Path, point: str) -> None:
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITER, point], cwd=folder)
+    assert result.returncode == -signal.SIGKILL
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_text("a")
+    (tmp_path / "b").mkdir()
+    assert exchange(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "f").read_text() == "a" and not any((tmp_path / "a").iterdir())
+
+
+def test_killed_after_the_swap_leaves_the_new_output_and_the_next_write_cleans_up(tmp_path):
+    write(tmp_path, "1")
+    killed_writer(tmp_path, "after-swap")
+    assert (tmp_path / "out" / "version").read_text() == "2"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "out"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.")  # the old one, hidden
+    write(tmp_path, "3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "version").read_text() == "3"
+
+
+def test_killed_between_two_moves_the_previous_output_comes_back(tmp_path):
+    write(tmp_path, "1")
+    killed_writer(tmp_path, "between-moves")
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.old" / "version").is_file()
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out"):
+        raise RuntimeError("this writer fails too")
+    assert (tmp_path / "out" / "version").read_text() == "1"  # put back before anything else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
