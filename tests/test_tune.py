@@ -1,9 +1,17 @@
-"""Tuning: study names, interrupted trials, the search space."""
+"""Tuning: study names, resuming without repeating, grid search, interrupted trials, plots."""
 
 from __future__ import annotations
 
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+
 from pipeline.config import Params, parse_params
-from pipeline.stages.tune import fail_stale_trials, study_name
+from pipeline.stages.tune import open_study, optimize, study_name, suggest
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_study_name_changes_with_what_makes_trials_comparable():
@@ -16,24 +24,8 @@ def test_study_name_changes_with_what_makes_trials_comparable():
     assert study_name(more, "abc.dir") == study_name(base, "abc.dir")  # resume with more
 
 
-def test_interrupted_trials_are_marked_failed(tmp_path):
-    import optuna
-    from optuna.trial import TrialState
-
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = optuna.create_study(study_name="s", storage=storage)
-    study.ask()  # left RUNNING, as by a killed process
-    study.tell(study.ask(), 1.0)
-    reloaded = optuna.load_study(study_name="s", storage=storage)
-    assert fail_stale_trials(reloaded) == 1
-    states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
-    assert states == [TrialState.FAIL, TrialState.COMPLETE]
-
-
 def test_model_name_is_a_tuning_dimension_when_the_search_space_lists_it():
     from optuna.trial import FixedTrial
-
-    from pipeline.stages.tune import suggest
 
     params = parse_params({"tune": {"search_space": {"model": ["cnn", "mlp"]}}})
     values = {"lr": 0.01, "batch_size": 32, "channels": 16, "dropout": 0.1}
@@ -44,3 +36,245 @@ def test_model_name_is_a_tuning_dimension_when_the_search_space_lists_it():
     without = parse_params({})
     _, model = suggest(FixedTrial(values), without.tune, without.train, without.model)
     assert model.name == "cnn"  # not in the search space: params.yaml's model.name
+
+
+# --- Sessions of the stage's own study, with a cheap objective instead of training ---------
+
+
+def _params(tune: dict) -> Params:
+    return parse_params({"tune": {"pruner": "none", **tune}})
+
+
+def _objective(params: Params, stop_at: int | None = None):
+    """A deterministic stand-in for a training run; ^C (KeyboardInterrupt) at trial stop_at."""
+
+    def objective(trial):
+        hp, model = suggest(trial, params.tune, params.train, params.model)
+        if trial.number == stop_at:
+            raise KeyboardInterrupt
+        return (math.log10(hp.lr) + 2.5) ** 2 + hp.batch_size / 1000 + model.dropout
+
+    return objective
+
+
+def _session(storage: str, tune: dict, stop_at: int | None = None):
+    """What the stage does with its study: open (or resume) it, then run the trials due."""
+    params = _params(tune)
+    study, todo = open_study(params, "study", storage)
+    optimize(study, _objective(params, stop_at), todo)
+    return study
+
+
+def _killed_mid_trial(storage: str, tune: dict) -> None:
+    """A stage process killed while a trial trains: the trial stays RUNNING in the study."""
+    params = _params(tune)
+    study, _ = open_study(params, "study", storage)
+    trial = study.ask()
+    suggest(trial, params.tune, params.train, params.model)
+
+
+def _completed(study) -> list[tuple]:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    return [tuple(sorted(t.params.items())) for t in trials]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_extending_a_finished_study_draws_new_parameters(tmp_path, sampler, capsys):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    _session(storage, {"sampler": sampler, "n_trials": 3})
+    study = _session(storage, {"sampler": sampler, "n_trials": 6})
+    assert "3 trial(s) already done; running 3 more" in capsys.readouterr().out
+    done = _completed(study)
+    assert len(done) == 6 and len(set(done)) == 6, done
+    pairs = {(dict(p)["lr"], dict(p)["batch_size"]) for p in done}
+    assert len(pairs) == 6  # the issue: the same (lr, batch_size) pairs twice
+    # Seeded: the same steps draw the same parameters.
+    again = f"sqlite:///{tmp_path}/again.db"
+    _session(again, {"sampler": sampler, "n_trials": 3})
+    assert _completed(_session(again, {"sampler": sampler, "n_trials": 6})) == done
+
+
+@pytest.mark.parametrize("how", ["killed", "ctrl-c"])
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_an_interrupted_study_resumes_without_repeating(tmp_path, sampler, how, capsys):
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    tune = {"sampler": sampler, "n_trials": 6}
+    if how == "killed":
+        _session(storage, {**tune, "n_trials": 3})
+        _killed_mid_trial(storage, tune)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            _session(storage, tune, stop_at=3)
+    capsys.readouterr()
+    study = _session(storage, tune)
+    out = capsys.readouterr().out
+    marked = ", 1 interrupted trial(s) marked failed" if how == "killed" else ""
+    assert f"3 trial(s) already done{marked}; running 3 more" in out
+    assert "queued again with the same parameters: interrupted trial(s) 3" in out
+    trials = study.trials
+    assert trials[3].state == TrialState.FAIL
+    assert trials[4].params == trials[3].params  # the interrupted trial, run again
+    assert trials[4].user_attrs["retry_of"] == 3
+    done = _completed(study)
+    assert len(done) == 6 and len(set(done)) == 6, done
+    assert "running 0 more" in (_session(storage, tune), capsys.readouterr().out)[1]
+
+
+def test_interrupted_trials_are_marked_failed_through_the_public_api(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from pipeline.stages import tune
+    from pipeline.stages.tune import requeue_interrupted
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # left RUNNING
+    study.tell(study.ask(), 1.0)
+    reloaded = optuna.load_study(study_name="s", storage=storage)
+    assert requeue_interrupted(reloaded) == (1, [0])
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.WAITING]
+    assert trials[2].params == trials[0].params
+    assert requeue_interrupted(reloaded) == (0, [])  # queued once
+    source = Path(tune.__file__).read_text()
+    for private in ("._storage", "._trial_id", "._study_id", "set_trial_state_values"):
+        assert private not in source
+
+
+# --- Grid search -----------------------------------------------------------------------------
+
+GRID = {
+    "lr": [0.001, 0.003, 0.01],  # three values: a float key still takes every grid point
+    "batch_size": [32, 64],
+    "channels": [16],
+    "dropout": [0.1],
+    "weight_decay": [0.0001],
+    "optimizer": ["adam"],
+}
+GRID_POINTS = {(lr, bs) for lr in GRID["lr"] for bs in GRID["batch_size"]}
+
+
+def _points(study) -> list[tuple]:
+    return [(dict(p)["lr"], dict(p)["batch_size"]) for p in _completed(study)]
+
+
+def test_grid_search_runs_each_point_once_and_then_is_done(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    tune = {"sampler": "grid", "search_space": GRID}
+    study = _session(storage, {**tune, "n_trials": 4})
+    assert "running 4 more (grid sampler over 6 point(s), 0 tried" in capsys.readouterr().out
+    first = _points(study)
+    assert len(set(first)) == 4 and set(first) <= GRID_POINTS
+    study = _session(storage, {**tune, "n_trials": 20})  # more trials than points
+    assert "4 trial(s) already done; running 2 more (grid sampler over 6 point(s), 4 tried" in (
+        capsys.readouterr().out
+    )
+    assert sorted(_points(study)) == sorted(GRID_POINTS)
+    trials = study.trials
+    assert {(t.params["channels"], t.params["dropout"], t.params["optimizer"]) for t in trials} == {
+        (16, 0.1, "adam")
+    }
+    _session(storage, {**tune, "n_trials": 20})
+    assert "6 trial(s) already done; running 0 more" in capsys.readouterr().out
+
+
+def test_grid_point_of_an_interrupted_trial_is_run_again(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    tune = {"sampler": "grid", "search_space": GRID, "n_trials": 6}
+    _session(storage, {**tune, "n_trials": 2})
+    _killed_mid_trial(storage, tune)
+    study = _session(storage, tune)
+    out = capsys.readouterr().out
+    assert "2 trial(s) already done, 1 interrupted trial(s) marked failed; running 4 more" in out
+    assert sorted(_points(study)) == sorted(GRID_POINTS)  # no point lost, none twice
+    assert len(study.trials) == 7  # 6 points and the interrupted trial
+
+
+# --- Plots -----------------------------------------------------------------------------------
+
+
+def test_plots_are_optunas_and_leave_warnings_and_style_alone(tmp_path):
+    import matplotlib
+    import optuna
+
+    from pipeline.stages.tune import write_plots
+
+    study = optuna.create_study(direction="minimize")
+    for number in range(4):
+        trial = study.ask()
+        for epoch in range(3):
+            trial.report(1.0 / (number + epoch + 1), epoch)
+        if number == 2:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, 1.0 / (number + 1))
+    matplotlib.use("Agg")  # as the stage does
+    filters, style = list(warnings.filters), dict(matplotlib.rcParams)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_plots(study, "val/loss", tmp_path)
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+    assert warnings.filters == filters
+    assert dict(matplotlib.rcParams) == style  # Optuna's plots switch to ggplot: scoped
+    for name in ("optimization_history.png", "intermediate_values.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_no_trials_still_writes_the_declared_history_plot(tmp_path, monkeypatch):
+    from pipeline.stages import tune
+
+    (tmp_path / "params.yaml").write_text("tune:\n  n_trials: 0\n")
+    monkeypatch.chdir(tmp_path)
+    tune.main()
+    report = tmp_path / tune.REPORT_DIR
+    assert (report / "optimization_history.png").read_bytes().startswith(PNG)
+    assert (report / "best_params.json").read_text().strip() == "{}"
+    assert sorted(p.name for p in report.iterdir()) == [
+        "best_params.json",
+        "optimization_history.png",
+        "trials.csv",
+    ]
+
+
+# --- The stage in process: real (tiny) trainings --------------------------------------------
+
+
+def test_tune_prints_and_tags_its_device_and_writes_its_reports(
+    mlflow_store, digits_prepared, monkeypatch, capsys
+):
+    import json
+
+    import mlflow
+
+    from pipeline import device, tracking, training
+    from pipeline.stages import tune
+
+    monkeypatch.setattr(training, "load_prepared", lambda **_: digits_prepared)
+    monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
+    space = {**GRID, "lr": [0.003, 0.01], "batch_size": [64], "channels": [8]}
+    params = parse_params(
+        {"tune": {"n_trials": 5, "epochs": 1, "sampler": "grid", "search_space": space}}
+    )
+    out = mlflow_store / "reports"
+    out.mkdir()
+    best = tune.tune(params, out)
+    stdout = capsys.readouterr().out
+    expected = device.describe(device.resolve(params.train.accelerator))
+    assert stdout.count("[tune] device ") == 1 and f"[tune] device {expected}\n" in stdout
+    assert "running 2 more (grid sampler over 2 point(s), 0 tried" in stdout
+    assert "trials {'complete': 2, 'pruned': 0, 'fail': 0}" in stdout
+    assert json.loads((out / "best_params.json").read_text()) == best
+    for name in ("optimization_history.png", "intermediate_values.png"):
+        assert (out / name).read_bytes().startswith(PNG)
+    parent = mlflow.search_runs(
+        experiment_names=[params.mlflow.experiment],
+        filter_string="attributes.run_name = 'tune'",
+        output_format="list",
+    )
+    assert [run.data.tags["device"] for run in parent] == [expected]

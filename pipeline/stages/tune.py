@@ -1,13 +1,23 @@
 """Tune: an Optuna study over ``tune.search_space``, each trial a short Lightning training.
 
-The study (TPE or random sampler seeded from params; median, Hyperband or no pruner) lives in
-``mlruns/optuna.db``. Its name is derived from everything that makes trials comparable (search
-space, metric, epochs, sampler, pruner, seed, the base train section and the DVC hash of the
-prepared data), so re-running the same study resumes it and a change starts a new one.
-MLflow gets one parent run and one nested run per trial, tagged with the trial's final state.
-Writes ``reports/tune/best_params.json`` (an input of train, never written back to
-params.yaml), ``trials.csv`` and ``optimization_history.png``. ``tune.n_trials: 0`` skips
-tuning: best_params.json is ``{}`` and train uses params.yaml as is.
+The study (TPE, random or grid sampler seeded from params; median, Hyperband or no pruner)
+lives in ``mlruns/optuna.db``. Its name is derived from everything that makes trials
+comparable (search space, metric, epochs, sampler, pruner, seed, the base train section and
+the DVC hash of the prepared data, but not ``tune.n_trials``), so re-running the same study
+resumes it, raising ``tune.n_trials`` extends it, and any other change starts a new one.
+
+A resumed study does not draw its first trials' parameters again: its sampler is seeded with
+``tune.seed`` plus the number of trials the study already has (see :func:`_sampler`). A trial
+that was interrupted (the process killed, or ^C) is marked failed and queued once more with
+its parameters. The grid sampler runs each point of the grid once (at most ``tune.n_trials``
+of them); a study that has tried every point is done.
+
+MLflow gets one parent run (tagged with the training device) and one nested run per trial,
+tagged with the trial's final state. Writes ``reports/tune/best_params.json`` (an input of
+train, never written back to params.yaml), ``trials.csv``, ``optimization_history.png`` and
+``intermediate_values.png`` (drawn by Optuna's matplotlib backend). ``tune.n_trials: 0``
+skips tuning: best_params.json is ``{}``, train uses params.yaml as is, and the history plot
+is a placeholder.
 """
 
 from __future__ import annotations
@@ -33,6 +43,10 @@ from pipeline.io import StageError, atomic_dir, atomic_path, run_stage, write_js
 
 REPORT_DIR = Path("reports/tune")
 STUDY_STORAGE = f"sqlite:///{tracking.MLRUNS_DIR}/optuna.db"
+# User attributes of a trial: it was stopped by ^C (Optuna fails such a trial itself) / it
+# runs the parameters of interrupted trial N again.
+INTERRUPTED = "interrupted"
+RETRY_OF = "retry_of"
 
 
 def study_name(params: Params, data_hash: str) -> str:
@@ -53,14 +67,22 @@ def study_name(params: Params, data_hash: str) -> str:
 def suggest(
     trial, tune: TuneParams, base: TrainParams, model: ModelParams
 ) -> tuple[TrainParams, ModelParams]:
-    """This trial's train and model sections: the base ones with the sampled values on top."""
+    """This trial's train and model sections: the base ones with the sampled values on top.
+
+    lr, dropout and weight_decay are floats over the min..max of their listed values: the
+    [low, high] range for tpe and random, and a span that holds every grid point for grid."""
     space = tune.search_space
+
+    def span(name: str, log: bool = False) -> float:
+        values = getattr(space, name)
+        return trial.suggest_float(name, min(values), max(values), log=log)
+
     values = {
-        "lr": trial.suggest_float("lr", *space.lr, log=True),
+        "lr": span("lr", log=True),
         "batch_size": trial.suggest_categorical("batch_size", space.batch_size),
         "channels": trial.suggest_categorical("channels", space.channels),
-        "dropout": trial.suggest_float("dropout", *space.dropout),
-        "weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
+        "dropout": span("dropout"),
+        "weight_decay": span("weight_decay", log=True),
         "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
     }
     if space.model:
@@ -69,12 +91,28 @@ def suggest(
     return with_tuned(base, model, values, f"trial {trial.number}")
 
 
-def _sampler(tune: TuneParams):
+def grid(tune: TuneParams) -> dict[str, list]:
+    """The grid sampler's search space: each searched key with its distinct listed values."""
+    return {k: list(dict.fromkeys(v)) for k, v in tune.search_space.grid().items()}
+
+
+def _sampler(tune: TuneParams, trials_so_far: int = 0):
+    """The study's sampler, seeded with ``tune.seed`` plus the number of trials the study
+    already has.
+
+    A sampler's random state lives only in the process that drew: seeded as the first session
+    was, a resumed study would draw the first trials' parameters again. Seeded this way, a new
+    study draws as it always did, and a study resumed at the same point continues the same
+    way. The grid sampler keeps ``tune.seed``: it fixes the shuffled order of the grid, which
+    the points recorded in the study refer to."""
     import optuna
 
+    if tune.sampler == "grid":
+        return optuna.samplers.GridSampler(grid(tune), seed=tune.seed)
+    seed = tune.seed + trials_so_far
     if tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=tune.seed)
-    return optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=min(5, tune.n_trials))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, tune.n_trials))
 
 
 def _pruner(tune: TuneParams):
@@ -87,51 +125,142 @@ def _pruner(tune: TuneParams):
     return optuna.pruners.NopPruner()
 
 
-def fail_stale_trials(study) -> int:
-    """Trials left RUNNING by an interrupted earlier run are marked FAIL (not counted)."""
+def requeue_interrupted(study) -> tuple[int, list[int]]:
+    """Mark the trials a killed process left RUNNING failed, and queue every interrupted
+    trial (killed, or stopped by ^C) once more with its parameters.
+
+    Returns how many trials were marked failed and the numbers of the trials queued again.
+    The queued copy keeps the trial's system attributes, as Optuna's own
+    ``RetryHeartbeatStaleTrialCallback`` does: the grid sampler finds there which grid point
+    the trial stands for."""
+    from optuna.trial import TrialState, create_trial
+
+    trials = study.get_trials(deepcopy=False)
+    stale = [t for t in trials if t.state == TrialState.RUNNING]
+    for trial in stale:
+        study.tell(trial.number, state=TrialState.FAIL)
+    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    stopped = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED)]
+    queued = []
+    for trial in sorted(stale + stopped, key=lambda t: t.number):
+        if trial.number in retried:
+            continue
+        study.add_trial(
+            create_trial(
+                state=TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                system_attrs=trial.system_attrs,
+                user_attrs={RETRY_OF: trial.number},
+            )
+        )
+        queued.append(trial.number)
+    return len(stale), queued
+
+
+def open_study(params: Params, name: str, storage: str = STUDY_STORAGE):
+    """Create or resume the study; return it, with its sampler ready, and how many trials to
+    run. Prints one line saying what was found and what will run."""
+    import optuna
     from optuna.trial import TrialState
 
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-    return len(stale)
+    cfg = params.tune
+    # Failing a trial tells the study's sampler, and the grid sampler answers by stopping the
+    # study, which is an error outside optimize(): this first handle's sampler draws nothing.
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction=direction(cfg.metric),
+        sampler=optuna.samplers.RandomSampler(),
+        load_if_exists=True,
+    )
+    stale, queued = requeue_interrupted(study)
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    todo = max(cfg.n_trials - finished, 0)
+    if cfg.sampler == "grid":
+        # A point is tried once a trial on it finished, failed ones included (as the grid
+        # sampler counts); an interrupted one is queued again.
+        space = grid(cfg)
+        size = math.prod(len(values) for values in space.values())
+        tried = set()
+        for t in trials:
+            point = {k: t.params.get(k) for k in space}
+            if t.state.is_finished() and all(v in space[k] for k, v in point.items()):
+                tried.add(tuple(point.values()))
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        todo = min(todo, max(size - len(tried), 0) + waiting)
+        how = f"grid sampler over {size} point(s), {len(tried)} tried"
+    else:
+        how = f"{cfg.sampler} sampler"
+    print(
+        f"[tune] study {name}: {finished} trial(s) already done"
+        + (f", {stale} interrupted trial(s) marked failed" if stale else "")
+        + f"; running {todo} more ({how}, {cfg.pruner} pruner, {cfg.metric})"
+    )
+    if queued:
+        print(
+            "[tune] queued again with the same parameters: interrupted trial(s) "
+            + ", ".join(map(str, queued))
+        )
+    sampler = _sampler(cfg, len(trials))
+    study = optuna.load_study(
+        study_name=name, storage=storage, sampler=sampler, pruner=_pruner(cfg)
+    )
+    return study, todo
 
 
-def plot_history(study, metric: str, path: Path) -> None:
-    """Each trial's value (pruned ones at their last report) and the best so far."""
+def optimize(study, objective, n_trials: int) -> None:
+    """Run ``n_trials`` more trials (the grid sampler stops the study once every point is
+    tried). A trial stopped by ^C is marked, so that the next run queues it again."""
+
+    def marked(trial):
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED, True)
+            raise
+
+    if n_trials:
+        study.optimize(marked, n_trials=n_trials, catch=(Exception,), gc_after_trial=False)
+
+
+def write_plots(study, metric: str, out_dir: Path) -> None:
+    """``optimization_history.png``: each completed trial's value and the best so far; and,
+    when trials reported epochs, ``intermediate_values.png``: each trial's curve, pruned ones
+    included. Without a completed trial (``tune.n_trials: 0``) the history is a placeholder."""
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
     from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as plots
 
-    trials = study.trials if study is not None else []
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    if done:
-        ax.scatter([t.number for t in done], [t.value for t in done], label="complete")
-        best, line = None, []
-        better = min if direction(metric) == "minimize" else max
-        for t in sorted(done, key=lambda t: t.number):
-            best = t.value if best is None else better(best, t.value)
-            line.append((t.number, best))
-        ax.step(*zip(*line, strict=True), where="post", color="C3", label="best so far")
-    if pruned:
-        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
-        ax.scatter([t.number for t in pruned], last, marker="x", color="grey", label="pruned")
-    if not done and not pruned:
-        ax.text(0.5, 0.5, "no trials (tune.n_trials: 0)", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("trial")
-    ax.set_ylabel(metric)
-    if direction(metric) == "minimize" and done:
-        ax.set_yscale("log")
-    ax.set_title(f"Optimisation history ({len(trials)} trials)")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    values = [t.value for t in trials if t.state == TrialState.COMPLETE]
+    log = direction(metric) == "minimize" and all(v > 0 for v in values)
+    # Optuna's plots are experimental (a warning per call) and set the ggplot style globally.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        if values:
+            ax = plots.plot_optimization_history(study, target_name=metric)
+        else:
+            _, ax = plt.subplots(figsize=(7, 4))
+            ax.set(title="Optimization History Plot", xlabel="Trial", ylabel=metric)
+            ax.text(0.5, 0.5, "no trials (tune.n_trials: 0)", ha="center", transform=ax.transAxes)
+        figures = {"optimization_history.png": ax}
+        if any(t.intermediate_values for t in trials):
+            figures["intermediate_values.png"] = plots.plot_intermediate_values(study)
+            figures["intermediate_values.png"].set(xlabel="epoch", ylabel=metric)
+        for name, ax in figures.items():
+            if log and values:
+                ax.set_yscale("log")
+            with atomic_path(out_dir / name) as tmp:
+                ax.figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+            plt.close(ax.figure)
 
 
 def tune(params: Params, out_dir: Path) -> dict:
@@ -142,6 +271,7 @@ def tune(params: Params, out_dir: Path) -> dict:
     from optuna.trial import TrialState
     from optuna_integration import PyTorchLightningPruningCallback
 
+    from pipeline import device as devices
     from pipeline.training import MetricHistory, check_model, fit, load_prepared
 
     cfg, metric = params.tune, params.tune.metric
@@ -149,24 +279,11 @@ def tune(params: Params, out_dir: Path) -> dict:
     for name in cfg.search_space.model or [params.model.name]:
         model = params.model.model_copy(update={"name": name})
         check_model(model, data.manifest, params.train.augment)
+    device = devices.describe(devices.resolve(params.train.accelerator))
+    print(f"[tune] device {device}")
     data_hash = tracking.dvc_hash(PREPARED_DIR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=study_name(params, data_hash),
-        storage=STUDY_STORAGE,
-        direction=direction(metric),
-        sampler=_sampler(cfg),
-        pruner=_pruner(cfg),
-        load_if_exists=True,
-    )
-    stale = fail_stale_trials(study)
-    finished = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    todo = max(cfg.n_trials - finished, 0)
-    print(
-        f"[tune] study {study.study_name}: {finished} trial(s) already done"
-        + (f", {stale} interrupted trial(s) marked failed" if stale else "")
-        + f"; running {todo} more ({cfg.sampler} sampler, {cfg.pruner} pruner, {metric})"
-    )
+    study, todo = open_study(params, study_name(params, data_hash))
     experiment_id = tracking.setup(params.mlflow.experiment)
     tags = tracking.run_tags("tune", data.manifest.source)
     client = mlflow.MlflowClient()
@@ -176,12 +293,10 @@ def tune(params: Params, out_dir: Path) -> dict:
         history = MetricHistory()
         start = time.perf_counter()
         state = "FAIL"
-        with tracking.run(
-            experiment_id,
-            f"trial-{trial.number}",
-            {**tags, "optuna.trial": str(trial.number)},
-            nested=True,
-        ):
+        trial_tags = {**tags, "optuna.trial": str(trial.number)}
+        if RETRY_OF in trial.user_attrs:
+            trial_tags["optuna.retry_of"] = str(trial.user_attrs[RETRY_OF])
+        with tracking.run(experiment_id, f"trial-{trial.number}", trial_tags, nested=True):
             tracking.log_params(trial.params)
             try:
                 pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
@@ -218,10 +333,10 @@ def tune(params: Params, out_dir: Path) -> dict:
                     flush=True,
                 )
 
-    with tracking.run(experiment_id, "tune", {**tags, "optuna.study": study.study_name}):
+    parent_tags = {**tags, "optuna.study": study.study_name, "device": device}
+    with tracking.run(experiment_id, "tune", parent_tags):
         tracking.log_params({f"tune.{k}": v for k, v in cfg.model_dump().items()})
-        if todo:
-            study.optimize(objective, n_trials=todo, catch=(Exception,), gc_after_trial=False)
+        optimize(study, objective, todo)
         states = [t.state for t in study.trials]
         counts = {
             s.name.lower(): states.count(s)
@@ -237,7 +352,7 @@ def tune(params: Params, out_dir: Path) -> dict:
         mlflow.log_metrics(tracking.finite_metrics({f"best_{metric}": best.value}))
         tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
         study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
-        plot_history(study, metric, out_dir / "optimization_history.png")
+        write_plots(study, metric, out_dir)
         write_json(out_dir / "best_params.json", best.params)
         mlflow.log_artifacts(str(out_dir), artifact_path="tune")
     print(
@@ -255,7 +370,7 @@ def main() -> None:
             print("[tune] tune.n_trials is 0: training will use params.yaml as is")
             write_json(tmp / "best_params.json", {})
             (tmp / "trials.csv").write_text("")
-            plot_history(None, params.tune.metric, tmp / "optimization_history.png")
+            write_plots(None, params.tune.metric, tmp)
         else:
             tune(params, tmp)
 
