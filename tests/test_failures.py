@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import TINY, copy_project, edit_params, run
 
@@ -72,8 +73,12 @@ def test_bad_params_are_refused_before_dvc_removes_anything(project, change, mes
             assert snapshot(project) == before, command
 
 
+def locked(project: Path) -> dict:
+    return yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+
 def test_a_failed_gate_keeps_the_last_good_data(project):
-    before = snapshot(project)
+    before, lock = snapshot(project), locked(project)
     with changed(project, {"validate": {"min_per_class": 1000}}):
         result = run(["dvc", "repro"], project, check=False)
     assert result.returncode != 0
@@ -81,12 +86,20 @@ def test_a_failed_gate_keeps_the_last_good_data(project):
     assert "[validate] error: 1 check(s) failed" in line
     assert "previous outputs are unchanged" in line
     assert "Running stage 'tune'" not in result.stdout
-    assert snapshot(project) == before
+    # The params check passed and DVC recorded that; nothing else changed.
+    assert {**snapshot(project), "dvc.lock": ""} == {**before, "dvc.lock": ""}
+    assert {k: v for k, v in locked(project).items() if k != "params"} == {
+        k: v for k, v in lock.items() if k != "params"
+    }
     failed = project / ".runway/validation-failed"
     assert (failed / "data_docs/index.html").is_file()
     assert '"success": false' in (failed / "summary.json").read_text()
-    # Back to the old params: nothing to do, the workspace still matches dvc.lock.
-    assert "up to date" in run(["dvc", "status"], project).stdout
+    # Back to the old params: only the params check runs again.
+    again = run(["dvc", "repro"], project)
+    assert (
+        "Running stage 'params'" in again.stdout and "Running stage 'validate'" not in again.stdout
+    )
+    assert snapshot(project) == before
 
 
 def test_a_failed_register_keeps_its_record(project):
@@ -95,14 +108,15 @@ def test_a_failed_register_keeps_its_record(project):
     metrics.write_text('{"test": {"accuracy": "high"}}\n')  # an evaluation gone wrong
     try:
         before = snapshot(project)
-        result = run(["dvc", "repro", "register"], project, check=False)
+        # -s: register alone (a plain repro would first re-run evaluate and mend the file)
+        result = run(["dvc", "repro", "-s", "register"], project, check=False)
         assert result.returncode != 0
         (line,) = error_lines(result)
         assert line.startswith("[register] error: reports/evaluate/metrics.json: expected")
         assert snapshot(project) == before  # register.json (not in DVC's cache) is still there
     finally:
         metrics.write_text(good)
-    assert "up to date" in run(["dvc", "status"], project).stdout
+    assert "up to date" in run(["dvc", "status"], project).stdout  # as dvc.lock says
 
 
 def stage(project: Path, name: str):
