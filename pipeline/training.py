@@ -2,6 +2,9 @@
 
 The splits are loaded once into memory and moved to the training device once; batches are
 slices of those tensors (see :class:`pipeline.data.loader.TensorBatches`).
+:func:`trainer_options` says what the Trainer is built with; :func:`fit` trains inside a
+scope that puts back what a fit changes in the process (environment variables, torch's
+determinism flags, Lightning's logger levels, warning filters, signal handlers).
 """
 
 from __future__ import annotations
@@ -9,8 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,63 +28,24 @@ import torch
 from pipeline.config import ModelParams, TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
 from pipeline.data.table import PREPARED_DIR, Manifest
+from pipeline.device import resolve
 from pipeline.io import StageError, read_json
 from pipeline.models import build_net, incompatibility, model_spec
 from pipeline.models.cnn import Scale
 from pipeline.models.module import Classifier
 from pipeline.models.resnet import ResNet18, WeightsError
 
-# Deterministic cuBLAS on GPUs; harmless on the CPU.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-# Lightning's start-up banners (devices found, tips) would drown the per-epoch lines.
-for _name in ("lightning.pytorch", "lightning.fabric"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-# A frozen backbone is deliberately in eval mode (its batch-norm statistics stay as loaded).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start")
+# Lift PYTORCH_NVML_BASED_CUDA_CHECK during a fit (see fit_environment); False to measure
+# without, or per call with fit(..., plain_cuda_check=False).
+PLAIN_CUDA_CHECK = True
 
-
-@contextlib.contextmanager
-def plain_cuda_check():
-    """Let ``torch.cuda.is_available()`` use its cached runtime answer while training.
-
-    Importing Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` for the whole process (it
-    keeps forked workers CUDA-safe). With it set, every call loads and initialises NVML, and
-    Adam/AdamW call ``is_available()`` on every ``step()``: about 85 µs per step on the CPU
-    here, more where an NVIDIA driver is installed. Nothing is forked during a fit (batches are
-    slices of in-memory tensors), so the variable is lifted for its duration."""
-    saved = os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = saved
-
-
-class Throttle:
-    """When a periodic side job of training (writing a checkpoint, sending metrics to the
-    tracking store) is due, so that it takes at most ``budget`` of the wall time.
-
-    The first time it is always due; after that, once the time since the job last ran is at
-    least its last duration divided by ``budget`` (1%: a 5 ms write waits 0.5 s), or
-    ``max_wait`` seconds, whichever is shorter."""
-
-    def __init__(self, budget: float = 0.01, max_wait: float = 600.0, clock=time.monotonic):
-        self.budget, self.max_wait, self.clock = budget, max_wait, clock
-        self.last: float | None = None
-        self.cost = 0.0
-
-    def due(self) -> bool:
-        if self.last is None:
-            return True
-        return self.clock() - self.last >= min(self.cost / self.budget, self.max_wait)
-
-    @contextlib.contextmanager
-    def timed(self):
-        """Run the job inside this block; its duration sets the next wait."""
-        start = self.clock()
-        yield
-        self.last = self.clock()
-        self.cost = self.last - start
+# Warnings a fit silences: a frozen backbone is in eval mode on purpose, metrics are logged
+# per epoch (the step logging interval does not matter), and a deprecation inside Lightning.
+QUIET_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode at the start",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 on torch 2.14
+)
 
 
 @dataclass
@@ -104,9 +72,9 @@ def load_prepared(prepared_dir: Path = PREPARED_DIR, splits=("train", "val", "te
 
 
 def set_seeds(seed: int) -> None:
-    """Seed Python, NumPy and torch, and make torch pick deterministic kernels."""
+    """Seed Python, NumPy and torch. Whether kernels are deterministic is the Trainer's
+    ``deterministic`` (``train.deterministic``), set for the fit only."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 class InMemoryData(pl.LightningDataModule):
@@ -141,7 +109,9 @@ class MetricHistory(pl.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self.history.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+            self.history.append(
+                {k: v.item() for k, v in trainer.callback_metrics.items() if k != "step"}
+            )
 
 
 class EpochLine(pl.Callback):
@@ -149,6 +119,9 @@ class EpochLine(pl.Callback):
 
     def __init__(self, prefix: str = "[train]") -> None:
         self.prefix = prefix
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()  # a run resumed mid-epoch starts no epoch
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
@@ -196,7 +169,172 @@ def build_module(hp: TrainParams, model: ModelParams, data: Prepared) -> Classif
             raise StageError(f"model.weights_path: {exc}") from None
         if model.freeze_backbone:
             net.freeze_backbone(except_stem=bool(fresh))
-    return Classifier(net, hp.lr, hp.optimizer, hp.weight_decay, hp.max_epochs, hp.augment)
+    return Classifier(
+        net,
+        hp.lr,
+        hp.optimizer,
+        hp.weight_decay,
+        hp.max_epochs,
+        hp.augment,
+        n_classes=len(manifest.classes),
+    )
+
+
+def trainer_options(hp: TrainParams, checkpointing: bool = False) -> dict:
+    """The keyword arguments :func:`fit` builds its Trainer with (besides logger, callbacks
+    and root directory). ``checkpointing``: whether the callbacks include a ModelCheckpoint
+    (without one Lightning would add its own)."""
+    return {
+        "accelerator": hp.accelerator,
+        "devices": 1,
+        "max_epochs": hp.max_epochs,
+        "deterministic": hp.deterministic,
+        "gradient_clip_val": hp.gradient_clip_val,
+        "accumulate_grad_batches": hp.accumulate_grad_batches,
+        "enable_checkpointing": checkpointing,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+
+
+def fit_environment(hp: TrainParams, plain_cuda_check: bool = PLAIN_CUDA_CHECK) -> dict:
+    """Environment variables set (a string) or removed (None) for the duration of a fit.
+
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` for deterministic cuBLAS on a CUDA device when
+    ``deterministic`` is true or ``"warn"`` (torch reads it when it first uses cuBLAS in the
+    process). ``plain_cuda_check`` lifts ``PYTORCH_NVML_BASED_CUDA_CHECK``, which importing
+    Lightning sets for the whole process to keep forked workers CUDA-safe: with it set,
+    ``torch.cuda.is_available()`` asks NVML on every call until CUDA is initialised, and
+    Adam/AdamW call it on every ``step()`` (40-85 µs per step when training on the CPU, more
+    where an NVIDIA driver is installed; nothing once CUDA is in use). Nothing forks during a
+    fit: batches are slices of in-memory tensors."""
+    env: dict[str, str | None] = {}
+    if hp.deterministic and resolve(hp.accelerator).type == "cuda":
+        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    if plain_cuda_check:
+        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = None
+    return env
+
+
+@contextlib.contextmanager
+def fit_scope(env: dict[str, str | None]) -> Iterator[None]:
+    """Run a fit with ``env`` applied, Lightning's loggers at WARNING (its start-up banners
+    would drown the per-epoch lines) and :data:`QUIET_WARNINGS` silenced; on exit put back
+    the environment, torch's deterministic-algorithms and cuDNN benchmark flags (which the
+    Trainer sets for the process), the logger levels and the warning filters."""
+    keys = {*env, "CUBLAS_WORKSPACE_CONFIG"}  # the Trainer sets the latter when deterministic
+    saved_env = {key: os.environ.get(key) for key in keys}
+    flags = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            for message in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark = flags[2]
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+NONDETERMINISTIC = re.compile(r"(\S+) does not have a deterministic implementation")
+
+
+@contextlib.contextmanager
+def nondeterministic_ops() -> Iterator[list[str]]:
+    """The ops torch warned have no deterministic kernel while the block ran (with
+    ``deterministic: warn``, e.g. ``adaptive_avg_pool2d_backward_cuda``); the warnings still
+    show as they would."""
+    found: list[str] = []
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            match = NONDETERMINISTIC.search(str(message))
+            if match and match[1] not in found:
+                found.append(match[1])
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = record
+        yield found
+
+
+class SignalsAtStepEnd(pl.Callback):
+    """Delivers SIGTERM and SIGINT (^C) at the end of a training step rather than wherever
+    they arrive, so an interruption (and the checkpoint saved on it, see
+    ``OnExceptionCheckpoint``) falls where Lightning resumes exactly: after an optimizer step,
+    never inside one or inside a gradient-accumulation window, and not after an epoch's last
+    batch (that epoch's validation and epoch end still run; for SIGTERM Lightning then stops
+    at the epoch end itself). A second signal of the same kind acts at once.
+
+    Only signals whose handler is a Python function are deferred (tracking.run's SIGTERM
+    handler, Python's ^C handler), and only in the main thread; :meth:`deferring` installs
+    the deferral and puts the handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, object] = {}
+        self.pending: list[tuple[int, object]] = []
+        self.exception: BaseException | None = None
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                handler = signal.getsignal(signum)
+                if callable(handler):
+                    self.handlers[signum] = handler
+                    signal.signal(signum, self._defer)
+        try:
+            yield
+        finally:
+            handlers, self.handlers = self.handlers, {}
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            self.deliver(handlers)  # one that came after the last step acts now
+
+    def _defer(self, signum: int, frame) -> None:
+        if any(pending == signum for pending, _ in self.pending):
+            self.handlers[signum](signum, frame)  # the second time: at once
+        self.pending.append((signum, frame))
+
+    def deliver(self, handlers: dict | None = None) -> None:
+        """Call the original handler of each signal received so far (they raise)."""
+        handlers = self.handlers if handlers is None else handlers
+        pending, self.pending = self.pending, []
+        for signum, frame in pending:
+            handlers[signum](signum, frame)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (
+            self.pending
+            and (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+            and batch_idx + 1 < trainer.num_training_batches
+        ):
+            self.deliver()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.exception = exception
 
 
 def fit(
@@ -207,30 +345,43 @@ def fit(
     logger=False,
     default_root_dir: str | None = None,
     ckpt_path: Path | None = None,
+    plain_cuda_check: bool | None = None,
 ) -> tuple[Classifier, pl.Trainer]:
     """Seed, build and train one model on the train split, validating on val every epoch.
 
-    With ``ckpt_path``, training continues from that checkpoint (loaded weights-only)."""
+    With ``ckpt_path``, training continues from that checkpoint (loaded weights-only).
+    ``plain_cuda_check`` (default :data:`PLAIN_CUDA_CHECK`): see :func:`fit_environment`.
+    SIGTERM and ^C stop at the next step end (see :class:`SignalsAtStepEnd`) with the
+    exception their handlers raise (``pipeline.io.Terminated`` under ``tracking.run``;
+    ``KeyboardInterrupt``, which Lightning alone would turn into ``sys.exit(1)``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     set_seeds(hp.seed)
     module = build_module(hp, model, data)
-    trainer = pl.Trainer(
-        accelerator=hp.accelerator,
-        devices=1,
-        max_epochs=hp.max_epochs,
-        deterministic=True,
-        logger=logger,
-        callbacks=callbacks,
-        enable_checkpointing=False,  # the train stage keeps its own (see stages/train.py)
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=default_root_dir,
-    )
-    with plain_cuda_check():
-        trainer.fit(
-            module,
-            datamodule=InMemoryData(data, hp.batch_size, hp.seed),
-            ckpt_path=ckpt_path,
-            weights_only=True,
+    signals = SignalsAtStepEnd()
+    callbacks = [*callbacks, signals]
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    plain = PLAIN_CUDA_CHECK if plain_cuda_check is None else plain_cuda_check
+    with fit_scope(fit_environment(hp, plain)), signals.deferring():
+        trainer = pl.Trainer(
+            **trainer_options(hp, checkpointing),
+            logger=logger,
+            callbacks=callbacks,
+            default_root_dir=default_root_dir,
         )
+        try:
+            trainer.fit(
+                module,
+                datamodule=InMemoryData(data, hp.batch_size, hp.seed),
+                ckpt_path=ckpt_path,
+                weights_only=True,
+            )
+        except SIGTERMException:  # Lightning's own stop at an epoch end, after SIGTERM
+            signals.deliver()
+            raise
+        except SystemExit:
+            if isinstance(signals.exception, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
     return module, trainer

@@ -1,4 +1,5 @@
-"""The model and seeded training."""
+"""The model and one Lightning fit: seeding, automatic optimisation, metrics, the Trainer's
+options and what a fit leaves behind in the process."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from pipeline.config import ModelParams, TrainParams, parse_params
 from pipeline.models.cnn import build_cnn
 from pipeline.stages.train import merged_params
-from pipeline.training import fit
+from pipeline.training import MetricHistory, fit, fit_environment, set_seeds, trainer_options
 
 
 @pytest.mark.parametrize("shape", [[1, 8, 8], [1, 28, 28], [3, 32, 32]])
@@ -48,105 +49,242 @@ def test_best_params_override_train_and_model_sections(tmp_path):
         merged_params(params, best)
 
 
-class FakeClock:
-    """A clock that moves ``tick`` seconds each time it is read."""
+def test_automatic_optimisation_accumulates_clips_and_follows_the_cosine_schedule(
+    digits_prepared,
+):
+    import math
 
-    def __init__(self, tick: float = 0.0) -> None:
-        self.now, self.tick = 0.0, tick
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        return self.now
-
-
-def test_throttle_spends_at_most_its_budget_and_waits_at_most_max_wait():
-    from pipeline.training import Throttle
-
-    clock = FakeClock()
-    throttle = Throttle(budget=0.01, max_wait=2.0, clock=clock)
-    assert throttle.due()  # the first time always
-    with throttle.timed():
-        clock.now += 0.005  # a 5 ms job ...
-    clock.now += 0.49
-    assert not throttle.due()
-    clock.now += 0.01
-    assert throttle.due()  # ... waits 0.5 s: 1% of the time
-    with throttle.timed():
-        clock.now += 1.0  # a slow job would wait 100 s, but max_wait caps it
-    clock.now += 1.99
-    assert not throttle.due()
-    clock.now += 0.01
-    assert throttle.due()
-
-
-def test_resume_point_writes_the_latest_epoch_when_interrupted(digits_prepared, tmp_path):
-    """Between throttled writes the state is kept in memory; SIGTERM (Terminated) writes the
-    last finished epoch's, which carries the best weights so far."""
     import lightning.pytorch as pl
 
-    from pipeline.io import Terminated
-    from pipeline.stages.train import BestWeights, ResumePoint
-    from pipeline.training import Throttle
+    class Watch(pl.Callback):
+        """The learning rate of each epoch and the largest gradient norm after clipping."""
 
-    class TerminateIn(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.current_epoch == 4 and batch_idx == 2:
-                raise Terminated()
+        def __init__(self) -> None:
+            self.lrs, self.norm = [], 0.0
 
-    clock = FakeClock(tick=0.005)  # a write "takes" 5 ms: after the first, none is due
-    last = tmp_path / "resume" / "last.ckpt"
-    point = ResumePoint(last, Throttle(clock=clock))
-    best = BestWeights("val/loss", "min")
-    hp = TrainParams(max_epochs=8, patience=8, batch_size=64, accelerator="cpu")
-    with pytest.raises(Terminated):
-        fit(hp, ModelParams(channels=8), digits_prepared, [best, point, TerminateIn()])
-    state = torch.load(last, weights_only=True)
-    assert point.saved_epoch == 4 and state["epoch"] == 3  # epochs 1-4 finished, 5 interrupted
-    kept = next(v for k, v in state["callbacks"].items() if k.startswith("BestWeights"))
-    assert kept["epoch"] == best.epoch and kept["score"] == best.score
-    for name, tensor in best.weights.items():
-        assert torch.equal(kept["weights"][name], tensor)
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):
+            # The gradients of the last optimizer step, as it used them.
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+                self.norm = max(self.norm, norm)
 
-def test_resume_point_writes_when_due_and_the_last_epoch_at_the_end(digits_prepared, tmp_path):
-    from pipeline.stages.train import ResumePoint
-    from pipeline.training import Throttle
+    batches = math.ceil(len(digits_prepared.tensors["train"][0]) / 64)
+    base = TrainParams(max_epochs=3, batch_size=64, accelerator="cpu")
+    hp = base.model_copy(update={"accumulate_grad_batches": 3, "gradient_clip_val": 0.05})
+    watch = Watch()
+    module, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [watch])
+    assert module.automatic_optimization
+    assert trainer.global_step == 3 * math.ceil(batches / 3)  # one step per 3 batches
+    assert watch.norm <= 0.05 * (1 + 1e-4)  # every step's gradients clipped
+    lr = base.lr
+    assert watch.lrs == pytest.approx([lr * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
 
-    clock = FakeClock(tick=0.005)  # a write "takes" 5 ms, the epochs (almost) no time
-    point = ResumePoint(tmp_path / "last.ckpt", Throttle(clock=clock))
-    written, write = [], point.write
-
-    def counting_write():
-        before = point.saved_epoch
-        write()
-        if point.saved_epoch != before:
-            written.append(point.saved_epoch)
-
-    point.write = counting_write
-    hp = TrainParams(max_epochs=5, patience=5, accelerator="cpu")
-    fit(hp, ModelParams(channels=8), digits_prepared, [point])
-    assert written == [1, 5]  # the first epoch, then none due until training ended
-    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 4
+    unclipped = Watch()
+    _, trainer = fit(base, ModelParams(channels=8), digits_prepared, [unclipped])
+    assert trainer.global_step == 3 * batches
+    assert unclipped.norm > 0.05
 
 
-def test_batched_logger_sends_every_epoch_in_few_calls(digits_prepared, tmp_path):
-    from mlflow.tracking import MlflowClient
+def test_epoch_metrics_are_torchmetrics_logged_once_per_epoch(digits_prepared):
+    from torchmetrics.classification import MulticlassAccuracy
 
-    from pipeline.stages.train import BatchedMLFlowLogger
-    from pipeline.training import Throttle
+    logged = []
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    logger = BatchedMLFlowLogger(
-        experiment_name="t", tracking_uri=uri, throttle=Throttle(clock=FakeClock(tick=0.01))
+    import lightning.pytorch.loggers as loggers
+
+    class ListLogger(loggers.Logger):
+        """Every ``log_metrics`` call Lightning makes."""
+
+        name, version = "list", "0"
+
+        def log_metrics(self, metrics, step=None):
+            logged.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    history = MetricHistory()
+    hp = TrainParams(max_epochs=3, batch_size=64, accelerator="cpu")
+    module, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [history], ListLogger())
+    assert isinstance(module.train_acc, MulticlassAccuracy)
+    # One call per epoch with all four metrics, at step = epoch.
+    assert [step for step, _ in logged] == [0, 1, 2]
+    assert all(set(m) == {"train/loss", "train/acc", "val/loss", "val/acc"} for _, m in logged)
+    assert history.history == [m for _, m in logged]
+    # val/acc is the plain accuracy of the model as it ended the last epoch.
+    x, y = digits_prepared.tensors["val"]
+    module.eval()
+    with torch.no_grad():
+        logits = module(x)
+    assert logged[-1][1]["val/acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    loss = torch.nn.functional.cross_entropy(logits, y).item()
+    assert logged[-1][1]["val/loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_training_steps_never_wait_for_the_device(digits_prepared, monkeypatch):
+    """No tensor is read back to the host during a training step (on a GPU each read is a
+    sync): counted on the CPU as calls of item/bool/float/int/tolist/numpy/cpu. torch's
+    optimisers read their step counters, which live on the host."""
+    import traceback
+
+    import lightning.pytorch as pl
+
+    reads, inside = [], [False]
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if inside[0]:
+                caller = traceback.extract_stack(limit=2)[0].filename
+                if "torch/optim/" not in caller:
+                    reads.append((_name, caller))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    class Steps(pl.Callback):
+        def on_train_batch_start(self, *args):
+            inside[0] = True
+
+        def on_train_batch_end(self, *args):
+            inside[0] = False
+
+    hp = TrainParams(max_epochs=2, batch_size=64, accelerator="cpu", gradient_clip_val=1.0)
+    _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [Steps()])
+    assert trainer.global_step == 2 * 20
+    assert reads == []
+
+
+def test_a_diverging_run_stops_at_the_end_of_the_epoch_with_a_clear_error(digits_prepared):
+    from pipeline.models.module import NonFiniteLoss
+
+    hp = TrainParams(max_epochs=3, lr=1e6, optimizer="sgd", accelerator="cpu")
+    history = MetricHistory()
+    with pytest.raises(NonFiniteLoss) as error:
+        fit(hp, ModelParams(channels=8), digits_prepared, [history])
+    message = str(error.value)
+    assert message.startswith("training diverged: train/loss is nan at epoch 1 (sgd, lr 1e+06)")
+    assert "lower the learning rate" in message
+    assert history.history == []  # nothing logged for the diverged epoch
+
+
+def test_trainer_options_for_a_cuda_run_are_what_the_params_say():
+    hp = TrainParams(accelerator="cuda", gradient_clip_val=1.5, accumulate_grad_batches=4)
+    options = trainer_options(hp)
+    assert options["accelerator"] == "cuda" and options["devices"] == 1
+    assert options["deterministic"] == "warn"  # the default: no error for a missing kernel
+    assert (options["gradient_clip_val"], options["accumulate_grad_batches"]) == (1.5, 4)
+    assert not options["enable_progress_bar"] and not options["enable_model_summary"]
+    assert not options["enable_checkpointing"] and trainer_options(hp, True)["enable_checkpointing"]
+    assert trainer_options(hp.model_copy(update={"deterministic": True}))["deterministic"] is True
+    assert trainer_options(hp.model_copy(update={"deterministic": False}))["deterministic"] is False
+    # Deterministic cuBLAS only where it means something: CUDA, determinism asked for.
+    for deterministic, cublas in (("warn", True), (True, True), (False, False)):
+        env = fit_environment(hp.model_copy(update={"deterministic": deterministic}))
+        assert ("CUBLAS_WORKSPACE_CONFIG" in env) is cublas
+    cpu = fit_environment(TrainParams(accelerator="cpu", deterministic=True))
+    assert "CUBLAS_WORKSPACE_CONFIG" not in cpu
+    assert cpu["PYTORCH_NVML_BASED_CUDA_CHECK"] is None  # lifted during the fit ...
+    off = fit_environment(TrainParams(accelerator="cpu"), plain_cuda_check=False)
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in off  # ... unless switched off
+
+
+def test_the_options_build_a_trainer():
+    import lightning.pytorch as pl
+
+    for deterministic in ("warn", True, False):
+        hp = TrainParams(accelerator="cpu", deterministic=deterministic, gradient_clip_val=1.0)
+        pl.Trainer(**trainer_options(hp), logger=False)
+    torch.use_deterministic_algorithms(False)
+
+
+def test_a_fit_puts_back_what_it_changes_in_the_process(digits_prepared, monkeypatch):
+    import logging
+    import os
+    import signal
+    import warnings
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    set_seeds(0)
+    assert not torch.are_deterministic_algorithms_enabled()  # seeding does not set it
+    seen = {}
+
+    import lightning.pytorch as pl
+
+    class During(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["deterministic"] = torch.are_deterministic_algorithms_enabled()
+            seen["nvml"] = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+
+    before = (
+        list(warnings.filters),
+        logging.getLogger("lightning.pytorch").level,
+        signal.getsignal(signal.SIGTERM),
+        signal.getsignal(signal.SIGINT),
     )
-    calls = []
-    flush = logger.flush
-    logger.flush = lambda: (calls.append(len(logger.pending)), flush())
-    hp = TrainParams(max_epochs=5, patience=5, accelerator="cpu")
-    fit(hp, ModelParams(channels=8), digits_prepared, [], logger=logger)
-    history = MlflowClient(uri).get_metric_history(logger.run_id, "val/loss")
-    assert sorted(m.step for m in history) == sorted({m.step for m in history})
-    assert len(history) == 5  # every epoch arrived ...
-    assert len(calls) == 2  # ... in two calls: the first epoch, then the rest at the end
-    train = MlflowClient(uri).get_metric_history(logger.run_id, "train/acc")
-    assert [m.step for m in sorted(train, key=lambda m: m.step)] == sorted(m.step for m in history)
+    fit(
+        TrainParams(max_epochs=1, accelerator="cpu"),
+        ModelParams(channels=8),
+        digits_prepared,
+        [During()],
+    )
+    assert seen == {"deterministic": True, "nvml": None}
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    after = (
+        list(warnings.filters),
+        logging.getLogger("lightning.pytorch").level,
+        signal.getsignal(signal.SIGTERM),
+        signal.getsignal(signal.SIGINT),
+    )
+    assert after == before
+    seen.clear()
+    fit(
+        TrainParams(max_epochs=1, accelerator="cpu", deterministic=False),
+        ModelParams(channels=8),
+        digits_prepared,
+        [During()],
+        plain_cuda_check=False,
+    )
+    assert seen == {"deterministic": False, "nvml": "1"}
+
+
+def test_importing_the_training_modules_changes_nothing_in_the_process():
+    import subprocess
+    import sys
+
+    code = """
+import logging, os, warnings
+import lightning.pytorch, torch
+def state():
+    return (dict(os.environ), list(warnings.filters), torch.are_deterministic_algorithms_enabled(),
+            {n: logging.getLogger(n).level for n in ("lightning.pytorch", "lightning.fabric")})
+before = state()
+import pipeline.training, pipeline.models.module, pipeline.stages.train
+assert state() == before, [a == b for a, b in zip(state(), before)]
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_no_private_attributes_of_library_objects():
+    """Only our own objects' underscore attributes (``self._x``) are used."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = ["pipeline/training.py", "pipeline/models/module.py", "pipeline/stages/train.py"]
+    found = []
+    for name in files:
+        for number, line in enumerate((root / name).read_text().splitlines(), 1):
+            for match in re.finditer(r"(\w+)\._[a-z]\w*", line):
+                if match[1] != "self":
+                    found.append(f"{name}:{number}: {match[0]}")
+    assert found == []

@@ -18,6 +18,10 @@ class TensorBatches:
 
     With ``shuffle=True`` each pass draws a new permutation from a generator seeded with
     ``seed``, so the order is reproducible run to run and differs epoch to epoch.
+
+    It is stateful in Lightning's sense (``state_dict``/``load_state_dict``): the state is the
+    generator's and how many batches of the current pass were served, so Lightning saves it in
+    a training checkpoint and a resumed pass serves exactly the batches that were left.
     """
 
     def __init__(
@@ -36,6 +40,9 @@ class TensorBatches:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self._generator = torch.Generator().manual_seed(seed)
+        self._pass_start: torch.Tensor | None = None  # generator state the pass drew from
+        self._served = 0  # batches of the current pass handed out
+        self._skip = 0  # batches the next pass skips (set by load_state_dict)
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -43,14 +50,29 @@ class TensorBatches:
 
     def __iter__(self):
         n = len(self.x)
+        self._pass_start = self._generator.get_state()
         if self.shuffle:
-            order = torch.randperm(n, generator=self._generator)
+            order = torch.randperm(n, generator=self._generator).to(self.x.device)
             x, y = self.x[order], self.y[order]
         else:
             x, y = self.x, self.y
+        skip, self._skip = self._skip, 0
+        self._served = skip
         stop = len(self) * self.batch_size
-        for start in range(0, min(stop, n), self.batch_size):
+        for start in range(skip * self.batch_size, min(stop, n), self.batch_size):
+            self._served += 1
             yield x[start : start + self.batch_size], y[start : start + self.batch_size]
+
+    def state_dict(self) -> dict:
+        """Where the batches stand: the generator, and the batches of an unfinished pass."""
+        if self._pass_start is not None and self._served < len(self):
+            return {"generator": self._pass_start.clone(), "served": self._served}
+        return {"generator": self._generator.get_state(), "served": 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``: the next pass is the saved one, minus the served batches."""
+        self._generator.set_state(state["generator"])
+        self._skip, self._pass_start, self._served = int(state["served"]), None, 0
 
 
 def to_tensors(table: pd.DataFrame, image_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

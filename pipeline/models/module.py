@@ -6,6 +6,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.io import StageError
 
@@ -15,10 +17,20 @@ class NonFiniteLoss(StageError):
 
 
 class Classifier(pl.LightningModule):
-    """Wraps a network; logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` per
-    epoch. The learning rate follows a cosine schedule over ``max_epochs``. Only parameters
-    that require gradients are optimised (a frozen backbone stays as loaded). ``augment``
-    names the image augmentations applied to training batches on the device."""
+    """Wraps a network; logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` once
+    per epoch, all four after validation, with ``step`` = the epoch (0-based) for the loggers.
+
+    Lightning's automatic optimisation (so ``gradient_clip_val`` and
+    ``accumulate_grad_batches`` apply); the learning rate follows a cosine schedule over
+    ``max_epochs``, stepped per epoch. Only parameters that require gradients are optimised (a
+    frozen backbone stays as loaded). ``augment`` names the image augmentations applied to
+    training batches on the device.
+
+    The metrics are torchmetrics accumulated on the device: no step waits for the device. A
+    NaN or infinite loss makes the epoch's mean loss non-finite, which raises
+    :class:`NonFiniteLoss` once per epoch. The training metrics' running sums and the random
+    number generators' states are part of a checkpoint, so a run resumed mid-epoch goes on as
+    if it had not stopped."""
 
     def __init__(
         self,
@@ -28,6 +40,8 @@ class Classifier(pl.LightningModule):
         weight_decay: float,
         max_epochs: int,
         augment: list[str] | tuple[str, ...] = (),
+        *,
+        n_classes: int,
     ) -> None:
         super().__init__()
         self.augment = tuple(augment)
@@ -36,69 +50,74 @@ class Classifier(pl.LightningModule):
         self.optimizer_name = optimizer
         self.weight_decay = weight_decay
         self.max_epochs = max_epochs
-        self._sums: dict[str, torch.Tensor] = {}
-        # One optimiser step per batch, written out: Lightning's automatic optimisation wraps
-        # each step in a closure and a dozen hooks, which costs more than a small CNN's step.
-        self.automatic_optimization = False
+        # nan_strategy="disable": no per-step NaN check (it would wait for the device); a NaN
+        # propagates into the epoch mean, which is checked once. Per-sample losses, so the
+        # mean is over samples whatever the last batch's size.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.train_acc = MulticlassAccuracy(n_classes, average="micro", validate_args=False)
+        for metric in (self.train_loss, self.train_acc):
+            metric.persistent(True)  # saved in checkpoints: a mid-epoch resume keeps the sums
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.val_acc = MulticlassAccuracy(n_classes, average="micro", validate_args=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
-        """Loss of one batch; the epoch's loss and accuracy are summed on the device and
-        logged once per epoch, train and val together after validation: two ``self.log``
-        calls per batch cost more than a small model's batch, and every logger call is a
-        round trip to the tracking store."""
-        x, y = batch
+    def _step(self, x: torch.Tensor, y: torch.Tensor, loss, acc) -> torch.Tensor:
         logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
-        sums = self._sums.setdefault(stage, torch.zeros(3, device=loss.device))
-        sums[0] += loss.detach() * len(y)
-        sums[1] += (logits.argmax(dim=1) == y).sum()
-        sums[2] += len(y)
-        return loss
-
-    def _log_epoch(self, stage: str) -> None:
-        sums = self._sums.pop(stage, None)
-        if sums is not None:
-            total, correct, n = sums
-            self.log(f"{stage}/loss", total / n, on_step=False, on_epoch=True)
-            self.log(f"{stage}/acc", correct / n, on_step=False, on_epoch=True)
-
-    def on_train_epoch_start(self) -> None:
-        self._sums = {}
-
-    def on_validation_epoch_start(self) -> None:
-        self._sums.pop("val", None)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        loss.update(losses.detach())
+        acc.update(logits.detach(), y)
+        return losses.mean()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
         if self.augment:
             from pipeline.models.augment import augment
 
-            x, y = batch
-            batch = (augment(x, self.augment), y)
-        loss = self._step(batch, "train")
-        if not torch.isfinite(loss):  # stop at the first bad step instead of training on NaN
-            raise NonFiniteLoss(
-                f"training diverged: train/loss is {loss.item()} at epoch "
-                f"{self.current_epoch + 1}, batch {batch_idx + 1} ({self.optimizer_name}, "
-                f"lr {self.lr:g}); lower the learning rate (train.lr, or "
-                "tune.search_space.lr) or check the data"
-            )
-        optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        optimizer.step()
-        if batch_idx + 1 == self.trainer.num_training_batches:
-            self.lr_schedulers().step()
-        return loss
+            x = augment(x, self.augment)
+        return self._step(x, y, self.train_loss, self.train_acc)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_loss.reset()
+        self.val_acc.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._step(*batch, self.val_loss, self.val_acc)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("train")
-        self._log_epoch("val")
+        if self.trainer.sanity_checking or not self.train_loss.update_called:
+            return
+        train_loss = self.train_loss.compute()
+        if not torch.isfinite(train_loss):  # one check per epoch
+            raise NonFiniteLoss(
+                f"training diverged: train/loss is {train_loss.item()} at epoch "
+                f"{self.current_epoch + 1} ({self.optimizer_name}, lr {self.lr:g}); lower the "
+                "learning rate (train.lr, or tune.search_space.lr) or check the data"
+            )
+        metrics = {
+            "train/loss": train_loss,
+            "train/acc": self.train_acc.compute(),
+            "val/loss": self.val_loss.compute(),
+            "val/acc": self.val_acc.compute(),
+            "step": float(self.current_epoch),  # the loggers' step: one point per epoch
+        }
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+        for metric in (self.train_loss, self.train_acc, self.val_loss, self.val_acc):
+            metric.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        checkpoint["rng_states"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng_states", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])  # the current device: the one training uses
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -111,4 +130,4 @@ class Classifier(pl.LightningModule):
         else:
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.max_epochs)
-        return {"optimizer": opt, "lr_scheduler": schedule}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

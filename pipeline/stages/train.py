@@ -1,18 +1,21 @@
 """Train: the final model, with params.yaml's ``train`` section merged with the tuned values.
 
-Seeded and deterministic on the CPU; early stopping and the kept (best) weights follow
-``train.monitor``. Per-epoch metrics go to MLflow through Lightning's MLFlowLogger, sent in
-batches (tracking URI passed explicitly), and the network is logged as an MLflow model with
-a signature and an input example. Writes ``models/``: ``model.pt`` (the weights of the best
-epoch), ``model.json`` (what it takes to rebuild it) and ``run.json`` (MLflow run id and
-model URI).
+Seeded (bit-identical on the CPU; ``train.deterministic`` says how strict on a GPU); early
+stopping, the kept (best) weights and resuming use Lightning's EarlyStopping,
+ModelCheckpoint and OnExceptionCheckpoint. Per-epoch metrics go to MLflow through
+Lightning's MLFlowLogger (step = epoch, tracking URI passed explicitly), and the network is
+logged as an MLflow model with a signature and an input example. The run is tagged with the
+device and the determinism it got. Writes ``models/``: ``model.pt`` (the weights of the best
+epoch by ``train.monitor``), ``model.json`` (what it takes to rebuild it) and ``run.json``
+(MLflow run id and model URI).
 
-Interrupted training resumes. The resume checkpoint is ``.runway/train/last.ckpt`` (outside
-``models/``, which DVC clears before each run), taken at epoch ends (see ResumePoint); on
-SIGTERM or ^C the stage writes the latest epoch's, ends the MLflow run KILLED and exits 143
-(130 for ^C). The next run with the same params and data picks the checkpoint up and
-continues the same MLflow run (``train.resume: auto``); ``must`` makes a missing checkpoint
-an error, ``never`` starts afresh. Checkpoints are loaded weights-only.
+Interrupted training resumes. The checkpoints live in ``.runway/train/`` (outside
+``models/``, which DVC clears before each run): ``last.ckpt`` written at every epoch end and
+on SIGTERM or ^C (at the next step end, see ``pipeline.training.SignalsAtStepEnd``), and
+``best.ckpt``. After an interruption the stage ends the MLflow run KILLED and exits 143 (130
+for ^C). The next run with the same params and data continues the same MLflow run from
+``last.ckpt``, where the interrupted one stopped (``train.resume: auto``); ``must`` makes a
+missing checkpoint an error, ``never`` starts afresh. Checkpoints are loaded weights-only.
 """
 
 from __future__ import annotations
@@ -20,21 +23,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
-from lightning_utilities.core.apply_func import apply_to_collection
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pipeline import tracking
 from pipeline.config import ModelParams, Params, TrainParams, direction, load_params, with_tuned
 from pipeline.data.table import PREPARED_DIR
+from pipeline.device import describe, resolve
 from pipeline.io import (
     StageError,
     Terminated,
@@ -45,10 +48,20 @@ from pipeline.io import (
     write_json,
 )
 from pipeline.models import MODELS_DIR, model_spec
-from pipeline.training import EpochLine, Prepared, Throttle, fit, load_prepared
+from pipeline.training import EpochLine, Prepared, fit, load_prepared, nondeterministic_ops
 
 BEST_PARAMS = Path("reports/tune/best_params.json")
 RESUME_DIR = Path(".runway/train")
+# Part of the resume key: a checkpoint written by an older layout is never resumed.
+CHECKPOINT_FORMAT = 2
+# Lightning's notes on what the stage does on purpose: state.json lives beside the
+# checkpoints; with an OnExceptionCheckpoint, fit(ckpt_path=None) looks for a last checkpoint
+# (Resume.find has removed any that must not be resumed).
+EXPECTED_WARNINGS = (
+    r"Checkpoint directory .* exists and is not empty",
+    r"`\.fit\(ckpt_path=None\)` was called without a model",
+    r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
+)
 
 
 class Resume:
@@ -88,13 +101,16 @@ class Resume:
             )
         try:
             checkpoint = torch.load(self.last, map_location="cpu", weights_only=True)
-            epoch = int(checkpoint["epoch"])
+            epoch, step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
         except Exception as exc:  # truncated, corrupt, or a pickle payload
             raise StageError(
                 f"{self.last}: cannot resume from this checkpoint ({load_error(exc)}); "
                 "delete it or set train.resume: never"
             ) from None
-        print(f"[train] resuming the interrupted run from {self.last} (after epoch {epoch + 1})")
+        print(
+            f"[train] resuming the interrupted run from {self.last} (saved in epoch "
+            f"{epoch + 1}, after {step} optimizer steps)"
+        )
         return self.last, state["run_id"]
 
     def started(self, run_id: str) -> None:
@@ -105,147 +121,31 @@ class Resume:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _to_cpu(state):
-    """A copy of a checkpoint dict with every tensor copied to the CPU (training goes on
-    updating the originals in place)."""
-    return apply_to_collection(state, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """Lightning's OnExceptionCheckpoint for SIGTERM and ^C only (a run that failed is not
+    resumed), saying where the checkpoint went. It keeps the file when training ends: the
+    stage removes the directory once the model is saved and logged."""
 
-
-class ResumePoint(pl.Callback):
-    """The state to resume from (weights, optimiser, schedule, early-stopping and loop state),
-    taken at the end of every epoch, and written to ``last.ckpt``.
-
-    The state is copied to memory every epoch (about 1 ms for the digits CNN). It is written
-    to disk after the first epoch, then whenever writing costs at most 1% of the training time
-    since the last write (a checkpoint that takes 5 ms to write waits 0.5 s) and at least
-    every 10 minutes (see :class:`Throttle`). On SIGTERM or ^C the latest epoch's state is
-    written before the process exits, so no finished epoch is lost; only SIGKILL loses the
-    epochs since the last write. The last epoch's is written when training ends, so a crash
-    while the model is saved and logged never trains again. A checkpoint at an epoch
-    boundary is what Lightning resumes exactly; one taken mid-epoch would replay part of it."""
-
-    def __init__(self, path: Path, throttle: Throttle | None = None) -> None:
-        self.path = path
-        self.throttle = throttle or Throttle(budget=0.01, max_wait=600.0)
-        self.snapshot: dict | None = None
-        self.snapshot_epoch: int | None = None
-        self.saved_epoch: int | None = None
-
-    def write(self) -> None:
-        if self.snapshot is None or self.saved_epoch == self.snapshot_epoch:
-            return
-        with self.throttle.timed():
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.snapshot, tmp)
-            os.replace(tmp, self.path)
-        self.saved_epoch = self.snapshot_epoch
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        # What trainer.save_checkpoint(path) would write now, copied aside.
-        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        self.snapshot, self.snapshot_epoch = _to_cpu(state), trainer.current_epoch + 1
-        if self.throttle.due():
-            self.write()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        # Training is done: a crash while the model is saved and logged must not redo it.
-        self.write()
+    INTERRUPTIONS = (Terminated, KeyboardInterrupt, SIGTERMException)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, (Terminated, KeyboardInterrupt)):
+        if not isinstance(exception, self.INTERRUPTIONS):
             return
-        self.write()
-        if self.saved_epoch is None:
-            print(
-                "[train] interrupted in epoch 1, before any checkpoint: the next run starts afresh"
-            )
-            return
+        super().on_exception(trainer, pl_module, exception)
         print(
-            f"[train] interrupted in epoch {trainer.current_epoch + 1}: checkpoint of epoch "
-            f"{self.saved_epoch} saved to {self.path}; run the stage again to resume",
+            f"[train] interrupted in epoch {trainer.current_epoch + 1} after "
+            f"{trainer.global_step} optimizer steps: checkpoint saved to {self.ckpt_path}; "
+            "run the stage again to resume",
             flush=True,
         )
 
-
-class BatchedMLFlowLogger(MLFlowLogger):
-    """Lightning's MLFlowLogger, sending the epochs' metrics in batches.
-
-    Each ``log_batch`` to the SQLite store costs about 8 ms, 3-4% of a digits epoch. Metrics
-    are buffered and sent when sending costs at most 1% of the training time, and at least
-    every 30 seconds (see :class:`Throttle`); whatever is left is sent when training ends,
-    fails or is interrupted, so the run always has every epoch."""
-
-    def __init__(self, *args, throttle: Throttle | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.throttle = throttle or Throttle(budget=0.01, max_wait=30.0)
-        self.pending: list = []
-
-    @rank_zero_only
-    def log_metrics(self, metrics, step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            if not isinstance(value, str):
-                key = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)  # as MLFlowLogger does
-                self.pending.append(
-                    Metric(key=key, value=float(value), timestamp=now, step=step or 0)
-                )
-        if self.throttle.due():
-            self.flush()
-
-    def flush(self) -> None:
-        with self.throttle.timed():
-            for i in range(0, len(self.pending), 1000):  # MLflow's limit per batch
-                self.experiment.log_batch(run_id=self.run_id, metrics=self.pending[i : i + 1000])
-        self.pending = []
-
-    @rank_zero_only
-    def finalize(self, status: str = "success") -> None:
-        if self.pending:
-            self.flush()
-        super().finalize(status)
-
-
-class BestWeights(pl.Callback):
-    """Keeps a CPU copy of the weights of the best epoch so far by ``monitor``.
-
-    A copy in memory rather than a checkpoint file per improvement: the weights are all the
-    final model needs, and the copy travels in the resume checkpoint (``state_dict``)."""
-
-    def __init__(self, monitor: str, mode: str) -> None:
-        self.monitor, self.mode = monitor, mode
-        self.score: float | None = None
-        self.epoch: int | None = None
-        self.weights: dict[str, torch.Tensor] | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        score = trainer.callback_metrics[self.monitor].item()
-        if not math.isfinite(score):
-            return
-        if self.score is None or (score < self.score if self.mode == "min" else score > self.score):
-            self.score, self.epoch = score, trainer.current_epoch + 1
-            self.weights = _to_cpu(pl_module.state_dict())
-
-    def state_dict(self) -> dict:
-        return {"score": self.score, "epoch": self.epoch, "weights": self.weights}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.score, self.epoch = state_dict["score"], state_dict["epoch"]
-        self.weights = state_dict["weights"]
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        pass
 
 
 def resume_key(hp: TrainParams, model: ModelParams) -> str:
     what = {
+        "format": CHECKPOINT_FORMAT,
         "train": hp.model_dump(exclude={"resume", "accelerator"}),
         "model": model.model_dump(),
         "data": tracking.dvc_hash(PREPARED_DIR) if PREPARED_DIR.exists() else None,
@@ -261,24 +161,36 @@ def merged_params(
     return with_tuned(params.train, params.model, best, str(best_params_path))
 
 
-def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback], BestWeights]:
-    """What the train stage trains with: early stopping, the best weights, one line per
-    epoch and the resume point. Returns the callbacks and the best-weights one."""
-    from lightning.pytorch.callbacks import EarlyStopping
-
+def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback], ModelCheckpoint]:
+    """What the train stage trains with: early stopping, the checkpoints (best by
+    ``train.monitor`` and last, every epoch), the checkpoint on interruption and one line per
+    epoch. Returns the callbacks and the ModelCheckpoint, which knows the best epoch."""
     mode = "max" if direction(hp.monitor) == "maximize" else "min"
-    best = BestWeights(hp.monitor, mode)
-    # All decide right after validation, where ResumePoint takes its copy: a resumed run then
-    # continues with the next epoch instead of re-checking an epoch whose metrics are gone.
+    checkpoint = ModelCheckpoint(
+        dirpath=resume.dir,
+        filename=resume.best.stem,
+        monitor=hp.monitor,
+        mode=mode,
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
     callbacks = [
-        EarlyStopping(
-            monitor=hp.monitor, mode=mode, patience=hp.patience, check_on_train_epoch_end=False
-        ),
-        best,
+        EarlyStopping(monitor=hp.monitor, mode=mode, patience=hp.patience),
+        checkpoint,
+        InterruptCheckpoint(resume.dir, filename=resume.last.stem),
         EpochLine(),
-        ResumePoint(resume.last),
     ]
-    return callbacks, best
+    return callbacks, checkpoint
+
+
+def determinism(hp: TrainParams, nondeterministic: list[str]) -> str:
+    """What the run got: ``on``, ``off``, or ``partial (ops without a deterministic kernel)``."""
+    if hp.deterministic is False:
+        return "off"
+    if nondeterministic:
+        return f"partial ({', '.join(nondeterministic)})"
+    return "on"
 
 
 def train(
@@ -304,17 +216,26 @@ def train(
             tracking.log_params(hp.model_dump(exclude={"resume"}))
             tracking.log_params({f"model.{k}": v for k, v in model.model_dump().items()})
             tracking.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
-        callbacks, best = train_callbacks(hp, resume)
-        logger = BatchedMLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id)
-        module, trainer = fit(hp, model, data, callbacks, logger=logger, ckpt_path=ckpt_path)
-        if best.weights is None:
+        device = describe(resolve(hp.accelerator))
+        print(f"[train] device {device}")
+        mlflow.set_tag("device", device)
+        callbacks, checkpoint = train_callbacks(hp, resume)
+        logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id)
+        with nondeterministic_ops() as ops, warnings.catch_warnings():
+            for message in EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            module, trainer = fit(hp, model, data, callbacks, logger=logger, ckpt_path=ckpt_path)
+        mlflow.set_tag("determinism", determinism(hp, ops))
+        score = checkpoint.best_model_score
+        best_score = float(score) if score is not None else math.nan
+        if not checkpoint.best_model_path or not math.isfinite(best_score):
             raise StageError(f"training logged no finite {hp.monitor}: no model to keep")
-        module.load_state_dict(best.weights)
+        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(best["state_dict"])
         net = module.net.cpu().eval()
         torch.save(net.state_dict(), out_dir / "model.pt")
         spec = model_spec(model.name, data.manifest, model.channels, model.dropout)
         (out_dir / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
-        best_score = best.score
         mlflow.log_metrics(
             tracking.finite_metrics(
                 {f"best_{hp.monitor}": best_score, "epochs_trained": trainer.current_epoch}
