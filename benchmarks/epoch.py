@@ -1,0 +1,319 @@
+"""Epoch time: the train stage's training against a hand-written PyTorch loop.
+
+Both sides train the same network from the same seed on the same data with the same batch
+size, optimiser (AdamW) and cosine schedule; both validate every epoch, log the epoch's
+metrics to MLflow (a SQLite store) and keep a copy of the best weights. Ours is
+``pipeline.training.fit`` with the train stage's callbacks and MLflow logger.
+
+Two workloads: the digits (1,257 training images of 8×8, batch 64, whole epochs) and an
+MNIST-sized made-up set (60,000 images of 1×28×28, batch 128). A whole MNIST-sized epoch takes
+about 90 s on 2 cores, so there both sides train the first ``TRAIN_BATCHES`` batches of each
+shuffled epoch and validate on the first ``VAL_BATCHES`` (Lightning's ``limit_train_batches``
+and ``limit_val_batches``; the hand loop stops at the same counts).
+
+Each round trains each side once, alternating which goes first; an epoch's time runs from one
+epoch's start to the next's (so whatever Lightning does between epochs counts), and the first
+epoch (warm-up) is dropped. The ratio is the median of the rounds' ratios. For information, the
+digits also get the Lightning loop alone against a bare hand loop (no logging, no callbacks),
+and the train stage with and without ``plain_cuda_check`` (pipeline/training.py's lifting of
+``PYTORCH_NVML_BASED_CUDA_CHECK`` during a fit) when it exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+from benchmarks.common import Context, digits_prepared, interleaved, mnist_sized, quiet, ratio_row
+
+GOAL = 1.10
+TRAIN_BATCHES, VAL_BATCHES = 20, 2  # per epoch, MNIST-sized set
+
+
+@dataclass
+class Workload:
+    name: str
+    data: object  # pipeline.training.Prepared
+    batch_size: int
+    epochs: int
+    train_batches: int | None = None  # None: whole epochs
+    val_batches: int | None = None
+
+    def hp(self, **changes):
+        from pipeline.config import TrainParams
+
+        values = {"batch_size": self.batch_size, "max_epochs": self.epochs}
+        values |= {"patience": self.epochs, "accelerator": "cpu", **changes}
+        return TrainParams(**values)
+
+    def limits(self) -> list:
+        """The callbacks that make Lightning stop at the workload's batch counts."""
+        return (
+            []
+            if self.train_batches is None
+            else [batch_limit(self.train_batches, self.val_batches)]
+        )
+
+
+def epoch_clock():
+    """A Lightning callback: the start of every training epoch and the end of training, so
+    that epoch i lasts ``marks[i + 1] - marks[i]``, validation and epoch-end work included;
+    and each epoch's val/loss, to check that both sides computed the same."""
+    import lightning.pytorch as pl
+
+    class EpochClock(pl.Callback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+            self.val_losses: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.marks.append(time.perf_counter())
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:
+                self.val_losses.append(trainer.callback_metrics["val/loss"].item())
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.marks.append(time.perf_counter())
+
+        def epochs(self) -> list[float]:
+            return [b - a for a, b in itertools.pairwise(self.marks)]
+
+    return EpochClock()
+
+
+def batch_limit(train: int, val: int):
+    """Lightning's ``limit_train_batches``/``limit_val_batches`` for a fit whose Trainer
+    ``pipeline.training.fit`` builds: set on the trainer before its loops read them."""
+    import lightning.pytorch as pl
+
+    class BatchLimit(pl.Callback):
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            trainer.limit_train_batches, trainer.limit_val_batches = train, val
+
+    return BatchLimit()
+
+
+def stage_fit(work: Workload, store: Path, logging: bool = True, hp=None, **fit_options):
+    """The train stage's training: its callbacks and Lightning's MLFlowLogger (as the stage
+    builds them) around ``pipeline.training.fit``. Returns seconds per epoch, val/loss per
+    epoch, and seconds of the whole fit. ``hp``: changes to the workload's train section."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from pipeline.config import ModelParams
+    from pipeline.stages.train import Resume, train_callbacks
+    from pipeline.training import fit
+
+    hp = work.hp(**(hp or {}))
+    resume = Resume("bench", store / f"resume-{time.monotonic_ns()}")
+    callbacks, _ = train_callbacks(hp, resume)
+    clock = epoch_clock()
+    logger = False
+    if logging:
+        uri = f"sqlite:///{store}/mlflow.db"
+        logger = MLFlowLogger(experiment_name="bench", tracking_uri=uri, run_name="bench")
+    start = time.perf_counter()
+    with quiet():
+        fit(
+            hp,
+            ModelParams(),
+            work.data,
+            [*callbacks, clock, *work.limits()],
+            logger=logger,
+            default_root_dir=str(store),
+            **fit_options,
+        )
+    seconds = time.perf_counter() - start
+    resume.finished()  # removes its checkpoints
+    return clock.epochs(), clock.val_losses, seconds
+
+
+def bare_fit(work: Workload, store: Path) -> tuple[list[float], list[float]]:
+    """``pipeline.training.fit`` with no logger and no callbacks but the clock."""
+    from pipeline.config import ModelParams
+    from pipeline.training import fit
+
+    clock = epoch_clock()
+    with quiet():
+        fit(
+            work.hp(),
+            ModelParams(),
+            work.data,
+            [clock, *work.limits()],
+            default_root_dir=str(store),
+        )
+    return clock.epochs(), clock.val_losses
+
+
+def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], list[float]]:
+    """What you would write by hand, in plain PyTorch: seconds per epoch, and val/loss per
+    epoch.
+
+    Shuffles with a seeded generator and indexes each batch from the in-memory tensors, steps
+    AdamW and, once per epoch, the cosine schedule; checks the epoch's loss is finite;
+    validates in batches of ``max(batch_size, 512)``, as ours does, and prints a line. With
+    ``store`` it also does what the train stage does each epoch: logs the epoch's metrics with
+    ``mlflow.log_metrics`` and keeps a copy of the best weights by val/loss, counting epochs
+    without improvement for early stopping."""
+    import torch
+    from torch.nn import functional as F
+
+    from pipeline.config import ModelParams
+    from pipeline.models import build_net, model_spec
+
+    hp, mp = work.hp(), ModelParams()
+    (x, y), (xv, yv) = work.data.tensors["train"], work.data.tensors["val"]
+    torch.manual_seed(hp.seed)
+    torch.use_deterministic_algorithms(bool(hp.deterministic), warn_only=hp.deterministic == "warn")
+    net = build_net(model_spec(mp.name, work.data.manifest, mp.channels, mp.dropout))
+    opt = torch.optim.AdamW(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp.max_epochs)
+    generator = torch.Generator().manual_seed(hp.seed)
+    bs, val_bs = hp.batch_size, max(hp.batch_size, 512)
+    train_stop = len(x) if work.train_batches is None else work.train_batches * bs
+    val_stop = len(xv) if work.val_batches is None else work.val_batches * val_bs
+    times, val_losses, best, best_weights, waited = [], [], float("inf"), None, 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(quiet())
+        # As in a process that never imported Lightning, which sets this variable; with it,
+        # every AdamW step asks NVML whether CUDA is there (tens of µs).
+        stack.enter_context(mock.patch.dict(os.environ))
+        os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+        if store is not None:
+            import mlflow
+
+            mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+            mlflow.set_experiment("bench-hand-loop")
+            stack.enter_context(mlflow.start_run())
+        for epoch in range(hp.max_epochs):
+            start = time.perf_counter()
+            net.train()
+            order = torch.randperm(len(x), generator=generator)
+            loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+            for i in range(0, min(train_stop, len(x)), bs):
+                batch = order[i : i + bs]
+                xb, yb = x[batch], y[batch]
+                logits = net(xb)
+                loss = F.cross_entropy(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(yb)
+                correct += (logits.argmax(1) == yb).sum()
+                seen += len(yb)
+            schedule.step()
+            metrics = {"train/loss": loss_sum.item() / seen, "train/acc": correct.item() / seen}
+            if not math.isfinite(metrics["train/loss"]):
+                raise RuntimeError(f"training diverged: train/loss is {metrics['train/loss']}")
+            net.eval()
+            loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+            with torch.no_grad():
+                for i in range(0, min(val_stop, len(xv)), val_bs):
+                    logits, yb = net(xv[i : i + val_bs]), yv[i : i + val_bs]
+                    loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+                    correct += (logits.argmax(1) == yb).sum()
+                    seen += len(yb)
+            metrics |= {"val/loss": loss_sum.item() / seen, "val/acc": correct.item() / seen}
+            print(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if store is not None:
+                mlflow.log_metrics(metrics, step=epoch)
+                if metrics["val/loss"] < best:
+                    best, waited = metrics["val/loss"], 0
+                    best_weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                else:
+                    waited += 1
+            times.append(time.perf_counter() - start)
+            val_losses.append(metrics["val/loss"])
+            if waited >= hp.patience:
+                break
+    del best_weights
+    return times, val_losses
+
+
+def same(a: list[float], b: list[float]) -> bool:
+    close = (math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-4) for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(close)
+
+
+def compare(metric: str, ours, reference, rounds: int, goal: float | None) -> dict:
+    """Interleaved rounds of two training functions that return (seconds per epoch, val/loss
+    per epoch). A run counts its median epoch, the first (warm-up) epoch left out. The row
+    fails if the runs did not all compute the same val losses: then they did different work."""
+    losses = []
+
+    def median_epoch(train):
+        def measure() -> float:
+            times, val_losses = train()
+            losses.append(val_losses)
+            return statistics.median(times[1:])
+
+        return measure
+
+    o, r = interleaved(median_epoch(ours), median_epoch(reference), rounds)
+    row = ratio_row(metric, o, r, goal)
+    row["same_val_losses"] = all(same(losses[0], other) for other in losses)
+    row["pass"] = row["pass"] and row["same_val_losses"]
+    return row
+
+
+def workloads(ctx: Context) -> list[Workload]:
+    return [
+        Workload(
+            "digits, 1,257 images of 8×8, batch 64", ctx.once("digits", digits_prepared), 64, 5
+        ),
+        Workload(
+            f"MNIST-sized, 60,000 images of 1×28×28, batch 128, first {TRAIN_BATCHES} batches "
+            f"+ {VAL_BATCHES} val batches of 512 per epoch",
+            ctx.once("mnist-sized", mnist_sized),
+            128,
+            4,
+            TRAIN_BATCHES,
+            VAL_BATCHES,
+        ),
+    ]
+
+
+def run(ctx: Context) -> list[dict]:
+    import inspect
+
+    from pipeline.training import fit
+
+    store, rows = ctx.scratch, []
+    digits, mnist = workloads(ctx)
+    for work in (digits, mnist):
+        rows.append(
+            compare(
+                f"train-stage epoch vs hand loop, both logging to MLflow ({work.name})",
+                lambda w=work: stage_fit(w, store)[:2],
+                lambda w=work: hand_loop(w, store),
+                ctx.reps,
+                GOAL,
+            )
+        )
+    rows.append(
+        compare(
+            "  (digits: Lightning loop alone vs bare hand loop)",
+            lambda: bare_fit(digits, store),
+            lambda: hand_loop(digits),
+            ctx.reps,
+            None,
+        )
+    )
+    if "plain_cuda_check" in inspect.signature(fit).parameters:
+        rows.append(
+            compare(
+                "  (digits: train stage with fit's plain_cuda_check vs without)",
+                lambda: stage_fit(digits, store, plain_cuda_check=True)[:2],
+                lambda: stage_fit(digits, store, plain_cuda_check=False)[:2],
+                ctx.reps,
+                None,
+            )
+        )
+    return rows
