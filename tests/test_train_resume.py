@@ -1,0 +1,210 @@
+"""The train stage in-process: checkpoints, interruption and resume, the kept (best) weights,
+and what it records in MLflow (per-epoch metrics at step = epoch, device, determinism)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import pipeline.stages.train as stage
+from pipeline.config import ModelParams, TrainParams
+from pipeline.io import StageError, Terminated
+from pipeline.stages.train import Resume, train
+
+HP = TrainParams(max_epochs=4, patience=4, batch_size=64, accelerator="cpu")
+MODEL = ModelParams(channels=8)
+
+
+class SignalAt(pl.Callback):
+    """Sends ``signum`` to this process as batch ``batch`` of epoch ``epoch`` (1-based) starts."""
+
+    def __init__(self, signum: int, epoch: int, batch: int) -> None:
+        self.signum, self.epoch, self.batch = signum, epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch + 1 == self.epoch and batch_idx + 1 == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+def with_callbacks(monkeypatch, *extra: pl.Callback) -> None:
+    """Make the stage train with ``extra`` callbacks besides its own."""
+    original = stage.train_callbacks
+
+    def callbacks(hp, resume):
+        own, checkpoint = original(hp, resume)
+        return [*own, *extra], checkpoint
+
+    monkeypatch.setattr(stage, "train_callbacks", callbacks)
+
+
+def run_train(digits_prepared, tmp_path, name: str, hp: TrainParams = HP) -> dict:
+    """What the stage's main() does around train(): the resume state goes once it is done."""
+    out = tmp_path / name
+    out.mkdir(exist_ok=True)
+    resume = Resume("key")
+    run = train(hp, MODEL, digits_prepared, "t", out, resume)
+    resume.finished()
+    return run
+
+
+def epoch_lines(text: str) -> list[int]:
+    return [
+        int(line.split()[2].split("/")[0])
+        for line in text.splitlines()
+        if line.startswith("[train] epoch")
+    ]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_an_interrupted_run_saves_a_checkpoint_and_resumes_exactly(
+    digits_prepared, mlflow_store, monkeypatch, capsys, signum
+):
+    from mlflow.tracking import MlflowClient
+
+    tmp = mlflow_store
+    reference = run_train(digits_prepared, tmp, "reference")
+    capsys.readouterr()
+    handlers = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+
+    with monkeypatch.context() as patch:
+        with_callbacks(patch, SignalAt(signum, epoch=2, batch=6))
+        expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        with pytest.raises(expected):
+            run_train(digits_prepared, tmp, "interrupted")
+    out = capsys.readouterr().out
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    assert "[train] interrupted in epoch 2 after 26 optimizer steps" in out  # 20 + 6 steps
+    assert "saved to .runway/train/last.ckpt; run the stage again to resume" in out
+    assert epoch_lines(out) == [1]
+    client = MlflowClient()
+    killed = client.get_run(_last_run_id(client))
+    assert killed.info.status == "KILLED"
+
+    resumed = run_train(digits_prepared, tmp, "resumed")
+    out = capsys.readouterr().out
+    assert "[train] resuming the interrupted run from .runway/train/last.ckpt" in out
+    assert epoch_lines(out) == [2, 3, 4]
+    assert resumed["run_id"] == killed.info.run_id
+    assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
+    assert not (tmp / ".runway/train").exists()
+    # Same weights, same metrics, one point per epoch at steps 0..3, as if never stopped.
+    assert (tmp / "resumed/model.pt").read_bytes() == (tmp / "reference/model.pt").read_bytes()
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        got = sorted(client.get_metric_history(resumed["run_id"], key), key=lambda m: m.step)
+        want = sorted(client.get_metric_history(reference["run_id"], key), key=lambda m: m.step)
+        assert [m.step for m in got] == [0, 1, 2, 3]
+        assert [m.value for m in got] == [m.value for m in want]
+
+
+def _last_run_id(client) -> str:
+    (experiment,) = [e for e in client.search_experiments() if e.name == "t"]
+    runs = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])
+    return runs[0].info.run_id
+
+
+def test_the_run_logs_epoch_metrics_device_and_determinism(digits_prepared, mlflow_store, capsys):
+    from mlflow.tracking import MlflowClient
+
+    assert not hasattr(stage, "BatchedMLFlowLogger")  # Lightning's own MLFlowLogger
+    run = run_train(digits_prepared, mlflow_store, "out", HP.model_copy(update={"max_epochs": 3}))
+    out = capsys.readouterr().out
+    assert "[train] device cpu (" in out
+    client = MlflowClient()
+    tags = client.get_run(run["run_id"]).data.tags
+    assert tags["device"].startswith("cpu (") and tags["determinism"] == "on"
+    history = client.get_metric_history(run["run_id"], "val/loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert client.get_metric_history(run["run_id"], "epoch") == []
+    assert client.get_metric_history(run["run_id"], "step") == []
+    assert run["epochs_trained"] == 3
+
+
+def test_the_model_is_the_best_epoch_not_the_last(digits_prepared, mlflow_store, monkeypatch):
+    class Weights(pl.Callback):
+        def __init__(self) -> None:
+            self.epochs: list[tuple[float, dict]] = []
+
+        def on_validation_end(self, trainer, pl_module):
+            state = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+            self.epochs.append((trainer.callback_metrics["val/loss"].item(), state))
+
+    weights = Weights()
+    with_callbacks(monkeypatch, weights)
+    # A high learning rate kept high (cosine over 40 epochs): val/loss rises in epoch 2,
+    # and early stopping (patience 1) ends the run there.
+    hp = HP.model_copy(update={"max_epochs": 40, "patience": 1, "lr": 0.05, "optimizer": "adam"})
+    run = run_train(digits_prepared, mlflow_store, "out", hp)
+    losses = [loss for loss, _ in weights.epochs]
+    best = losses.index(min(losses))
+    assert best != len(losses) - 1
+    assert run["best_val/loss"] == pytest.approx(losses[best])
+    saved = torch.load(mlflow_store / "out/model.pt", weights_only=True)
+    for key, value in weights.epochs[best][1].items():
+        assert torch.equal(saved[key], value), key
+
+
+def test_resume_modes_and_unusable_checkpoints(tmp_path, capsys):
+    from pipeline.io import write_json
+
+    resume = Resume("key", tmp_path / "state")
+    with pytest.raises(StageError, match=r"train.resume is 'must' but .*last.ckpt does not exist"):
+        resume.find("must")
+    assert resume.find("auto") == (None, None)
+
+    resume.dir.mkdir()
+    write_json(resume.state, {"key": "other", "run_id": "r"})
+    torch.save({"epoch": 0, "global_step": 1}, resume.last)
+    with pytest.raises(StageError, match="is from a run with other params or data"):
+        resume.find("must")
+    assert resume.find("auto") == (None, None)
+    assert "not resuming" in capsys.readouterr().out and not resume.dir.exists()
+
+    resume.dir.mkdir()
+    write_json(resume.state, {"key": "key", "run_id": "r"})
+    resume.last.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    with pytest.raises(StageError, match="last.ckpt: cannot resume from this checkpoint"):
+        resume.find("must")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"epoch": 0, "global_step": 1, "state_dict": Payload()}, resume.last)
+    with pytest.raises(StageError, match="refused: it needs pickle to load"):
+        resume.find("auto")
+    assert not (tmp_path / "pwned").exists()
+
+    torch.save({"epoch": 2, "global_step": 50}, resume.last)
+    assert resume.find("must") == (resume.last, "r")
+    assert "(saved in epoch 3, after 50 optimizer steps)" in capsys.readouterr().out
+
+
+def test_ops_without_a_deterministic_kernel_are_recorded(digits_prepared):
+    import warnings
+
+    from pipeline.stages.train import determinism
+    from pipeline.training import fit, nondeterministic_ops
+
+    class Warns(pl.Callback):
+        """What torch warns on a GPU with deterministic 'warn' (e.g. the CNN's pooling)."""
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            warnings.warn(
+                "adaptive_avg_pool2d_backward_cuda does not have a deterministic "
+                "implementation, but you set 'torch.use_deterministic_algorithms(True, "
+                "warn_only=True)'.",
+                UserWarning,
+                stacklevel=1,
+            )
+
+    hp = TrainParams(max_epochs=1, accelerator="cpu")
+    with pytest.warns(UserWarning, match="deterministic"), nondeterministic_ops() as ops:
+        fit(hp, MODEL, digits_prepared, [Warns()])
+    assert ops == ["adaptive_avg_pool2d_backward_cuda"]
+    assert determinism(hp, ops) == "partial (adaptive_avg_pool2d_backward_cuda)"
+    assert determinism(hp, []) == "on"
+    assert determinism(hp.model_copy(update={"deterministic": False}), []) == "off"
