@@ -9,9 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import Context, child_env, project_copy, result, timed
+from benchmarks.common import ROOT, Context, child_env, project_copy, result, timed
 
-STAGES = ["ingest", "validate", "tune", "train", "evaluate", "register"]
+
+def dvc_stages() -> list[str]:
+    """The pipeline's stage modules in dvc.yaml's order (each stage's command is
+    ``python -m pipeline.stages.<name>``)."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return [stage["cmd"].split()[-1].rsplit(".", 1)[-1] for stage in stages.values()]
+
+
+STAGES = dvc_stages()
 
 # Runs a stage module and, as the interpreter exits, records VmHWM. wait4's ru_maxrss would
 # not do: Linux carries the parent's resident size across fork+exec into the child's
