@@ -15,8 +15,9 @@ Each round trains each side once, alternating which goes first; an epoch's time 
 epoch's start to the next's (so whatever Lightning does between epochs counts), and the first
 epoch (warm-up) is dropped. The ratio is the median of the rounds' ratios. For information, the
 digits also get the Lightning loop alone against a bare hand loop (no logging, no callbacks),
-and the train stage with and without ``plain_cuda_check`` (pipeline/training.py's lifting of
-``PYTORCH_NVML_BASED_CUDA_CHECK`` during a fit) when it exists.
+and the train stage with and without ``fit(..., plain_cuda_check=...)`` while that option
+exists: the lifting of ``PYTORCH_NVML_BASED_CUDA_CHECK`` (set by importing Lightning) during
+a fit. The hand loop always runs without that variable, as in a process without Lightning.
 """
 
 from __future__ import annotations
