@@ -100,6 +100,9 @@ class InMemoryData(pl.LightningDataModule):
         x, y = self.on_device["val"]
         return TensorBatches(x, y, max(self.batch_size, 512))
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return batch  # slices of tensors already on the device: nothing to move per step
+
 
 class MetricHistory(pl.Callback):
     """Collects every epoch's logged metrics (``history[i]`` is epoch i's dict)."""

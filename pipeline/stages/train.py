@@ -162,26 +162,31 @@ def merged_params(
 
 
 def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback], ModelCheckpoint]:
-    """What the train stage trains with: early stopping, the checkpoints (best by
-    ``train.monitor`` and last, every epoch), the checkpoint on interruption and one line per
-    epoch. Returns the callbacks and the ModelCheckpoint, which knows the best epoch."""
+    """What the train stage trains with: early stopping, the best epoch's weights by
+    ``train.monitor`` (``best.ckpt``), the state to resume from at every epoch end and on
+    SIGTERM or ^C (``last.ckpt``), and one line per epoch. Returns the callbacks and the
+    ModelCheckpoint that knows the best epoch."""
     mode = "max" if direction(hp.monitor) == "maximize" else "min"
-    checkpoint = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=resume.dir,
         filename=resume.best.stem,
         monitor=hp.monitor,
         mode=mode,
         save_top_k=1,
-        save_last=True,
+        save_weights_only=True,  # the model is all it is for
         enable_version_counter=False,
+    )
+    last = ModelCheckpoint(
+        dirpath=resume.dir, save_top_k=0, save_last=True, enable_version_counter=False
     )
     callbacks = [
         EarlyStopping(monitor=hp.monitor, mode=mode, patience=hp.patience),
-        checkpoint,
+        best,
+        last,
         InterruptCheckpoint(resume.dir, filename=resume.last.stem),
         EpochLine(),
     ]
-    return callbacks, checkpoint
+    return callbacks, best
 
 
 def determinism(hp: TrainParams, nondeterministic: list[str]) -> str:
