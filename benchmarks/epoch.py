@@ -264,10 +264,29 @@ def compare(metric: str, ours, reference, rounds: int, goal: float | None) -> di
     return row
 
 
+def cuda_check(nvml: bool, calls: int = 2000):
+    """A measurement: seconds per ``torch.cuda.is_available()``, which AdamW calls on every
+    ``step()`` (once per step in torch 2.14), with ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (set by
+    importing Lightning: each call asks NVML) or without it (what ``plain_cuda_check`` gives a
+    fit)."""
+    import torch
+
+    def measure() -> float:
+        with mock.patch.dict(os.environ, {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}):
+            if not nvml:
+                del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+            start = time.perf_counter()
+            for _ in range(calls):
+                torch.cuda.is_available()
+            return (time.perf_counter() - start) / calls
+
+    return measure
+
+
 def workloads(ctx: Context) -> list[Workload]:
     return [
         Workload(
-            "digits, 1,257 images of 8×8, batch 64", ctx.once("digits", digits_prepared), 64, 5
+            "digits, 1,257 images of 8×8, batch 64", ctx.once("digits", digits_prepared), 64, 8
         ),
         Workload(
             f"MNIST-sized, 60,000 images of 1×28×28, batch 128, first {TRAIN_BATCHES} batches "
@@ -315,6 +334,18 @@ def run(ctx: Context) -> list[dict]:
                 lambda: stage_fit(digits, store, plain_cuda_check=False)[:2],
                 ctx.reps,
                 None,
+            )
+        )
+        lifted, checked = interleaved(cuda_check(False), cuda_check(True), max(ctx.reps, 5))
+        rows.append(
+            ratio_row(
+                "  (what it lifts, once per optimiser step: torch.cuda.is_available() without "
+                "vs with NVML)",
+                lifted,
+                checked,
+                None,
+                unit="µs",
+                scale=1e6,
             )
         )
     return rows
