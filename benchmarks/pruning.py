@@ -4,11 +4,9 @@ without. Counted in epochs: those the pruned study trains until one of its trial
 no-pruning study's best val accuracy (within 0.2 pp), against all the epochs the no-pruning
 study trains. Goal ≤ 0.5×.
 
-Each trial is the tune stage's: ``pipeline.stages.tune.suggest`` for the trial's params and
-``pipeline.training.fit`` with Optuna's Lightning pruning callback. The sampler and pruners
-are built here with the arguments the tune stage uses (TPE with min(5, n_trials) start-up
-trials; median with 3 start-up trials and 2 warm-up epochs): the stage keeps its builders
-private."""
+The studies are the tune stage's own: ``open_study`` (its sampler and pruner; here in a
+scratch SQLite store), ``suggest`` for each trial's params, ``pipeline.training.fit`` with
+Optuna's Lightning pruning callback, and ``optimize``."""
 
 from __future__ import annotations
 
@@ -18,23 +16,19 @@ GOAL = 0.5
 WITHIN = 0.002  # of the no-pruning study's best val accuracy
 
 
-def study(params, pruned: bool, data) -> dict:
-    """Run one study; each trial's (epochs trained, best val/acc), in trial order."""
-    import optuna
+def study(ctx: Context, params, pruner: str) -> dict:
+    """Run one new study with ``tune.pruner: <pruner>``; each trial's (epochs trained, best
+    val/acc), in trial order."""
     from optuna_integration import PyTorchLightningPruningCallback
 
     from pipeline.config import direction
-    from pipeline.stages.tune import suggest
+    from pipeline.stages.tune import open_study, optimize, suggest
     from pipeline.training import MetricHistory, fit
 
-    cfg = params.tune
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(5, cfg.n_trials))
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-        if pruned
-        else optuna.pruners.NopPruner()
-    )
-    s = optuna.create_study(direction=direction(cfg.metric), sampler=sampler, pruner=pruner)
+    params = params.model_copy(update={"tune": params.tune.model_copy(update={"pruner": pruner})})
+    cfg, data = params.tune, ctx.once("digits", digits_prepared)
+    with quiet():
+        s, todo = open_study(params, f"bench-{pruner}", f"sqlite:///{ctx.scratch}/optuna.db")
     log = []
 
     def objective(trial) -> float:
@@ -49,7 +43,7 @@ def study(params, pruned: bool, data) -> dict:
         values = [h[cfg.metric] for h in history.history]
         return min(values) if direction(cfg.metric) == "minimize" else max(values)
 
-    s.optimize(objective, n_trials=cfg.n_trials, catch=(Exception,))
+    optimize(s, objective, todo)
     return {"log": log, "epochs": sum(e for e, _ in log), "best_acc": max(a for _, a in log)}
 
 
@@ -59,8 +53,8 @@ def run(ctx: Context) -> list[dict]:
     from pipeline.config import Params
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    params, data = Params(), ctx.once("digits", digits_prepared)
-    plain, pruned = study(params, False, data), study(params, True, data)
+    params = Params()
+    plain, pruned = study(ctx, params, "none"), study(ctx, params, "median")
     until, spent = None, 0
     for epochs, acc in pruned["log"]:
         spent += epochs
