@@ -285,12 +285,9 @@ def cuda_check(nvml: bool, calls: int = 2000):
 
 def workloads(ctx: Context) -> list[Workload]:
     return [
+        Workload("digits 1,257×8×8, batch 64", ctx.once("digits", digits_prepared), 64, 8),
         Workload(
-            "digits, 1,257 images of 8×8, batch 64", ctx.once("digits", digits_prepared), 64, 8
-        ),
-        Workload(
-            f"MNIST-sized, 60,000 images of 1×28×28, batch 128, first {TRAIN_BATCHES} batches "
-            f"+ {VAL_BATCHES} val batches of 512 per epoch",
+            f"MNIST-sized 60,000×1×28×28, batch 128, {TRAIN_BATCHES}+{VAL_BATCHES} batches/epoch",
             ctx.once("mnist-sized", mnist_sized),
             128,
             4,
@@ -310,7 +307,7 @@ def run(ctx: Context) -> list[dict]:
     for work in (digits, mnist):
         rows.append(
             compare(
-                f"train-stage epoch vs hand loop, both logging to MLflow ({work.name})",
+                f"train-stage epoch vs hand loop, both log to MLflow ({work.name})",
                 lambda w=work: stage_fit(w, store)[:2],
                 lambda w=work: hand_loop(w, store),
                 ctx.reps,
