@@ -201,17 +201,19 @@ def trainer_options(hp: TrainParams, checkpointing: bool = False) -> dict:
     }
 
 
-def fit_environment(hp: TrainParams, plain_cuda_check: bool = PLAIN_CUDA_CHECK) -> dict:
+def fit_environment(hp: TrainParams, plain_cuda_check: bool | None = None) -> dict:
     """Environment variables set (a string) or removed (None) for the duration of a fit.
 
     ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` for deterministic cuBLAS on a CUDA device when
     ``deterministic`` is true or ``"warn"`` (torch reads it when it first uses cuBLAS in the
-    process). ``plain_cuda_check`` lifts ``PYTORCH_NVML_BASED_CUDA_CHECK``, which importing
-    Lightning sets for the whole process to keep forked workers CUDA-safe: with it set,
-    ``torch.cuda.is_available()`` asks NVML on every call until CUDA is initialised, and
-    Adam/AdamW call it on every ``step()`` (40-85 µs per step when training on the CPU, more
-    where an NVIDIA driver is installed; nothing once CUDA is in use). Nothing forks during a
-    fit: batches are slices of in-memory tensors."""
+    process). ``plain_cuda_check`` (None: :data:`PLAIN_CUDA_CHECK`) lifts
+    ``PYTORCH_NVML_BASED_CUDA_CHECK``, which importing Lightning sets for the whole process
+    to keep forked workers CUDA-safe: with it set, ``torch.cuda.is_available()`` asks NVML on
+    every call until CUDA is initialised, and Adam/AdamW call it on every ``step()`` (40-85 µs
+    per step when training on the CPU, more where an NVIDIA driver is installed; nothing once
+    CUDA is in use). Nothing forks during a fit: batches are slices of in-memory tensors."""
+    if plain_cuda_check is None:
+        plain_cuda_check = PLAIN_CUDA_CHECK
     env: dict[str, str | None] = {}
     if hp.deterministic and resolve(hp.accelerator).type == "cuda":
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
@@ -353,7 +355,7 @@ def fit(
     """Seed, build and train one model on the train split, validating on val every epoch.
 
     With ``ckpt_path``, training continues from that checkpoint (loaded weights-only).
-    ``plain_cuda_check`` (default :data:`PLAIN_CUDA_CHECK`): see :func:`fit_environment`.
+    ``plain_cuda_check`` (None: :data:`PLAIN_CUDA_CHECK`): see :func:`fit_environment`.
     SIGTERM and ^C stop at the next step end (see :class:`SignalsAtStepEnd`) with the
     exception their handlers raise (``pipeline.io.Terminated`` under ``tracking.run``;
     ``KeyboardInterrupt``, which Lightning alone would turn into ``sys.exit(1)``)."""
@@ -365,8 +367,7 @@ def fit(
     signals = SignalsAtStepEnd()
     callbacks = [*callbacks, signals]
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    plain = PLAIN_CUDA_CHECK if plain_cuda_check is None else plain_cuda_check
-    with fit_scope(fit_environment(hp, plain)), signals.deferring():
+    with fit_scope(fit_environment(hp, plain_cuda_check)), signals.deferring():
         trainer = pl.Trainer(
             **trainer_options(hp, checkpointing),
             logger=logger,
