@@ -26,7 +26,7 @@ test: $(STAMP)
 
 ## test-fast: the in-process unit tests only (no `dvc repro`, no stage subprocesses)
 test-fast: $(STAMP)
-	python -m pytest -m "not slow" -q
+	python -m pytest -m "not slow" -q -n $(TEST_WORKERS)
 
 ## bench: compare against a hand-written PyTorch loop and friends; writes reports/bench.json
 bench: $(STAMP)

@@ -103,6 +103,7 @@ def _backbone_fit(shape, tmp_path, freeze: bool):
     return saved, start.state, module.net
 
 
+@pytest.mark.slow  # trains a model for several seconds
 @pytest.mark.parametrize("shape", [[3, 32, 32], [1, 8, 8]])
 def test_transfer_learning_trains_only_the_head_when_frozen(tmp_path, shape):
     saved, before, net = _backbone_fit(shape, tmp_path, freeze=True)
@@ -129,6 +130,7 @@ def test_transfer_learning_trains_only_the_head_when_frozen(tmp_path, shape):
     assert not any(p.requires_grad for p in net.backbone.layer4.parameters())
 
 
+@pytest.mark.slow  # trains a model for several seconds
 def test_unfrozen_transfer_learning_fine_tunes_the_backbone(tmp_path):
     saved, before, net = _backbone_fit([3, 32, 32], tmp_path, freeze=False)
     key = "layer4.1.conv2.weight"

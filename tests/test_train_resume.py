@@ -59,6 +59,7 @@ def epoch_lines(text: str) -> list[int]:
     ]
 
 
+@pytest.mark.slow  # trains and interrupts a model twice
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_an_interrupted_run_saves_a_checkpoint_and_resumes_exactly(
     digits_prepared, mlflow_store, monkeypatch, capsys, signum

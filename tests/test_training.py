@@ -19,6 +19,7 @@ def test_cnn_takes_raw_pixels_of_any_small_size(shape):
     assert out.shape == (4, 10) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow  # trains a model for several seconds
 def test_training_is_seeded_and_learns(digits_prepared):
     hp = TrainParams(max_epochs=3, batch_size=32, accelerator="cpu")
     model = ModelParams(channels=8)
@@ -49,6 +50,7 @@ def test_best_params_override_train_and_model_sections(tmp_path):
         merged_params(params, best)
 
 
+@pytest.mark.slow  # trains a model for several seconds
 def test_automatic_optimisation_accumulates_clips_and_follows_the_cosine_schedule(
     digits_prepared,
 ):
@@ -89,6 +91,7 @@ def test_automatic_optimisation_accumulates_clips_and_follows_the_cosine_schedul
     assert unclipped.norm > 0.05
 
 
+@pytest.mark.slow  # trains a model for several seconds
 def test_epoch_metrics_are_torchmetrics_logged_once_per_epoch(digits_prepared):
     from torchmetrics.classification import MulticlassAccuracy
 
@@ -202,6 +205,7 @@ def test_the_options_build_a_trainer():
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow  # trains a model for several seconds
 def test_a_fit_puts_back_what_it_changes_in_the_process(digits_prepared, monkeypatch):
     import logging
     import os
@@ -255,6 +259,7 @@ def test_a_fit_puts_back_what_it_changes_in_the_process(digits_prepared, monkeyp
     assert seen == {"deterministic": False, "nvml": "1"}
 
 
+@pytest.mark.slow  # trains a model for several seconds
 def test_importing_the_training_modules_changes_nothing_in_the_process():
     import subprocess
     import sys
