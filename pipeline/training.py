@@ -29,7 +29,7 @@ from pipeline.config import ModelParams, TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
 from pipeline.data.table import PREPARED_DIR, Manifest
 from pipeline.device import resolve
-from pipeline.io import StageError, read_json
+from pipeline.io import StageError, read_json, require
 from pipeline.models import build_net, incompatibility, model_spec
 from pipeline.models.cnn import Scale
 from pipeline.models.module import Classifier
@@ -57,16 +57,10 @@ class Prepared:
 
 def load_prepared(prepared_dir: Path = PREPARED_DIR, splits=("train", "val", "test")) -> Prepared:
     """Read the validated splits and their manifest."""
-    manifest_path = prepared_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise StageError(f"{manifest_path} not found: run the validate stage first")
-    manifest = Manifest.from_dict(read_json(manifest_path))
+    manifest = Manifest.from_dict(read_json(require(prepared_dir / "manifest.json", "validate")))
     tables, tensors = {}, {}
     for split in splits:
-        path = prepared_dir / f"{split}.parquet"
-        if not path.exists():
-            raise StageError(f"{path} not found: run the validate stage first")
-        tables[split] = pd.read_parquet(path)
+        tables[split] = pd.read_parquet(require(prepared_dir / f"{split}.parquet", "validate"))
         tensors[split] = to_tensors(tables[split], manifest.image_shape)
     return Prepared(manifest, tables, tensors)
 
@@ -222,6 +216,15 @@ def fit_environment(hp: TrainParams, plain_cuda_check: bool | None = None) -> di
     return env
 
 
+def set_env(values: dict[str, str | None]) -> None:
+    """Set each variable; ``None`` removes it."""
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @contextlib.contextmanager
 def fit_scope(env: dict[str, str | None]) -> Iterator[None]:
     """Run a fit with ``env`` applied, Lightning's loggers at WARNING (its start-up banners
@@ -238,11 +241,7 @@ def fit_scope(env: dict[str, str | None]) -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in loggers]
     try:
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        set_env(env)
         for logger in loggers:
             logger.setLevel(logging.WARNING)
         with warnings.catch_warnings():
@@ -250,11 +249,7 @@ def fit_scope(env: dict[str, str | None]) -> Iterator[None]:
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        set_env(saved_env)
         torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
         torch.backends.cudnn.benchmark = flags[2]
         for logger, level in zip(loggers, levels, strict=True):

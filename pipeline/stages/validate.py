@@ -29,7 +29,7 @@ from pipeline.data.table import (
     SPLITS,
     Manifest,
 )
-from pipeline.io import StageError, atomic_dir, read_json, run_stage, write_json
+from pipeline.io import StageError, atomic_dir, read_json, require, run_stage, write_json
 from pipeline.validation.cleaning import clean
 from pipeline.validation.split import assign_splits
 from pipeline.validation.suite import class_counts, run_suites
@@ -41,8 +41,7 @@ FAILED_DIR = Path(".runway/validation-failed")  # the report of the last failed 
 def read_raw(raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, Manifest]:
     samples, manifest = raw_dir / "samples.parquet", raw_dir / "manifest.json"
     for path in (samples, manifest):
-        if not path.exists():
-            raise StageError(f"{path} not found: run the ingest stage first")
+        require(path, "ingest")
     try:
         table = pd.read_parquet(samples)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
