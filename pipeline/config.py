@@ -98,9 +98,15 @@ class DataParams(_Section):
     label_column: Annotated[str, Field(min_length=1)] = "label"
     classes: list[str | int] | None = Field(default=None, min_length=2)
     features: list[str] | None = Field(default=None, min_length=1)
+    delimiter: str = "auto"
 
     @model_validator(mode="after")
     def _path_given(self) -> DataParams:
+        if self.delimiter != "auto" and len(self.delimiter) != 1:
+            raise ValueError(
+                f"delimiter: {self.delimiter!r} is neither 'auto' nor one character "
+                "(e.g. ',', ';', '|' or a tab, written \"\\t\")"
+            )
         if self.source in ("image_folder", "csv") and not self.path:
             raise ValueError(f"path: source {self.source!r} reads a file or folder; set data.path")
         if self.download and self.source not in DOWNLOADABLE:

@@ -32,6 +32,12 @@ def incompatibility(name: str, image_shape: list[int], source: str) -> str | Non
     return None
 
 
+def class_names(manifest) -> list[str]:
+    """The name of each output, in output order: what identifies a class across data versions
+    (an index may mean another class after a class folder is added or renamed)."""
+    return list(manifest.class_names) or [str(c) for c in manifest.classes]
+
+
 def model_spec(name: str, manifest, channels: int, dropout: float) -> dict:
     """Everything needed to rebuild the network (weights come from the state dict)."""
     return {
@@ -39,6 +45,7 @@ def model_spec(name: str, manifest, channels: int, dropout: float) -> dict:
         "image_shape": manifest.image_shape,
         "n_classes": len(manifest.classes),
         "classes": manifest.classes,
+        "class_names": class_names(manifest),
         "pixel_range": manifest.pixel_range,
         "channels": channels,
         "dropout": dropout,

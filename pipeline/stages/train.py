@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
@@ -47,7 +48,7 @@ from pipeline.io import (
     run_stage,
     write_json,
 )
-from pipeline.models import MODELS_DIR, model_spec
+from pipeline.models import MODELS_DIR, class_names, model_spec
 from pipeline.training import EpochLine, Prepared, fit, load_prepared, nondeterministic_ops
 
 BEST_PARAMS = Path("reports/tune/best_params.json")
@@ -246,15 +247,19 @@ def train(
                 {f"best_{hp.monitor}": best_score, "epochs_trained": trainer.current_epoch}
             )
         )
-        # Served inputs are float32 raw values, whatever the storage dtype.
+        # Served inputs are float32 raw values, whatever the storage dtype. The outputs are
+        # one score per class, named in the signature and listed in the model's metadata:
+        # the registry compares models by class name, never by output position.
         example = data.tensors["train"][0][:5].to(torch.float32).numpy()
+        names = class_names(data.manifest)
         with torch.no_grad():
-            output = net(torch.from_numpy(example)).numpy()
+            output = pd.DataFrame(net(torch.from_numpy(example)).numpy(), columns=names)
         info = mlflow.pytorch.log_model(
             net,
             name="model",
             signature=infer_signature(example, output),
             input_example=example,
+            metadata={"class_names": names},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
         mlflow.log_dict(spec, "model_spec.json")
