@@ -10,6 +10,8 @@ import gzip
 import io
 import struct
 import tarfile
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,21 +81,42 @@ def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-def write_cifar(path: Path, per_batch: int = 60) -> int:
-    """A ``cifar-10-binary.tar.gz`` with the real member layout; returns the sample count."""
+CIFAR10_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
+def write_cifar(
+    path: Path,
+    per_batch: int = 60,
+    names: Sequence[str] | None = CIFAR10_NAMES,
+    classes: int | None = None,
+) -> int:
+    """A ``cifar-10-binary.tar.gz`` with the real member layout; returns the sample count.
+
+    ``names`` go to ``batches.meta.txt`` (None: no meta file); the records hold digits of
+    ``classes`` classes (default: as many as there are names, else 10)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    classes = classes or (len(names) if names else 10)
+    batches = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
     with tarfile.open(path, "w:gz") as archive:
-        for i, name in enumerate(names):
-            images, labels = digits_images(per_batch, 32, channels=3, offset=i * per_batch)
+        for i, name in enumerate(batches):
+            images, labels = digits_images(per_batch, 32, 3, classes, offset=i * per_batch)
             add_member(archive, f"cifar-10-batches-bin/{name}", cifar_records(images, labels))
-        meta = "\n".join(
-            ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship"]
-            + ["truck", ""]
-        )
-        add_member(archive, "cifar-10-batches-bin/batches.meta.txt", meta.encode())
+        if names is not None:
+            meta = "\n".join([*names, ""])
+            add_member(archive, "cifar-10-batches-bin/batches.meta.txt", meta.encode())
         add_member(archive, "cifar-10-batches-bin/readme.html", b"<html></html>")
-    return per_batch * len(names)
+    return per_batch * len(batches)
 
 
 def write_image_folder(
@@ -113,7 +136,28 @@ def write_image_folder(
     return len(images)
 
 
-def write_iris_csv(path: Path) -> int:
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_black_png(path: Path, width: int, height: int) -> Path:
+    """An all-black 1-bit PNG of ``width`` × ``height``: a real image, a few kilobytes on disk
+    (13,400 × 13,400 pixels take 22 kB), written row by row without holding it in memory."""
+    stream = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte 0, then the bits of one row
+    body = b"".join(stream.compress(row) for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grey
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", body + stream.flush())
+        + _png_chunk(b"IEND", b"")
+    )
+    return path
+
+
+def write_iris_csv(path: Path, sep: str = ",") -> int:
     """scikit-learn's bundled iris table with its species names as the label column."""
     from sklearn.datasets import load_iris
 
@@ -122,5 +166,5 @@ def write_iris_csv(path: Path) -> int:
     table["species"] = iris.target_names[iris.target]
     table = table.drop(columns="target")
     path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
+    table.to_csv(path, index=False, sep=sep)
     return len(table)

@@ -3,13 +3,23 @@
 ``data.path/<class name>/**/*.png|jpg|jpeg``. Classes are the sub-folder names in sorted order.
 Every image is decoded with Pillow, converted to grey (``data.color: grey``) or RGB, and resized
 to ``data.image_size`` × ``data.image_size``. A file that cannot be decoded (truncated,
-corrupt, not an image) is never read as black pixels: ingest stops and names every such file.
+corrupt, not an image, or over Pillow's decompression-bomb limit, twice
+``PIL.Image.MAX_IMAGE_PIXELS``) is never read as black pixels: ingest stops and names every
+such file. An image between once and twice that many pixels is decoded, as Pillow allows, and
+named in one line instead of Pillow's unnamed warning.
 Other files (README, .DS_Store) are skipped, as ImageFolder does.
+
+A symbolic link under ``data.path`` (to a file or a folder, at any depth) that leads outside
+``data.path`` stops ingest, naming the link and its target: the data set is what the folder
+holds. A link that stays inside the folder is read as what it points to (a class folder that is
+a link is listed like any other; links to folders below a class folder are not descended into).
 """
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +32,38 @@ EXTENSIONS = (".png", ".jpg", ".jpeg")
 SHOW_FILES = 10
 
 
+def _listing(files: list[str]) -> str:
+    more = f"; and {len(files) - SHOW_FILES} more" if len(files) > SHOW_FILES else ""
+    return "; ".join(files[:SHOW_FILES]) + more
+
+
+def links_outside(root: Path) -> list[str]:
+    """``link -> target`` for every symbolic link under ``root`` that leads outside it.
+
+    The walk follows no link, so a link to a folder is reported, not entered."""
+    inside = Path(os.path.realpath(root))
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + names):
+            path = Path(folder, name)
+            if path.is_symlink():
+                target = Path(os.path.realpath(path))  # a link loop stays where it is
+                if not target.is_relative_to(inside):
+                    found.append(f"{path} -> {target}")
+    return found
+
+
 def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names and (file, class index) pairs, in a stable sorted order."""
     if not root.is_dir():
         raise StageError(f"{root}: image folder not found (data.path)")
+    outside = links_outside(root)
+    if outside:
+        raise StageError(
+            f"{len(outside)} symbolic link(s) under {root} lead outside it: {_listing(outside)}. "
+            "Copy the files into the folder or remove the links."
+        )
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise StageError(
@@ -55,25 +93,42 @@ def load(params: DataParams) -> dict:
     pixels = np.empty((len(files), size, size, channels), dtype=np.uint8)
     labels = np.fromiter((label for _, label in files), dtype=np.int64, count=len(files))
     bad: list[str] = []
+    large: list[str] = []
     start, shown = time.monotonic(), time.monotonic()
-    for i, (path, _) in enumerate(files):
-        try:
-            with Image.open(path) as image:
-                image = image.convert(mode)  # forces a full decode: truncation raises here
-                if image.size != (size, size):
-                    image = image.resize((size, size), Image.Resampling.BILINEAR)
-                pixels[i] = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            bad.append(f"{path} ({type(exc).__name__}: {exc})")
-        if time.monotonic() - shown > 5:
-            shown = time.monotonic()
-            print(f"[ingest] decoded {i + 1} of {len(files)} images", flush=True)
+    with warnings.catch_warnings():
+        # Pillow warns, without naming the file, for images between 1x and 2x its limit;
+        # they are named below in one line instead. Over 2x, Image.open raises.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for i, (path, _) in enumerate(files):
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+                    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                        large.append(f"{path} ({width}×{height})")
+                    image = image.convert(mode)  # forces a full decode: truncation raises here
+                    if image.size != (size, size):
+                        image = image.resize((size, size), Image.Resampling.BILINEAR)
+                    pixels[i] = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+            except (
+                UnidentifiedImageError,
+                Image.DecompressionBombError,
+                OSError,
+                ValueError,
+                SyntaxError,
+            ) as exc:
+                bad.append(f"{path} ({type(exc).__name__}: {exc})")
+            if time.monotonic() - shown > 5:
+                shown = time.monotonic()
+                print(f"[ingest] decoded {i + 1} of {len(files)} images", flush=True)
     if bad:
-        listing = "; ".join(bad[:SHOW_FILES])
-        more = f"; and {len(bad) - SHOW_FILES} more" if len(bad) > SHOW_FILES else ""
         raise StageError(
             f"{len(bad)} of {len(files)} image file(s) under {root} cannot be decoded: "
-            f"{listing}{more}. Fix or remove them."
+            f"{_listing(bad)}. Fix or remove them."
+        )
+    if large:
+        print(
+            f"[ingest] {len(large)} image(s) over Pillow's decompression-bomb warning size "
+            f"({Image.MAX_IMAGE_PIXELS} pixels) decoded: {_listing(large)}"
         )
     print(
         f"[ingest] decoded {len(files)} images in {len(classes)} classes "

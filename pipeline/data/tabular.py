@@ -7,10 +7,17 @@ schema drift is caught before it reaches a model. Labels may be numbers or names
 classes are the sorted distinct labels, or ``data.classes`` when given (then a label not in it
 is an error). A feature cell that is not a number is an error naming its line and column;
 empty cells become NaN and are quarantined by validate with the reason.
+
+``data.delimiter`` is the one character between columns, or ``auto`` (the default): the
+delimiter is the one of ``,`` ``;`` tab ``|`` that splits the header into two or more columns,
+and, when several do, the one that splits every sampled line into as many columns as the
+header. When that still leaves more than one, ingest stops and asks for ``data.delimiter``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +28,45 @@ from pipeline.data.table import file_sha256, make_table
 from pipeline.io import StageError
 
 SHOW = 5
+DELIMITERS = (",", ";", "\t", "|")
+SAMPLE_BYTES = 64 * 1024
+SAMPLE_LINES = 50
+
+
+def detect_delimiter(path: Path) -> str:
+    """Which of DELIMITERS separates the columns, judged from the file's first lines."""
+    with path.open("rb") as file:
+        raw = file.read(SAMPLE_BYTES)
+        if len(raw) == SAMPLE_BYTES and b"\n" in raw:
+            raw = raw[: raw.rindex(b"\n")]  # whole lines only
+    text = raw.decode("utf-8-sig", errors="replace")
+    fields: dict[str, list[int]] = {}
+    for delimiter in DELIMITERS:
+        reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True)
+        counts = []
+        try:
+            for row in reader:
+                if row:
+                    counts.append(len(row))
+                if len(counts) == SAMPLE_LINES:
+                    break
+        except csv.Error:
+            pass
+        if counts and counts[0] >= 2:
+            fields[delimiter] = counts
+    if len(fields) > 1:
+        even = {d: c for d, c in fields.items() if all(n == c[0] for n in c)}
+        fields = even or fields
+    if len(fields) == 1:
+        return next(iter(fields))
+    if not fields:
+        return ","  # one column whatever the delimiter: the checks below say what is missing
+    lines = len(next(iter(fields.values())))
+    raise StageError(
+        f"{path}: cannot tell the column delimiter: "
+        + " and ".join(f"{d!r} ({c[0]} columns)" for d, c in fields.items())
+        + f" each split the first {lines} line(s) evenly; set data.delimiter to the right one"
+    )
 
 
 def _lines(index: pd.Index) -> str:
@@ -29,15 +75,13 @@ def _lines(index: pd.Index) -> str:
     return ", ".join(lines) + (f" and {len(index) - SHOW} more" if len(index) > SHOW else "")
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise StageError(f"{path}: CSV file not found (data.path)")
+def read_table(path: Path, delimiter: str) -> pd.DataFrame:
     try:
-        table = pd.read_csv(path, skipinitialspace=True)
+        table = pd.read_csv(path, sep=delimiter, skipinitialspace=True, engine="c")
     except pd.errors.EmptyDataError:
         raise StageError(f"{path}: the file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise StageError(f"{path}: not a readable CSV file: {exc}") from None
+        raise StageError(f"{path}: not a readable CSV file: {str(exc).strip()}") from None
     if table.empty:
         raise StageError(f"{path}: has a header but no rows")
     return table
@@ -92,12 +136,24 @@ def encode_labels(labels: pd.Series, params: DataParams, path: Path):
 
 def load(params: DataParams) -> dict:
     path = params.location()
-    table = read_table(path)
+    if not path.is_file():
+        raise StageError(f"{path}: CSV file not found (data.path)")
+    if params.delimiter == "auto":
+        delimiter, how = detect_delimiter(path), "detected"
+    else:
+        delimiter, how = params.delimiter, "data.delimiter"
+    print(f"[ingest] csv delimiter {delimiter!r} ({how})")
+    table = read_table(path, delimiter)
     column = params.label_column
     if column not in table:
+        hint = (
+            f"; one column only: is {delimiter!r} the delimiter? (data.delimiter)"
+            if len(table.columns) == 1
+            else ""
+        )
         raise StageError(
             f"{path}: no label column {column!r} (data.label_column); columns are "
-            f"{list(table.columns)}"
+            f"{list(table.columns)}{hint}"
         )
     features = [c for c in table.columns if c != column]
     if params.features is not None:

@@ -45,17 +45,23 @@ def write_raw(table: pd.DataFrame, info: dict, out_dir: Path = RAW_DIR) -> Manif
     return manifest
 
 
+def sample_kind(manifest: Manifest) -> str:
+    """What one sample is: ``images 3×32×32 uint8`` or ``4 features``."""
+    shape = manifest.image_shape
+    if len(shape) == 1:
+        return f"{shape[0]} feature{'s' if shape[0] != 1 else ''}"
+    return f"images {'×'.join(map(str, shape))} {manifest.dtype}"
+
+
 def main() -> None:
     params = load_params("data")
     where = "" if params.source == "digits" else f" from {params.location()}"
     print(f"[ingest] reading source {params.source!r}{where}")
     table, info = ingest(params)
     manifest = write_raw(table, info)
-    shape = "×".join(map(str, manifest.image_shape))
-    kind = f"images {shape} {manifest.dtype}" if len(manifest.image_shape) == 3 else "features"
     print(
         f"[ingest] wrote {RAW_DIR}/samples.parquet: {manifest.rows} samples, "
-        f"{len(manifest.classes)} classes, {shape if kind == 'features' else ''}{kind}"
+        f"{len(manifest.classes)} classes, {sample_kind(manifest)}"
     )
 
 
