@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -270,13 +271,26 @@ class Params(_Section):
         return self
 
 
+# How an error message shows an offending value: nested lists and mappings cut after a few items
+# and levels, the whole at most SHOWN_CHARS characters, however big the value is.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 3, 6, 6
+_SHORT.maxstring, _SHORT.maxother = 60, 60
+SHOWN_CHARS = 120
+
+
+def _shown(value: Any) -> str:
+    text = _SHORT.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part).rstrip("_") for part in error["loc"]) or "<top level>"
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"{key}: unknown key"
     if kind == "literal_error":
-        return f"{key}: {error['input']!r} is not allowed; {error['msg'].lower()}"
+        return f"{key}: {_shown(error['input'])} is not allowed; {error['msg'].lower()}"
     if kind == "value_error":  # from a model validator: "field: what is wrong"
         message = error["msg"].removeprefix("Value error, ")
         if key == "<top level>":
@@ -285,7 +299,7 @@ def _describe(error: dict[str, Any]) -> str:
         if sep and field.isidentifier():
             return f"{key}.{field}: {rest}"
         return f"{key}: {message}"
-    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+    return f"{key}: {error['msg']} (got {_shown(error.get('input'))})"
 
 
 def parse_params(raw: dict[str, Any] | None, source: str = str(PARAMS_FILE)) -> Params:
@@ -301,16 +315,47 @@ def parse_params(raw: dict[str, Any] | None, source: str = str(PARAMS_FILE)) -> 
         raise ParamsError(f"{source}: {problems}") from None
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``, refusing anchors and aliases (see :func:`refuse_aliases`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the project root)") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        refuse_aliases(text, path)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+
+
+def refuse_aliases(text: str, path: Path) -> None:
+    """Raise ParamsError at the first YAML alias (``*name``) in ``text``, else at the first
+    anchor (``&name``). Nested aliases let a few lines stand for gigabytes (the "billion
+    laughs"), which validating, printing or hashing the values would expand; the check reads
+    only the parser's events, so it takes as long as the text is long."""
+    anchor = None
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ParamsError(_alias_refused(path, event, f"alias *{event.anchor}"))
+        if anchor is None and isinstance(event, yaml.NodeEvent) and event.anchor is not None:
+            anchor = event
+    if anchor is not None:
+        raise ParamsError(_alias_refused(path, anchor, f"anchor &{anchor.anchor}"))
+
+
+def _alias_refused(path: Path, event: yaml.NodeEvent, what: str) -> str:
+    return (
+        f"{path}: line {event.start_mark.line + 1}: YAML {what} is not allowed; write the value "
+        "out (anchors and aliases are refused: nested ones can expand to gigabytes)"
+    )
+
+
 def load_params(section: str | None = None, path: Path | str = PARAMS_FILE) -> Any:
     """Read and validate params.yaml; return one section's model, or all of it."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found (run from the project root)") from None
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
-    params = parse_params(raw, str(path))
+    params = parse_params(read_yaml(path), str(path))
     global _reads
     if os.environ.get(READS_ENV) and _reads is None:
         _reads = set()

@@ -10,7 +10,11 @@ true. Train and test files are pooled; the pipeline re-splits every sample by it
 from __future__ import annotations
 
 import gzip
+import math
+import struct
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,6 +31,12 @@ IDX_TYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
+# The most data an IDX header may claim; a header claiming more is refused before anything is
+# allocated or decompressed. The largest IDX set in common use, EMNIST ByClass, has 547 MB of
+# training images.
+MAX_IDX_BYTES = 4 * 2**30
+# Decompressed bytes read per call.
+CHUNK = 16 * 2**20
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -70,26 +80,68 @@ DATASETS = {
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (``.gz`` is decompressed); errors name the file and what is wrong."""
+    """Read one IDX file (``.gz`` is decompressed as it is read); errors name the file and what
+    is wrong.
+
+    The header is checked first, then exactly the number of bytes it describes is read into one
+    preallocated array, so memory stays at the size of the data even when a small ``.gz`` file
+    expands to gigabytes; data beyond that size, or less of it, is an error.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        with opener(path, "rb") as stream:
+            return _read_idx(path, stream)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise StageError(f"{path}: cannot read: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
-        raise StageError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'none'})")
-    dtype, ndim = IDX_TYPES[raw[2]], raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise StageError(f"{path}: IDX header truncated ({len(raw)} bytes)")
-    dims = [int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)]
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(raw) - header != expected:
+
+
+def _read_idx(path: Path, stream: BinaryIO) -> np.ndarray:
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_TYPES:
+        raise StageError(f"{path}: not an IDX file (bad magic number {magic.hex() or 'none'})")
+    dtype, ndim = IDX_TYPES[magic[2]], magic[3]
+    if ndim == 0:
+        raise StageError(f"{path}: IDX header declares no dimensions")
+    header = stream.read(4 * ndim)
+    if len(header) < 4 * ndim:
+        raise StageError(f"{path}: IDX header truncated ({4 + len(header)} bytes)")
+    dims = list(struct.unpack(f">{ndim}I", header))
+    size = math.prod(dims) * dtype.itemsize  # Python integers: no overflow
+    if size > MAX_IDX_BYTES:
         raise StageError(
-            f"{path}: dimensions {dims} need {expected} bytes of data, found {len(raw) - header}"
-            " (truncated or corrupt file)"
+            f"{path}: dimensions {dims} claim {size:,} bytes of data, more than the "
+            f"{MAX_IDX_BYTES:,} an IDX file may hold (corrupt header?)"
         )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
-    return data.astype(dtype.newbyteorder("="), copy=False)
+    if path.suffix != ".gz" and (found := path.stat().st_size - 4 - 4 * ndim) != size:
+        raise _size_mismatch(path, dims, size, found)
+    try:
+        data = np.empty(size // dtype.itemsize, dtype=dtype.newbyteorder("="))
+    except MemoryError:
+        raise StageError(
+            f"{path}: dimensions {dims} need {size:,} bytes, more memory than is free"
+        ) from None
+    buffer = memoryview(data.view(np.uint8))
+    filled = 0
+    while filled < size:
+        n = stream.readinto(buffer[filled : filled + CHUNK])
+        if not n:
+            raise _size_mismatch(path, dims, size, filled)
+        filled += n
+    if stream.read(1):
+        raise _size_mismatch(path, dims, size, None)
+    if not dtype.isnative:
+        data.byteswap(inplace=True)
+    return data.reshape(dims)
+
+
+def _size_mismatch(path: Path, dims: list[int], size: int, found: int | None) -> StageError:
+    """``found``: the bytes of data the file holds (None: more than ``size``, not counted)."""
+    if found is not None and found < size:
+        problem = f"found {found:,} (truncated or corrupt file)"
+    else:
+        count = "more" if found is None else f"{found:,}"
+        problem = f"found {count} (data after the end: trailing bytes or a corrupt file)"
+    return StageError(f"{path}: dimensions {dims} need {size:,} bytes of data, {problem}")
 
 
 def locate(folder: Path, name: str) -> Path | None:
