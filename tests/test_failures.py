@@ -83,7 +83,10 @@ def test_a_failed_gate_keeps_the_last_good_data(project):
         result = run(["dvc", "repro"], project, check=False)
     assert result.returncode != 0
     (line,) = error_lines(result)
-    assert "[validate] error: 1 check(s) failed" in line
+    assert line.startswith(
+        "[validate] error: 10 check(s) failed: class '0' has 178 samples, fewer than "
+        "validate.min_per_class=1000; class '1' has"
+    )
     assert "previous outputs are unchanged" in line
     assert "Running stage 'tune'" not in result.stdout
     # The params check passed and DVC recorded that; nothing else changed.
@@ -162,7 +165,11 @@ def test_a_raw_table_without_sample_ids_fails_the_gate_in_one_line(tmp_path):
     result = stage(project, "validate")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     (line,) = error_lines(result)
-    assert "check(s) failed; no prepared data written" in line
+    assert (
+        "check(s) failed: samples: expect_column_values_to_not_be_null on column 'sample_id'"
+        in line
+    )
+    assert "No prepared data written" in line
     assert "expect_table_columns_to_match_ordered_list" in result.stdout
     assert "'sample_id'" in result.stdout
     assert not (project / "data/prepared").exists()

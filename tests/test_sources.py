@@ -88,7 +88,7 @@ def test_idx_problems_name_the_file(tmp_path):
         load(tmp_path, source="mnist", path=str(folder))
 
     gz = write_idx(tmp_path / "g" / "x-idx1-ubyte", np.zeros(4, dtype=np.uint8), gz=True)
-    gz.write_bytes(gzip.compress(b"0000")[:-6])  # a broken gzip stream
+    gz.write_bytes(gzip.compress(idx_bytes(np.zeros(4, dtype=np.uint8)))[:-6])  # cut short
     with pytest.raises(StageError, match="x-idx1-ubyte.gz: cannot read"):
         idx.read_idx(gz)
 

@@ -90,8 +90,10 @@ def test_suite_reports_classes_below_the_minimum(digits_table, manifest, tmp_pat
     )
     _, _, summary = validate(t, manifest, ValidateParams(min_per_class=20), tmp_path)
     assert not summary["success"]
-    (line,) = [f for f in summary["failures"] if "'total'" in f]
-    assert "label [3]" in line and "min_value" in line
+    assert summary["failures"] == [
+        "class '3' has 5 samples, fewer than validate.min_per_class=20",
+        "class '3' has no sample in the val and test splits",
+    ]
 
 
 def test_too_many_quarantined_rows_fail(digits_table, manifest, tmp_path):
@@ -117,7 +119,7 @@ def test_validate_stage_refuses_bad_data_and_writes_no_prepared_data(tmp_path):
     assert result.returncode == 1
     assert "FAILED features: expect_column_values_to_be_in_set on column 'dtype'" in result.stdout
     assert "for feature ['px_12']" in result.stdout
-    assert "no prepared data written" in result.stderr
+    assert "No prepared data written" in result.stderr
     assert not (project / "data/prepared").exists()
     assert not (project / "reports/validation").exists()  # only a passing gate writes there
     summary = json.loads((project / ".runway/validation-failed/summary.json").read_text())

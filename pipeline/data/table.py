@@ -81,6 +81,11 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
 
     @property
+    def names(self) -> list[str]:
+        """Each class's name, in class-index order (the index as text if none was recorded)."""
+        return list(self.class_names) or [str(c) for c in self.classes]
+
+    @property
     def n_features(self) -> int:
         return int(np.prod(self.image_shape))
 

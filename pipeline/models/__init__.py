@@ -35,7 +35,7 @@ def incompatibility(name: str, image_shape: list[int], source: str) -> str | Non
 def class_names(manifest) -> list[str]:
     """The name of each output, in output order: what identifies a class across data versions
     (an index may mean another class after a class folder is added or renamed)."""
-    return list(manifest.class_names) or [str(c) for c in manifest.classes]
+    return manifest.names
 
 
 def model_spec(name: str, manifest, channels: int, dropout: float) -> dict:

@@ -1,13 +1,15 @@
 """Evaluate: score the trained model on the test split.
 
 Writes ``reports/evaluate/metrics.json`` (``{"test": {accuracy, precision_macro, recall_macro,
-f1_macro}}``, a DVC metrics file), ``per_class.json``, ``confusion_matrix.png`` and
-``predictions.csv`` (a DVC confusion plot), and logs the same numbers and files into the
-training run, so one MLflow run holds train, val and test results.
+f1_macro}}``, a DVC metrics file), ``per_class.json`` (keyed by class name),
+``confusion_matrix.png`` and ``predictions.csv`` (a DVC confusion plot; actual and predicted
+class by name), and logs the same numbers and files into the training run, so one MLflow run
+holds train, val and test results.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import torch
 from pipeline import device as devices
 from pipeline import tracking
 from pipeline.config import load_params
-from pipeline.data.table import ID_COLUMN
+from pipeline.data.table import ID_COLUMN, PREPARED_DIR
 from pipeline.io import (
     StageError,
     atomic_dir,
@@ -28,7 +30,7 @@ from pipeline.io import (
     run_stage,
     write_json,
 )
-from pipeline.models import MODELS, MODELS_DIR, build_net
+from pipeline.models import MODELS, MODELS_DIR, build_net, class_names
 from pipeline.training import load_prepared
 
 REPORT_DIR = Path("reports/evaluate")
@@ -65,8 +67,10 @@ def predict(
     return torch.cat(out).cpu().numpy()
 
 
-def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[int]) -> tuple[dict, dict]:
-    """Headline metrics and per-class precision/recall/F1/support."""
+def score(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: list[int], names: list[str] | None = None
+) -> tuple[dict, dict]:
+    """Headline metrics, and precision/recall/F1/support per class (keyed by class name)."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     p, r, f, _ = precision_recall_fscore_support(
@@ -81,19 +85,26 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, classes: list[int]) -> tuple[d
     pc, rc, fc, sc = precision_recall_fscore_support(
         y_true, y_pred, labels=classes, average=None, zero_division=0
     )
+    names = names or [str(c) for c in classes]
     per_class = {
-        str(c): {
+        names[i]: {
             "precision": float(pc[i]),
             "recall": float(rc[i]),
             "f1": float(fc[i]),
             "support": int(sc[i]),
+            "index": int(c),
         }
         for i, c in enumerate(classes)
     }
     return headline, per_class
 
 
-def plot_confusion(y_true, y_pred, class_names: list[str], classes: list[int], path: Path) -> None:
+def metric_name(class_name: str) -> str:
+    """A class name as part of an MLflow metric key (letters, digits, ``_ - . / space``)."""
+    return re.sub(r"[^\w\-. /]", "_", class_name)
+
+
+def plot_confusion(y_true, y_pred, names: list[str], classes: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,9 +113,7 @@ def plot_confusion(y_true, y_pred, class_names: list[str], classes: list[int], p
 
     matrix = confusion_matrix(y_true, y_pred, labels=classes)
     fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=120)
-    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
-        ax=ax, cmap="Blues", colorbar=False
-    )
+    ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, cmap="Blues", colorbar=False)
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     ax.set_title(f"Test confusion matrix ({len(y_true)} samples, accuracy {accuracy:.2%})")
     fig.tight_layout()
@@ -117,14 +126,26 @@ def main() -> None:
     params = load_params()
     data = load_prepared(splits=("test",))
     net, spec = load_model()
+    names = class_names(data.manifest)
+    if spec.get("class_names", names) != names:
+        raise StageError(
+            f"{MODELS_DIR}/model.json: the model was trained on classes {spec['class_names']} "
+            f"but {PREPARED_DIR} has {names}: run the train stage again"
+        )
     device = devices.resolve(params.train.accelerator)
     print(f"[evaluate] device {devices.describe(device)}")
     x, y = data.tensors["test"]
     y_pred = predict(net, x, params.evaluate.batch_size, device)
     classes = data.manifest.classes
-    headline, per_class = score(y.numpy(), y_pred, classes)
+    headline, per_class = score(y.numpy(), y_pred, classes, names)
+    # Class names, not indices: an index means another class once a class is added.
+    label = np.asarray(names, dtype=object)
     predictions = pd.DataFrame(
-        {ID_COLUMN: data.tables["test"][ID_COLUMN], "actual": y.numpy(), "predicted": y_pred}
+        {
+            ID_COLUMN: data.tables["test"][ID_COLUMN],
+            "actual": label[y.numpy()],
+            "predicted": label[y_pred],
+        }
     )
     with atomic_dir(REPORT_DIR) as tmp:
         if (REPORT_DIR / ".gitignore").exists():  # DVC's: names the cached outputs here
@@ -135,7 +156,7 @@ def main() -> None:
         plot_confusion(
             y.numpy(),
             y_pred,
-            data.manifest.class_names or list(map(str, classes)),
+            names,
             classes,
             tmp / "confusion_matrix.png",
         )
@@ -145,7 +166,7 @@ def main() -> None:
     tracking.setup(params.mlflow.experiment)
     with tracking.run(run["experiment_id"], "train", {}, run_id=run["run_id"]):
         metrics = {f"test/{k}": v for k, v in headline.items()}
-        metrics.update({f"test/f1_class_{c}": m["f1"] for c, m in per_class.items()})
+        metrics.update({f"test/f1_class_{metric_name(c)}": m["f1"] for c, m in per_class.items()})
         mlflow.log_metrics(tracking.finite_metrics(metrics))
         mlflow.log_artifacts(str(REPORT_DIR), artifact_path="evaluation")
     print(

@@ -5,44 +5,117 @@ yet, or when it beats the current champion on today's test split: strictly bette
 ``register.metric``, and by at least ``register.min_delta`` (a tie never promotes). Both
 models are loaded back from the registry and re-scored on the same test split, so an old
 champion is never trusted on an old number.
+
+A class is identified by its name, never by its output position: every model records its
+class names (MLflow model metadata ``class_names``, and the output names of its signature),
+and both models' outputs are mapped to today's classes by name. When today's data has a class
+the champion does not know (a new class folder, a renamed class), both models are compared on
+the test samples of the classes the champion knows, and the decision says so.
 Writes ``reports/register.json``: name, version, aliases, the comparison and the decision.
 
-Never promoted: a model whose evaluation is missing, non-finite, or does not match what the
-registered model scores on the test split (the evaluation was of another model); and a model
-whose test split was drawn under other ``validate.split`` fractions than the champion's (the
-champion may have trained on today's test samples, so the comparison would be unfair).
+Never promoted: a model that predicts fewer than two classes on the test split, or whose test
+accuracy is no better than chance (always predicting the most frequent test class), even when
+there is no champion yet; a model whose evaluation is missing, non-finite, or does not match
+what the registered model scores on the test split (the evaluation was of another model); and
+a model whose test split was drawn under other ``validate.split`` fractions than the
+champion's (the champion may have trained on today's test samples, so the comparison would be
+unfair).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from pipeline import device as devices
 from pipeline import tracking
 from pipeline.config import load_params
 from pipeline.data.table import PREPARED_DIR
 from pipeline.io import StageError, read_json, require, run_stage, write_json
-from pipeline.models import MODELS_DIR
+from pipeline.models import MODELS_DIR, class_names
 from pipeline.stages.evaluate import METRICS
 
 REPORT = Path("reports/register.json")
 
 
-def score_registered(uri: str, data, metric: str, batch_size: int, device="cpu") -> float:
-    """Load a registered model onto ``device`` and score it on the test split."""
-    import mlflow
+@dataclass
+class Predictions:
+    """A registered model's predictions on today's test split, in today's class numbering."""
 
-    from pipeline.stages.evaluate import predict, score
+    uri: str
+    names: list[str]  # the model's classes, in output order
+    recorded: bool  # False: the model records no class names; output i is taken as class "i"
+    predicted: np.ndarray  # today's class index per test sample; -1: a class today's data lacks
+
+    def knows(self, today: list[str]) -> list[int]:
+        """Today's class indices this model can predict."""
+        mine = set(self.names)
+        return [i for i, name in enumerate(today) if name in mine]
+
+
+def in_today_numbering(names: list[str], today: list[str]) -> np.ndarray:
+    """Model output index → today's class index, matched by class name (-1: not a class of
+    today's data). Class identity is the name: adding or renaming a class renumbers the others."""
+    lookup = {name: i for i, name in enumerate(today)}
+    return np.array([lookup.get(name, -1) for name in names], dtype=np.int64)
+
+
+def registered_predictions(uri: str, data, batch_size: int, device="cpu") -> Predictions:
+    """Load a registered model onto ``device`` and predict today's test split with it."""
+    import mlflow
+    import torch
+
+    from pipeline.stages.evaluate import predict
 
     try:
         net = mlflow.pytorch.load_model(uri, map_location=device)
+        metadata = mlflow.models.get_model_info(uri).metadata or {}
     except Exception as exc:
         raise StageError(f"cannot load {uri} from the registry: {exc}") from None
-    x, y = data.tensors["test"]
-    predicted = predict(net, x, batch_size, device)
-    headline, _ = score(y.numpy(), predicted, data.manifest.classes)
+    x, _ = data.tensors["test"]
+    names = metadata.get("class_names")
+    recorded = bool(names)
+    if not recorded:
+        with torch.no_grad():  # two rows: an exported graph may specialise a batch of one
+            width = net.to(device)(x[:2].to(device, torch.float32)).shape[1]
+        names = [str(i) for i in range(width)]
+    names = [str(n) for n in names]
+    today = class_names(data.manifest)
+    outputs = predict(net, x, batch_size, device)
+    return Predictions(uri, names, recorded, in_today_numbering(names, today)[outputs])
+
+
+def scored(y: np.ndarray, predicted: np.ndarray, classes: list[int], metric: str) -> float:
+    """``metric`` over the test samples whose true class is in ``classes``."""
+    from pipeline.stages.evaluate import score
+
+    keep = np.isin(y, classes)
+    headline, _ = score(y[keep], predicted[keep], classes)
     return headline[metric]
+
+
+def never_promoted(y: np.ndarray, predicted: np.ndarray, today: list[str]) -> str | None:
+    """Why a model must not become champion whatever the champion scores, or None.
+
+    The rule: a model that predicts fewer than two classes on the test split, or whose test
+    accuracy is no better than chance (the accuracy of always predicting the test split's most
+    frequent class), is never promoted, not even when there is no champion yet."""
+    distinct = np.unique(predicted)
+    if len(distinct) < 2:
+        only = today[distinct[0]] if len(distinct) and distinct[0] >= 0 else "an unknown class"
+        return f"it predicts one class ({only!r}) for all {len(y)} test samples"
+    counts = np.bincount(y, minlength=len(today))
+    chance = counts.max() / len(y)
+    accuracy = float((predicted == y).mean())
+    if accuracy <= chance:
+        return (
+            f"its test accuracy {accuracy:.4f} is no better than chance ({chance:.4f}, always "
+            f"predicting the most frequent class {today[int(counts.argmax())]!r})"
+        )
+    return None
 
 
 def beats(new: float, old: float, min_delta: float) -> bool:
@@ -103,10 +176,17 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
             | tracking.git_info()
             | {"data.dvc_md5": tracking.dvc_hash(PREPARED_DIR), "data.split": split_rule(params)},
         )
-    new_score = score_registered(
-        f"models:/{name}/{version.version}", data, reg.metric, batch, device
-    )
-    one_sample = 1.0 / max(len(data.tables["test"]), 1)
+    today = class_names(data.manifest)
+    y = data.tensors["test"][1].numpy()
+    everything = list(range(len(today)))
+    mine = registered_predictions(f"models:/{name}/{version.version}", data, batch, device)
+    if mine.recorded and mine.names != today:
+        raise StageError(
+            f"registered version {version.version} was trained on classes {mine.names} but "
+            f"{PREPARED_DIR} has {today}: run train and evaluate again. Not promoted."
+        )
+    new_score = scored(y, mine.predicted, everything, reg.metric)
+    one_sample = 1.0 / max(len(y), 1)
     if abs(new_score - test_metrics[reg.metric]) > 1.5 * one_sample:
         raise StageError(
             f"{METRICS} says {reg.metric} {test_metrics[reg.metric]:.4f} but registered version "
@@ -121,11 +201,12 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
         champion = None
 
     comparison = {"metric": reg.metric, "min_delta": reg.min_delta, "challenger": new_score}
-    if champion is None:
-        promote, reason = True, "no champion yet"
-    elif champion.version == version.version:
+    already = champion is not None and champion.version == version.version
+    if already:
         promote, reason = False, "this version is already the champion"
         comparison["champion"] = new_score
+    elif champion is None:
+        promote, reason = True, "no champion yet"
     elif champion.tags.get("data.split", split_rule(params)) != split_rule(params):
         promote = False
         reason = (
@@ -134,20 +215,48 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
             "sets differ, so they are not compared (set the champion alias by hand if intended)"
         )
     else:
-        old = score_registered(f"models:/{name}@champion", data, reg.metric, batch, device)
-        comparison["champion"] = old
+        theirs = registered_predictions(f"models:/{name}@champion", data, batch, device)
+        known = theirs.knows(today)
         comparison["champion_version"] = int(champion.version)
-        promote = beats(new_score, old, reg.min_delta)
-        if promote:
-            verdict = "beats"
-        elif new_score == old:
-            verdict = "ties (a tie does not promote)"
+        comparison["classes_compared"] = [today[i] for i in known]
+        comparison["champion_unknown_classes"] = [n for n in today if n not in theirs.names]
+        if not theirs.recorded:
+            comparison["champion_class_names"] = "not recorded: output i taken as class 'i'"
+        if not known:
+            promote = True
+            reason = (
+                f"champion v{champion.version} predicts none of today's classes {today} (it "
+                f"knows {theirs.names}), so it cannot be compared; the challenger replaces it"
+            )
         else:
-            verdict = "does not beat"
-        reason = (
-            f"{reg.metric} {new_score:.4f} {verdict} champion v{champion.version}'s {old:.4f} "
-            f"by min_delta {reg.min_delta:g} on today's test split"
-        )
+            new = scored(y, mine.predicted, known, reg.metric)
+            old = scored(y, theirs.predicted, known, reg.metric)
+            comparison |= {"challenger": new, "champion": old}
+            if len(known) < len(today):
+                comparison["challenger_all_classes"] = new_score
+            promote = beats(new, old, reg.min_delta)
+            if promote:
+                verdict = "beats"
+            elif new == old:
+                verdict = "ties (a tie does not promote)"
+            else:
+                verdict = "does not beat"
+            where = "on today's test split"
+            if len(known) < len(today):
+                samples = int(np.isin(y, known).sum())
+                missing = ", ".join(repr(n) for n in comparison["champion_unknown_classes"])
+                where += (
+                    f", compared on the {len(known)} of {len(today)} classes the champion knows "
+                    f"({samples} of {len(y)} samples; it cannot predict {missing})"
+                )
+            reason = (
+                f"{reg.metric} {new:.4f} {verdict} champion v{champion.version}'s {old:.4f} "
+                f"by min_delta {reg.min_delta:g} {where}"
+            )
+    unfit = never_promoted(y, mine.predicted, today)
+    if unfit and not already:
+        compared = "" if champion is None else f" (and {reason})"
+        promote, reason = False, f"never promoted: {unfit}{compared}"
     if promote:
         client.set_registered_model_alias(name, "champion", version.version)
     aliases = client.get_model_version(name, version.version).aliases

@@ -95,6 +95,10 @@ def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPA
         write_json(tmp / "manifest.json", manifest.to_dict())
 
 
+# How many failed checks the one-line error names (all are printed above it and in the report).
+SHOW_FAILURES = 3
+
+
 def log_to_mlflow(summary: dict, manifest: Manifest, experiment: str, report: Path) -> None:
     """Log counts and the reports into a 'validate' run; the run fails with the gate."""
     import mlflow
@@ -113,9 +117,16 @@ def log_to_mlflow(summary: dict, manifest: Manifest, experiment: str, report: Pa
         if not summary["success"]:
             for line in summary["failures"]:
                 print(f"[validate] FAILED {line}")
+            failures = summary["failures"]
+            first = "; ".join(failures[:SHOW_FAILURES])
+            more = (
+                f"; and {len(failures) - SHOW_FAILURES} more"
+                if len(failures) > SHOW_FAILURES
+                else ""
+            )
             raise StageError(
-                f"{len(summary['failures'])} check(s) failed; no prepared data written, the "
-                f"previous outputs are unchanged (Data Docs: {report}/data_docs/index.html)"
+                f"{len(failures)} check(s) failed: {first}{more}. No prepared data written, "
+                f"the previous outputs are unchanged (Data Docs: {report}/data_docs/index.html)"
             )
 
 
