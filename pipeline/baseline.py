@@ -7,11 +7,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.data.table import LABEL_COLUMN, PREPARED_DIR, features_of
+from pipeline.data.table import ID_COLUMN, LABEL_COLUMN, PREPARED_DIR, features_of
+from pipeline.io import StageError
+
+
+def _split(split: str, prepared_dir: Path) -> pd.DataFrame:
+    path = prepared_dir / f"{split}.parquet"
+    if not path.is_file():
+        raise StageError(
+            f"{path} not found: run the pipeline first (`dvc repro`; `dvc repro validate` "
+            "makes the data alone)"
+        )
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StageError(
+            f"{path}: not a readable table ({first}): `dvc repro validate` writes it again"
+        ) from None
 
 
 def _xy(split: str, prepared_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    table = pd.read_parquet(prepared_dir / f"{split}.parquet")
+    table = _split(split, prepared_dir)
     return table[features_of(table)].to_numpy(np.float64), table[LABEL_COLUMN].to_numpy()
 
 
@@ -37,3 +54,14 @@ def svc_baseline(c_grid: list[float], gamma_grid: list, prepared_dir: Path = PRE
         "test_accuracy": float((model.predict(x_test) == y_test).mean()),
         "test_rows": len(y_test),
     }
+
+
+def same_test_set(predictions_csv: Path, prepared_dir: Path = PREPARED_DIR) -> bool:
+    """Whether the evaluate stage's predictions cover exactly today's test samples (so its
+    accuracy and the baseline's are on the same samples)."""
+    try:
+        scored = pd.read_csv(predictions_csv, usecols=[ID_COLUMN])[ID_COLUMN]
+    except (OSError, ValueError):
+        return False
+    today = _split("test", prepared_dir)[ID_COLUMN]
+    return len(scored) == len(today) and set(scored) == set(today)

@@ -1,12 +1,22 @@
-"""``runway``: small commands around the pipeline (the pipeline itself runs with ``dvc repro``)."""
+"""``runway``: small commands around the pipeline (the pipeline itself runs with ``dvc repro``).
+
+Every command fails with one line, ``[command] error: ...`` on stderr, and a non-zero exit;
+a bad option value gets click's usage error (exit 2).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -15,42 +25,265 @@ app = typer.Typer(
     "Run the pipeline with `dvc repro`; these commands look at its results.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain click output: a usage error is one `Error: ...` line, not a box drawn to the
+    # terminal's width; an unexpected exception is a plain traceback.
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
 )
 
+METRICS = Path("reports/evaluate/metrics.json")
+PREDICTIONS = Path("reports/evaluate/predictions.csv")
+RECORD = Path("reports/register.json")
+VALIDATION = Path("reports/validation/summary.json")
+UI_LINE = "  open the UI     make ui   (then http://127.0.0.1:5000)"
 
-def _read(path: str) -> dict | None:
-    p = Path(path)
-    return json.loads(p.read_text()) if p.exists() else None
+
+def _fail(command: str, message: str) -> NoReturn:
+    typer.echo(f"[{command}] error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _read(command: str, path: Path) -> dict | None:
+    """The JSON object in ``path``, None if there is no such file."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        _fail(command, f"{path}: not readable JSON ({exc}): `dvc repro` writes it again")
+    if not isinstance(data, dict):
+        _fail(command, f"{path}: expected a JSON object: `dvc repro` writes it again")
+    return data
+
+
+# ---------------------------------------------------------------------------------- summary
+
+# The pipeline's stages in order; a summary line is out of date when the stage that wrote it,
+# or one before it, is.
+STAGES = ("ingest", "validate", "tune", "train", "evaluate", "register")
+STATUS_WORDS = {"modified": "changed", "deleted": "missing", "not in cache": "missing"}
+PARAM_WORDS = {"modified": "changed", "new": "added", "deleted": "removed"}
+SHOWN_REASONS = 4
+
+
+def dvc_status() -> dict:
+    """``dvc status --json``: the stages whose deps, params, outs or command changed since
+    dvc.lock recorded them. Raises RuntimeError with DVC's message when it cannot tell."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(str(exc)) from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        raise RuntimeError(lines[0] if lines else f"exit status {done.returncode}")
+    try:
+        status = json.loads(done.stdout or "{}")
+    except ValueError:
+        raise RuntimeError(f"unreadable output {done.stdout[:100]!r}") from None
+    return status if isinstance(status, dict) else {}
+
+
+def _inside(path: str, folders: set[str]) -> bool:
+    return any(path == f or path.startswith(f"{f}/") or f.startswith(f"{path}/") for f in folders)
+
+
+def stale_stages(status: dict) -> tuple[list[str], list[str]]:
+    """The pipeline stages ``dvc status`` reports, and what changed, in a few words each.
+
+    The ``params`` stage (it only checks params.yaml) is left out: the stages report the
+    keys they read. A changed dependency that is a changed output of another reported stage
+    is a consequence, not a cause, and is not repeated."""
+    from pipeline.stages.params import CHECKED
+
+    stages = [s for s in status if s in STAGES]
+    entries = [e for s in stages for e in status[s] if isinstance(e, dict)]
+    outs = {path for e in entries for path in e.get("changed outs", {})}
+    reasons: list[str] = []
+    paths: set[str] = set()
+
+    def add(reason: str, path: str | None = None) -> None:
+        if path is not None:  # data/prepared and data/prepared/test.parquet: one reason
+            if _inside(path, paths):
+                return
+            paths.add(path)
+        if reason not in reasons:
+            reasons.append(reason)
+
+    for stage in stages:
+        for entry in status[stage]:
+            if isinstance(entry, str):
+                if entry == "changed command":
+                    add(f"the {stage} command changed")
+                continue
+            for path, state in entry.get("changed deps", {}).items():
+                if isinstance(state, dict):  # a params file: key -> state
+                    for key, key_state in state.items():
+                        add(f"params {key} {PARAM_WORDS.get(key_state, key_state)}")
+                elif path != CHECKED.as_posix() and not _inside(path, outs):
+                    add(f"{path} {STATUS_WORDS.get(state, state)}", path)
+            for path, state in entry.get("changed outs", {}).items():
+                add(f"{path} {STATUS_WORDS.get(state, state)}", path)
+    return stages, reasons
+
+
+def store_view(record: dict) -> tuple[list[str] | None, str | None]:
+    """What this MLflow store says of the record's run and model version: (the version's
+    aliases, None) when it has both, else (None, a sentence saying what it lacks)."""
+    from pipeline import tracking
+    from pipeline.io import StageError
+
+    uri = tracking.tracking_uri(create=False)
+    path = tracking.store_file(uri)
+    where = tracking.shown(path) if path else tracking.mask_value(uri)
+    run_id, name, version = record["run_id"], record["model_name"], str(record["version"])
+    model = f"{name} version {version}"
+    if path is not None and not path.exists():
+        return None, f"MLflow run {run_id} is not in this store ({where} does not exist)"
+    try:
+        tracking.check_store(uri)
+    except StageError as exc:
+        return None, f"Could not read the MLflow store: {exc}"
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server: ask once
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        with tracking.store_errors(uri):
+            try:
+                client.get_run(run_id)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                return None, f"MLflow run {run_id} is not in this store ({where})"
+            try:
+                found = client.get_model_version(name, version)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                return None, f"{model} is not in this store ({where})"
+    except StageError as exc:
+        return None, f"Could not read the MLflow store: {exc}"
+    except MlflowException as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None, f"Could not read the MLflow store {where}: {first}"
+    if found.run_id != run_id:
+        return None, f"{model} in this store ({where}) is the model of run {found.run_id}"
+    return sorted(found.aliases), None
+
+
+def _row(label: str, value: str) -> str:
+    return f"  {label:<16}{value}"
+
+
+def summary_lines(metrics: dict, record: dict, validation: dict) -> list[str]:
+    """The summary: lines that this store and these outputs agree on, then, under a sentence
+    saying why, the lines that are out of date or not in this store."""
+    aliases, store_note = store_view(record)
+    test = metrics["test"]
+    verdict = "promoted to champion" if record["promoted"] else "champion unchanged"
+    rows: list[tuple[str, str, str]] = []
+    if "rows_in" in validation:
+        quarantined = validation.get("rows_quarantined", 0)
+        data = f"{validation['rows_in']} rows, {quarantined} quarantined" + (
+            " (see reports/validation/quarantine.csv)" if quarantined else ""
+        )
+        rows.append(("validate", "data", data))
+    aliases = record["aliases"] if aliases is None else aliases
+    rows += [
+        ("evaluate", "test accuracy", f"{test['accuracy']:.4f}"),
+        ("evaluate", "test macro F1", f"{test['f1_macro']:.4f}"),
+        (
+            "register",
+            "model",
+            f"{record['model_name']} version {record['version']} "
+            f"(aliases: {', '.join(aliases) or 'none'})",
+        ),
+        ("register", "decision", f"{verdict}: {record['reason']}"),
+        ("register", "MLflow run", str(record["run_id"])),
+    ]
+
+    notes: list[str] = []
+    try:
+        stages, reasons = stale_stages(dvc_status())
+    except RuntimeError as exc:
+        stages, reasons = [], []
+        notes.append(f"Could not tell whether these are current: `dvc status` failed: {exc}")
+    first = min((STAGES.index(s) for s in stages), default=len(STAGES))
+
+    def set_aside(stage: str) -> bool:
+        return STAGES.index(stage) >= first or (
+            store_note is not None and stage in ("evaluate", "register")
+        )
+
+    current = [_row(label, value) for stage, label, value in rows if not set_aside(stage)]
+    rest = [_row(label, value) for stage, label, value in rows if set_aside(stage)]
+    why: list[str] = []
+    if stages:
+        shown = ", ".join(reasons[:SHOWN_REASONS])
+        if len(reasons) > SHOWN_REASONS:
+            shown += f" and {len(reasons) - SHOWN_REASONS} more"
+        them = "them" if len(stages) > 1 else "it"
+        why.append(
+            f"Out of date: {', '.join(stages)} ({shown}): `dvc repro` brings {them} in line."
+        )
+    if store_note is not None:
+        why.append(
+            f"{store_note}: the test results and model below are what {METRICS} and {RECORD} "
+            "say, logged elsewhere."
+        )
+    lines = ["", "Runway results", *current, *notes]
+    if rest:
+        lines += ["", *why, *rest, ""] if current else [*why, *rest, ""]
+    return [*lines, UI_LINE, ""]
 
 
 @app.command()
 def summary() -> None:
-    """Print the last run's test metrics, registered model and how to open the UI."""
-    metrics = _read("reports/evaluate/metrics.json")
-    record = _read("reports/register.json")
+    """Print the last run's test metrics and registered model, and say which of them are out
+    of date (`dvc status`) or not in this MLflow store."""
+    metrics = _read("summary", METRICS)
+    record = _read("summary", RECORD)
     if metrics is None or record is None:
         typer.echo("No results yet: run `make repro` (or `dvc repro`) first.", err=True)
         raise typer.Exit(1)
-    test = metrics["test"]
-    verdict = "promoted to champion" if record["promoted"] else "champion unchanged"
-    validation = _read("reports/validation/summary.json") or {}
-    data_line = ""
-    if "rows_in" in validation:
-        quarantined = validation.get("rows_quarantined", 0)
-        data_line = (
-            f"  data            {validation['rows_in']} rows, {quarantined} quarantined"
-            + (" (see reports/validation/quarantine.csv)" if quarantined else "")
-            + "\n"
+    validation = _read("summary", VALIDATION) or {}
+    try:
+        lines = summary_lines(metrics, record, validation)
+    except (KeyError, TypeError, ValueError) as exc:
+        _fail(
+            "summary",
+            f"{METRICS} or {RECORD} is not what the evaluate and register stages write "
+            f"({type(exc).__name__}: {exc}): `dvc repro` writes them again",
         )
-    typer.echo(
-        "\nRunway results\n" + data_line + f"  test accuracy   {test['accuracy']:.4f}\n"
-        f"  test macro F1   {test['f1_macro']:.4f}\n"
-        f"  model           {record['model_name']} version {record['version']} "
-        f"(aliases: {', '.join(record['aliases']) or 'none'})\n"
-        f"  decision        {verdict}: {record['reason']}\n"
-        f"  MLflow run      {record['run_id']}\n"
-        "  open the UI     make ui   (then http://127.0.0.1:5000)\n"
-    )
+    typer.echo("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------- baseline
+
+
+def _grid(option: str, text: str, words: tuple[str, ...] = ()) -> list:
+    """A comma-separated list of numbers > 0 (or one of ``words``)."""
+    values: list = []
+    for item in (part.strip() for part in text.split(",")):
+        if item in words:
+            values.append(item)
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            allowed = " or ".join(["a number > 0", *(repr(w) for w in words)])
+            raise typer.BadParameter(f"{item!r} is not {allowed}", param_hint=option)
+        values.append(value)
+    return values
 
 
 @app.command()
@@ -61,20 +294,73 @@ def baseline(
     ),
 ) -> None:
     """Score an RBF SVC (C and gamma chosen on val) on the pipeline's test split."""
-    from pipeline.baseline import svc_baseline
+    from pipeline.baseline import same_test_set, svc_baseline
+    from pipeline.io import StageError
 
-    result = svc_baseline(
-        [float(c) for c in c_grid.split(",")],
-        [g if g == "scale" else float(g) for g in gamma_grid.split(",")],
-    )
-    metrics = _read("reports/evaluate/metrics.json")
+    c_values = _grid("--c-grid", c_grid)
+    gamma_values = _grid("--gamma-grid", gamma_grid, ("scale", "auto"))
+    try:
+        result = svc_baseline(c_values, gamma_values)
+        metrics = _read("baseline", METRICS)
+        comparable = metrics is not None and same_test_set(PREDICTIONS)
+    except StageError as exc:
+        _fail("baseline", str(exc))
     typer.echo(
         f"RBF SVC (C={result['C']}, gamma={result['gamma']}, val accuracy "
         f"{result['val_accuracy']:.4f}): test accuracy {result['test_accuracy']:.4f} "
         f"on {result['test_rows']} samples"
     )
-    if metrics:
-        typer.echo(f"pipeline model: test accuracy {metrics['test']['accuracy']:.4f}")
+    score = (metrics or {}).get("test", {}).get("accuracy")
+    if not isinstance(score, int | float):
+        return
+    accuracy = f"test accuracy {score:.4f}"
+    if comparable:
+        typer.echo(f"pipeline model: {accuracy}")
+    else:
+        typer.echo(
+            f"pipeline model: {accuracy} on another test set ({PREDICTIONS} does not list "
+            "the samples of data/prepared/test.parquet): `dvc repro` evaluates it on this one"
+        )
+
+
+# ------------------------------------------------------------------------------------- ui
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port``, found by binding it as uvicorn
+    does (SO_REUSEADDR, IPv6 for an address with a colon); None if it can."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            return f"--host {host}: unknown host ({exc.strerror})"
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (
+                    f"port {port} on {host} is already in use (another `runway ui` or MLflow "
+                    "server?): stop it or choose another --port"
+                )
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"--host {host}: not an address of this machine"
+            if exc.errno == errno.EACCES:
+                return f"port {port} on {host}: permission denied: choose a port above 1023"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether an HTTP server answers on host:port (any status: it is up)."""
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    netloc = f"[{local}]" if ":" in local else local
+    try:
+        with urllib.request.urlopen(f"http://{netloc}:{port}/health", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 @app.command()
@@ -84,13 +370,20 @@ def ui(
         help="Address to bind. The UI has no "
         "authentication: bind beyond 127.0.0.1 only on a trusted network.",
     ),
-    port: int = typer.Option(5000, help="Port to listen on."),
+    port: int = typer.Option(5000, min=1, max=65535, help="Port to listen on."),
 ) -> None:
     """Serve the MLflow UI over the local store (mlruns/)."""
-    from pipeline.io import NO_TELEMETRY
-    from pipeline.tracking import tracking_uri
+    from pipeline.io import NO_TELEMETRY, StageError
+    from pipeline.tracking import check_store, tracking_uri
 
     uri = tracking_uri()
+    try:
+        check_store(uri)
+    except StageError as exc:
+        _fail("ui", str(exc))
+    problem = bind_problem(host, port)
+    if problem:
+        _fail("ui", problem)
     typer.echo(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl+C to stop)")
     env = {**NO_TELEMETRY, **os.environ}
     command = [
@@ -105,7 +398,26 @@ def ui(
         "--port",
         str(port),
     ]
-    raise typer.Exit(subprocess.call(command, env=env))
+    server = subprocess.Popen(command, env=env)
+    served = False
+    try:
+        # `mlflow ui` exits 0 even when its server could not start: watch for an answer.
+        while True:
+            try:
+                code = server.wait(timeout=None if served else 1)
+                break
+            except subprocess.TimeoutExpired:
+                served = _answers(host, port)
+    except KeyboardInterrupt:  # ^C reaches the server too; let it stop
+        server.wait()
+        raise typer.Exit(130) from None
+    if code == 0 and not served:
+        _fail(
+            "ui",
+            f"the MLflow server stopped before it answered on http://{host}:{port} "
+            "(its messages are above)",
+        )
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":
