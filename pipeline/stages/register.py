@@ -285,7 +285,8 @@ def main() -> None:
         raise StageError(f"{METRICS}: not a metrics file; run evaluate again") from None
     data = load_prepared(splits=("test",))
     print(f"[register] device {devices.describe(devices.resolve(params.train.accelerator))}")
-    record = register(params, run, test_metrics, data)
+    with tracking.store_errors():  # a store locked or broken mid-way: one line, not a trace
+        record = register(params, run, test_metrics, data)
     write_json(REPORT, record)
     verdict = "promoted to champion" if record["promoted"] else "champion unchanged"
     print(
