@@ -1,4 +1,5 @@
-"""Atomic file writes and the one-line failure exit every stage uses.
+"""Atomic file writes, the one-line failure exit every stage uses, and what keeps two runs of
+a stage apart.
 
 A stage writes each output to a temporary file beside it and moves it into place with
 ``os.replace``, so a reader (or the next stage) never sees a half-written file. A directory
@@ -7,6 +8,10 @@ so there is no moment when neither exists; where that call is missing, the old d
 moved aside to ``.<name>.old`` first and put back by the next write if the writer died between
 the two moves. Temporary names carry the writer's process id; leftovers of a killed writer
 (SIGKILL leaves no chance to clean up) are removed by the next write of the same path.
+
+A stage run by ``dvc repro`` ends (SIGTERM) when the ``dvc`` process dies, rather than run on
+alone beside the next ``dvc repro`` (:func:`stop_with_dvc`); state that only one run may use
+at a time is held with :func:`exclusive`.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import errno
 import glob
 import json
 import os
+import select
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,6 +149,109 @@ class Terminated(BaseException):
     """Raised in the main thread when the process receives SIGTERM (see tracking.run)."""
 
 
+@contextmanager
+def exclusive(path: Path | str, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (``flock``, created if missing) for the block.
+
+    The holder writes its process id into the file. A second process stops at once with a
+    StageError naming the holder, having changed nothing (the file is opened, never
+    truncated, by a process that does not get the lock). The kernel releases the lock when
+    its holder exits, however it dies, so a killed run never leaves a stale lock behind."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if holder.isdigit():
+                raise StageError(
+                    f"{what} is in use by another run (pid {holder}, lock {path}): wait for it "
+                    f"to finish, or stop it with `kill {holder}` and run again"
+                ) from None
+            raise StageError(
+                f"{what} is in use by another run (lock {path}): wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent process id of ``pid`` (Linux /proc), or None if it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after the command name: state, ppid
+
+
+def _is_dvc_shell(pid: int) -> bool:
+    """Whether ``pid`` runs the shell DVC runs stage commands with (``$SHELL``, else
+    ``/bin/sh``): a shell that did not exec the command (dash does not, bash does) stays
+    between ``dvc`` and the stage."""
+    shell = shutil.which(os.environ.get("SHELL") or "/bin/sh")
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return shell is not None and os.path.realpath(shell) == os.path.realpath(exe)
+
+
+def _sigterm_when_gone(pidfd: int) -> None:
+    select.select([pidfd], [], [])  # readable once the process has exited
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_with_dvc() -> bool:
+    """Under ``dvc repro`` (DVC puts ``DVC_STAGE`` in a stage command's environment), have
+    this process receive SIGTERM when the ``dvc`` process running it dies, so a stage whose
+    ``dvc`` was killed stops (through its usual SIGTERM path) instead of running on beside
+    the next ``dvc repro``. Returns False if ``dvc`` is gone already.
+
+    The kernel sends it when the parent dies (``prctl(PR_SET_PDEATHSIG)``). DVC runs the
+    command with ``$SHELL -c``; where that shell stays as the parent (dash does), its parent,
+    ``dvc``, is watched too, through a pidfd that a daemon thread waits on. Outside DVC (a
+    stage run by hand, under nohup) and where Linux's calls are missing, nothing is done."""
+    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+        return True
+    parent = os.getppid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return True
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return True
+    if os.getppid() != parent or parent == 1:  # it died before the request took effect
+        return False
+    if _is_dvc_shell(parent) and hasattr(os, "pidfd_open"):
+        dvc = _parent_of(parent)
+        if dvc is None:
+            return True
+        try:
+            pidfd = os.pidfd_open(dvc)
+        except OSError:  # gone already, or a kernel without pidfds
+            return _parent_of(parent) == dvc and dvc != 1
+        if _parent_of(parent) != dvc or dvc == 1:  # the shell was re-parented: dvc is gone
+            os.close(pidfd)
+            return False
+        threading.Thread(
+            target=_sigterm_when_gone, args=(pidfd,), name="stop-with-dvc", daemon=True
+        ).start()
+    return True
+
+
 def require(path: Path | str, stage: str) -> Path:
     """``path`` if it exists, else the error that says which stage makes it."""
     path = Path(path)
@@ -170,6 +281,8 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     for key, value in NO_TELEMETRY.items():
         os.environ.setdefault(key, value)
     try:
+        if not stop_with_dvc():
+            raise Terminated("the dvc process that started this stage has exited")
         main()
     except (StageError, ParamsError) as exc:
         print(f"[{name}] error: {exc}", file=sys.stderr)
@@ -180,8 +293,8 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print(f"[{name}] interrupted", file=sys.stderr)
         sys.exit(130)
-    except Terminated:
-        print(f"[{name}] terminated", file=sys.stderr)
+    except Terminated as exc:
+        print(f"[{name}] terminated" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         sys.exit(143)
     finally:
         _write_params_read(name)

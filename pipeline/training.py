@@ -24,12 +24,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pandas as pd
 import torch
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
 from pipeline.data.table import PREPARED_DIR, Manifest
 from pipeline.device import resolve
-from pipeline.io import StageError, read_json, require
+from pipeline.io import StageError, atomic_path, read_json, require
 from pipeline.models import build_net, incompatibility, model_spec
 from pipeline.models.cnn import Scale
 from pipeline.models.module import Classifier
@@ -72,11 +73,19 @@ def set_seeds(seed: int) -> None:
 
 
 class InMemoryData(pl.LightningDataModule):
-    """Train/val tensors moved to the training device once; batches are slices."""
+    """Train/val tensors moved to the training device once; batches are slices.
+
+    Its state (in every checkpoint, restored before the loaders are made) is where the
+    training batches stand: the shuffle generator's state and the batches served of an
+    unfinished pass. Lightning restores a loader's own state only when it resumes inside an
+    epoch; from a checkpoint written at an epoch end it would start the next epoch with a
+    fresh generator, i.e. the first epoch's order."""
 
     def __init__(self, data: Prepared, batch_size: int, seed: int) -> None:
         super().__init__()
         self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.train_batches: TensorBatches | None = None
+        self.restored: dict | None = None
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device
@@ -88,7 +97,18 @@ class InMemoryData(pl.LightningDataModule):
 
     def train_dataloader(self) -> TensorBatches:
         x, y = self.on_device["train"]
-        return TensorBatches(x, y, self.batch_size, shuffle=True, seed=self.seed)
+        self.train_batches = TensorBatches(x, y, self.batch_size, shuffle=True, seed=self.seed)
+        if self.restored is not None:
+            self.train_batches.load_state_dict(self.restored)
+        return self.train_batches
+
+    def state_dict(self) -> dict:
+        if self.train_batches is None:
+            return {}
+        return {"train_batches": self.train_batches.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored = state.get("train_batches")
 
     def val_dataloader(self) -> TensorBatches:
         x, y = self.on_device["val"]
@@ -96,6 +116,17 @@ class InMemoryData(pl.LightningDataModule):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         return batch  # slices of tensors already on the device: nothing to move per step
+
+
+class WholeCheckpoints(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with each file written beside its path and moved into
+    place (:func:`pipeline.io.atomic_path`): a process killed while writing leaves the
+    previous checkpoint whole. (Lightning's own write goes through the system's temporary
+    folder, which is a plain copy, not a move, where that folder is another file system.)"""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 class MetricHistory(pl.Callback):
@@ -368,6 +399,7 @@ def fit(
             logger=logger,
             callbacks=callbacks,
             default_root_dir=default_root_dir,
+            plugins=[WholeCheckpoints()] if checkpointing else None,
         )
         try:
             trainer.fit(

@@ -17,6 +17,11 @@ from pipeline.stages.train import Resume, train
 
 HP = TrainParams(max_epochs=4, patience=4, batch_size=64, accelerator="cpu")
 MODEL = ModelParams(channels=8)
+# A high learning rate kept high (cosine over 40 epochs): val/loss rises in epoch 2, and early
+# stopping (patience 1) ends the run there.
+EARLY_STOP = HP.model_copy(
+    update={"max_epochs": 40, "patience": 1, "lr": 0.05, "optimizer": "adam"}
+)
 
 
 class SignalAt(pl.Callback):
@@ -101,6 +106,77 @@ def test_an_interrupted_run_saves_a_checkpoint_and_resumes_exactly(
         assert [m.value for m in got] == [m.value for m in want]
 
 
+class Crash(Exception):
+    """Stands in for SIGKILL: not an interruption, so no checkpoint is saved on it; what is
+    left to resume from is the checkpoint of the last epoch end."""
+
+
+class CrashAt(pl.Callback):
+    """Raises :class:`Crash` as batch 3 of ``epoch`` (1-based) starts, or with ``epoch`` None
+    when training has ended (early stopping included), before the stage saves the model."""
+
+    def __init__(self, epoch: int | None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch + 1 == self.epoch and batch_idx == 2:
+            raise Crash
+
+    def on_train_end(self, trainer, pl_module):
+        if self.epoch is None:
+            raise Crash
+
+
+def metric_histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in ("train/loss", "train/acc", "val/loss", "val/acc")
+    }
+
+
+@pytest.mark.slow  # trains three times
+@pytest.mark.parametrize(
+    ("hp", "epoch", "resumed_epochs"),
+    [
+        (HP, 3, [3, 4]),  # killed in epoch 3 of 4: resumes from epoch 2's end
+        (EARLY_STOP, None, []),  # killed after early stopping, before the model was saved
+    ],
+    ids=["mid-run", "after-early-stopping"],
+)
+def test_a_killed_run_resumes_from_the_last_epoch_end_exactly(
+    digits_prepared, mlflow_store, monkeypatch, capsys, hp, epoch, resumed_epochs
+):
+    from mlflow.tracking import MlflowClient
+
+    tmp = mlflow_store
+    reference = run_train(digits_prepared, tmp, "reference", hp)
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        with_callbacks(patch, CrashAt(epoch))
+        with pytest.raises(Crash):
+            run_train(digits_prepared, tmp, "killed", hp)
+    trained = reference["epochs_trained"]
+    saved = (epoch - 1) if epoch else trained
+    checkpoint = torch.load(tmp / ".runway/train/last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] + 1 == saved  # written at the end of that epoch
+    assert "InMemoryData" in checkpoint  # the shuffle generator's state
+    client = MlflowClient()
+    killed = _last_run_id(client)
+    capsys.readouterr()
+
+    resumed = run_train(digits_prepared, tmp, "resumed", hp)
+    out = capsys.readouterr().out
+    assert f"from .runway/train/last.ckpt (saved in epoch {saved}, " in out
+    assert epoch_lines(out) == resumed_epochs
+    assert resumed["run_id"] == killed
+    assert resumed["epochs_trained"] == trained
+    assert (tmp / "resumed/model.pt").read_bytes() == (tmp / "reference/model.pt").read_bytes()
+    assert metric_histories(client, killed) == metric_histories(client, reference["run_id"])
+    assert [step for step, _ in metric_histories(client, killed)["val/loss"]] == list(
+        range(trained)
+    )
+
+
 def _last_run_id(client) -> str:
     (experiment,) = [e for e in client.search_experiments() if e.name == "t"]
     runs = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])
@@ -135,10 +211,7 @@ def test_the_model_is_the_best_epoch_not_the_last(digits_prepared, mlflow_store,
 
     weights = Weights()
     with_callbacks(monkeypatch, weights)
-    # A high learning rate kept high (cosine over 40 epochs): val/loss rises in epoch 2,
-    # and early stopping (patience 1) ends the run there.
-    hp = HP.model_copy(update={"max_epochs": 40, "patience": 1, "lr": 0.05, "optimizer": "adam"})
-    run = run_train(digits_prepared, mlflow_store, "out", hp)
+    run = run_train(digits_prepared, mlflow_store, "out", EARLY_STOP)
     losses = [loss for loss, _ in weights.epochs]
     best = losses.index(min(losses))
     assert best != len(losses) - 1

@@ -16,6 +16,9 @@ on SIGTERM or ^C (at the next step end, see ``pipeline.training.SignalsAtStepEnd
 for ^C). The next run with the same params and data continues the same MLflow run from
 ``last.ckpt``, where the interrupted one stopped (``train.resume: auto``); ``must`` makes a
 missing checkpoint an error, ``never`` starts afresh. Checkpoints are loaded weights-only.
+After a SIGKILL the next run resumes from the last epoch end; either way it ends with the
+same weights and metrics as a run never stopped. One run at a time: a second one while
+another holds ``.runway/train.lock`` stops at once, naming the process that holds it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pipeline.io import (
     StageError,
     Terminated,
     atomic_dir,
+    exclusive,
     load_error,
     read_json,
     run_stage,
@@ -53,8 +57,9 @@ from pipeline.training import EpochLine, Prepared, fit, load_prepared, nondeterm
 
 BEST_PARAMS = Path("reports/tune/best_params.json")
 RESUME_DIR = Path(".runway/train")
+LOCK = Path(".runway/train.lock")  # beside RESUME_DIR, which is deleted and made again
 # Part of the resume key: a checkpoint written by an older layout is never resumed.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 # Lightning's notes on what the stage does on purpose: state.json lives beside the
 # checkpoints; with an OnExceptionCheckpoint, fit(ckpt_path=None) looks for a last checkpoint
 # (Resume.find has removed any that must not be resumed).
@@ -144,6 +149,17 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
         pass
 
 
+class StayStopped(pl.Callback):
+    """Early stopping ends training at an epoch end, after that epoch's checkpoint is written.
+    A run resumed from that checkpoint (the process was killed before it saved the model)
+    stops there too instead of training one more epoch: EarlyStopping's state, restored from
+    the checkpoint, says it stopped; the Trainer's own stop flag is not in a checkpoint."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if any(callback.stopped_epoch for callback in trainer.early_stopping_callbacks):
+            trainer.should_stop = True
+
+
 def resume_key(hp: TrainParams, model: ModelParams) -> str:
     what = {
         "format": CHECKPOINT_FORMAT,
@@ -177,14 +193,21 @@ def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback],
         save_weights_only=True,  # the model is all it is for
         enable_version_counter=False,
     )
+    # Every epoch end, overwriting: with monitor=None, save_top_k=1 keeps the latest epoch.
+    # (save_last=True would write only when a top-k checkpoint was written at the same step.)
     last = ModelCheckpoint(
-        dirpath=resume.dir, save_top_k=0, save_last=True, enable_version_counter=False
+        dirpath=resume.dir,
+        filename=resume.last.stem,
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
     )
     callbacks = [
         EarlyStopping(monitor=hp.monitor, mode=mode, patience=hp.patience),
         best,
         last,
         InterruptCheckpoint(resume.dir, filename=resume.last.stem),
+        StayStopped(),
         EpochLine(),
     ]
     return callbacks, best
@@ -274,6 +297,13 @@ def train(
 
 
 def main() -> None:
+    # One training run at a time uses the checkpoints (a second one, e.g. beside a stage
+    # whose dvc was killed, would resume and delete them under it): held until they are gone.
+    with exclusive(LOCK, RESUME_DIR):
+        train_stage()
+
+
+def train_stage() -> None:
     params = load_params()
     hp, model = merged_params(params)
     data = load_prepared(splits=("train", "val"))
