@@ -210,7 +210,9 @@ def _is_dvc_shell(pid: int) -> bool:
 
 
 def _sigterm_when_gone(pidfd: int) -> None:
-    select.select([pidfd], [], [])  # readable once the process has exited
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)  # readable once the process has exited
+    poll.poll()
     os.kill(os.getpid(), signal.SIGTERM)
 
 
