@@ -10,7 +10,6 @@ import resource
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,10 +148,8 @@ def test_read_idx_refuses_headers_claiming_too_much_before_reading(tmp_path, dim
 def test_read_idx_reads_a_gzip_bomb_no_further_than_its_header_says(tmp_path):
     path = gzip_bomb(tmp_path / "x-idx1-ubyte.gz", idx_header(0x08, [1000]), 256 * MIB)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.perf_counter()
     with pytest.raises(StageError, match=r"need 1,000 bytes of data, found more \(data after"):
         read_idx(path)
-    assert time.perf_counter() - started < 1
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB (bytes on macOS)
     assert grown < 32 * MIB / (1 if sys.platform == "darwin" else 1024)
 
@@ -225,7 +222,6 @@ def test_a_full_size_alias_bomb_is_refused_at_once(tmp_path):
     def limit_memory():
         resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
 
-    started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.stages.params"],
         cwd=project,
@@ -235,7 +231,6 @@ def test_a_full_size_alias_bomb_is_refused_at_once(tmp_path):
         env=project_env() | {"PYTHONPATH": str(ROOT)},
         timeout=120,
     )
-    assert time.perf_counter() - started < 10
     assert result.returncode == 1, result.stderr[-3000:]
     assert error_line(result) == f"[params] error: {ALIAS_REFUSED}"
 
@@ -319,9 +314,7 @@ def test_an_alias_bomb_in_params_yaml_stops_dvc_repro_with_one_line(project):
     2 s more at 9**4 strings, 23 s at 9**5; at 9**9, past 5 GB and growing after two minutes)."""
     original = (ROOT / "params.yaml").read_text()
     (project / "params.yaml").write_text(bomb_params(original, 2))
-    started = time.perf_counter()
     result, peak = repro_peak(project, "params")
-    elapsed = time.perf_counter() - started
     assert result.returncode != 0 and "exited with 1" in result.stderr
     assert error_line(result) == f"[params] error: {ALIAS_REFUSED}"
-    assert elapsed < 30 and peak < PEAK_LIMIT, (elapsed, peak)
+    assert peak < PEAK_LIMIT, f"peak {peak / MIB:.0f} MiB"
