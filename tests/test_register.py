@@ -74,6 +74,18 @@ def test_champion_moves_only_when_beaten(mlflow_store, digits_prepared):
 
     third = register(params, bad_again, _evaluated(bad_again, digits_prepared), digits_prepared)
     assert not third["promoted"] and third["aliases"] == ["challenger"]
+    from mlflow.tracking import MlflowClient
+
+    # The decision is on each version itself, as register.json has it.
+    for decision in (first, second, third):
+        version = MlflowClient().get_model_version("gate-test", str(decision["version"]))
+        verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+        assert version.tags["promotion.decision"] == verdict
+        assert version.tags["promotion.reason"] == decision["reason"]
+        assert version.description == (
+            f"Aliases {', '.join(decision['aliases'])} when registered: {verdict}: "
+            f"{decision['reason']}."
+        )
     assert third["version"] == second["version"] + 1  # distinct versions
     assert "does not beat champion v" in third["reason"]
 
@@ -86,6 +98,8 @@ def test_champion_moves_only_when_beaten(mlflow_store, digits_prepared):
     again = register(params, good, _evaluated(good, digits_prepared), digits_prepared)
     assert again["version"] == second["version"]
     assert again["reason"] == "this version is already the champion"
+    kept = client.get_model_version("gate-test", str(second["version"]))
+    assert kept.tags["promotion.reason"] == second["reason"]  # not overwritten by the re-run
 
 
 def test_challenger_within_min_delta_is_not_promoted(mlflow_store, digits_prepared):

@@ -147,6 +147,21 @@ def split_rule(params) -> str:
     return f"train={split.train:g},val={split.val:g},test={split.test:g}"
 
 
+def describe_decision(
+    client, name: str, version: str, promoted: bool, reason: str, aliases: list[str]
+) -> None:
+    """Put the decision on the model version itself: its description (shown on the version's
+    page in the UI) and tags ``promotion.decision`` and ``promotion.reason``."""
+    verdict = "promoted to champion" if promoted else "not promoted"
+    client.update_model_version(
+        name,
+        version,
+        description=f"Aliases {', '.join(aliases)} when registered: {verdict}: {reason}.",
+    )
+    client.set_model_version_tag(name, version, "promotion.decision", verdict)
+    client.set_model_version_tag(name, version, "promotion.reason", reason)
+
+
 def register(params, run: dict, test_metrics: dict, data) -> dict:
     """Register, re-score, move aliases; return the decision record."""
     import mlflow
@@ -260,6 +275,8 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
     if promote:
         client.set_registered_model_alias(name, "champion", version.version)
     aliases = client.get_model_version(name, version.version).aliases
+    if not already:  # a re-run for the same version keeps the decision it got
+        describe_decision(client, name, version.version, promote, reason, sorted(aliases))
     return {
         "model_name": name,
         "version": int(version.version),
