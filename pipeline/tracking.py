@@ -252,10 +252,19 @@ def dvc_hash(path: Path | str) -> str:
     return hashlib.md5(listing).hexdigest() + ".dir"
 
 
-def run_tags(stage: str, dataset: str, data_dir: Path | None = PREPARED_DIR) -> dict[str, str]:
+# What DVC puts in a stage's environment under `dvc exp run` (dvc.env), tagged on every run.
+DVC_EXP_ENV = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev"}
+
+
+def run_tags(
+    stage: str, dataset: str, data_dir: Path | None = PREPARED_DIR, data_tag: str = "data.dvc_md5"
+) -> dict[str, str]:
+    """The tags every run carries: stage, dataset, git commit, the DVC hash of the data it
+    read (under ``data_tag``) and, under `dvc exp run`, the experiment's name and baseline."""
     tags = {"stage": stage, "dataset": dataset, **git_info()}
     if data_dir is not None and Path(data_dir).exists():
-        tags["data.dvc_md5"] = dvc_hash(data_dir)
+        tags[data_tag] = dvc_hash(data_dir)
+    tags.update({tag: os.environ[env] for env, tag in DVC_EXP_ENV.items() if os.environ.get(env)})
     return tags
 
 

@@ -88,6 +88,9 @@ def test_mlflow_holds_validation_tuning_training_and_the_registry(project):
     (validate,) = by_stage["validate"]
     artifacts = [a.path for a in client.list_artifacts(validate.info.run_id, "validation")]
     assert "validation/data_docs" in artifacts
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    raw = next(o for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
+    assert validate.data.tags["data.raw_dvc_md5"] == raw["md5"]  # the data it checked
 
     tune_runs = by_stage["tune"]
     parents = [r for r in tune_runs if "mlflow.parentRunId" not in r.data.tags]

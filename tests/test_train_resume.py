@@ -198,6 +198,31 @@ def test_the_run_logs_epoch_metrics_device_and_determinism(digits_prepared, mlfl
     assert client.get_metric_history(run["run_id"], "epoch") == []
     assert client.get_metric_history(run["run_id"], "step") == []
     assert run["epochs_trained"] == 3
+    # Runs are told apart by name: model, lr and batch size, and where each came from.
+    lr = HP.lr
+    assert client.get_run(run["run_id"]).info.run_name == f"train · cnn · lr {lr:.1e} · bs 64"
+    assert tags["mlflow.note.content"] == (
+        f"Final training on digits ({len(digits_prepared.tables['train'])} training samples) "
+        "with params.yaml values (no tuning)."
+    )
+
+
+def test_tuned_values_are_named_as_tuned_and_dvc_experiments_tagged(
+    digits_prepared, mlflow_store, monkeypatch
+):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lark")
+    out = mlflow_store / "tuned"
+    out.mkdir()
+    hp = HP.model_copy(update={"max_epochs": 1, "lr": 0.0021})
+    run = train(hp, MODEL, digits_prepared, "t", out, Resume("key"), frozenset({"lr"}))
+    found = MlflowClient().get_run(run["run_id"])
+    assert found.info.run_name == "train · cnn · lr 2.1e-03 (tuned) · bs 64"
+    assert found.data.tags["dvc.exp_name"] == "brisk-lark"
+    assert found.data.tags["mlflow.note.content"].endswith(
+        "with tuned values (lr) from reports/tune/best_params.json, the rest from params.yaml."
+    )
 
 
 def test_the_model_is_the_best_epoch_not_the_last(digits_prepared, mlflow_store, monkeypatch):

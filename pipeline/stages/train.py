@@ -222,6 +222,32 @@ def determinism(hp: TrainParams, nondeterministic: list[str]) -> str:
     return "on"
 
 
+def run_name(hp: TrainParams, model: ModelParams, tuned: frozenset[str]) -> str:
+    """A name that tells training runs apart in the UI's tables and chart legends, e.g.
+    ``train · cnn · lr 2.7e-03 (tuned) · bs 32 (tuned)``."""
+
+    def origin(key: str) -> str:
+        return " (tuned)" if key in tuned else ""
+
+    return (
+        f"train · {model.name}{origin('model')} · lr {hp.lr:.1e}{origin('lr')} · "
+        f"bs {hp.batch_size}{origin('batch_size')}"
+    )
+
+
+def run_description(data: Prepared, tuned: frozenset[str]) -> str:
+    """The run's description (MLflow's ``mlflow.note.content``, shown on the run's page)."""
+    where = (
+        f"tuned values ({', '.join(sorted(tuned))}) from {BEST_PARAMS}, the rest from params.yaml"
+        if tuned
+        else "params.yaml values (no tuning)"
+    )
+    return (
+        f"Final training on {data.manifest.source} ({len(data.tables['train'])} training "
+        f"samples) with {where}."
+    )
+
+
 def train(
     hp: TrainParams,
     model: ModelParams,
@@ -229,6 +255,7 @@ def train(
     experiment: str,
     out_dir: Path,
     resume: Resume | None = None,
+    tuned: frozenset[str] = frozenset(),
 ) -> dict:
     """Fit, keep the best checkpoint, save and log the model; return run.json's content."""
     import mlflow
@@ -238,7 +265,9 @@ def train(
     ckpt_path, resumed_run = resume.find(hp.resume)
     experiment_id = tracking.setup(experiment)
     tags = tracking.run_tags("train", data.manifest.source)
-    with tracking.run(experiment_id, "train", tags, run_id=resumed_run) as active:
+    tags["mlflow.note.content"] = run_description(data, tuned)
+    name = run_name(hp, model, tuned)
+    with tracking.run(experiment_id, name, tags, run_id=resumed_run) as active:
         run_id = active.info.run_id
         resume.started(run_id)
         if resumed_run is None:
@@ -306,6 +335,7 @@ def main() -> None:
 def train_stage() -> None:
     params = load_params()
     hp, model = merged_params(params)
+    tuned = frozenset(read_json(BEST_PARAMS)) if BEST_PARAMS.exists() else frozenset()
     data = load_prepared(splits=("train", "val"))
     pretrained = f", weights {model.weights_path}" if model.weights_path else ""
     frozen = ", backbone frozen" if model.freeze_backbone else ""
@@ -318,7 +348,7 @@ def train_stage() -> None:
     start = time.perf_counter()
     resume = Resume(resume_key(hp, model))
     with atomic_dir(MODELS_DIR) as tmp:
-        run = train(hp, model, data, params.mlflow.experiment, tmp, resume)
+        run = train(hp, model, data, params.mlflow.experiment, tmp, resume, tuned)
         write_json(tmp / "run.json", run)
     resume.finished()
     print(

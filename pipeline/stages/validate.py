@@ -104,7 +104,7 @@ def log_to_mlflow(summary: dict, manifest: Manifest, experiment: str, report: Pa
     import mlflow
 
     experiment_id = tracking.setup(experiment)
-    tags = tracking.run_tags("validate", manifest.source, data_dir=None)
+    tags = tracking.run_tags("validate", manifest.source, RAW_DIR, data_tag="data.raw_dvc_md5")
     with tracking.run(experiment_id, "validate", tags):
         metrics = {
             "validate/rows_in": summary["rows_in"],
