@@ -6,14 +6,18 @@ a bad option value gets click's usage error (exit 2).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import NoReturn
@@ -325,6 +329,40 @@ def baseline(
 
 # ------------------------------------------------------------------------------------- ui
 
+# The MLflow UI opens an experiment in its GenAI view unless the URL asks for the classic
+# runs table (the `workflowType` search parameter of the UI's experiment page).
+CLASSIC_VIEW = "?workflowType=machine_learning"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_GRACE_S = 10.0
+
+
+def project_root(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` that holds dvc.yaml and params.yaml."""
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    return None
+
+
+def _ui_params(root: Path) -> tuple[str | None, str | None]:
+    """(``mlflow.experiment``, ``register.model_name``) from the project's params.yaml."""
+    import yaml
+
+    path = root / "params.yaml"
+    try:
+        params = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _fail("ui", f"{path}: not readable YAML ({first})")
+    params = params if isinstance(params, dict) else {}
+
+    def value(section: str, key: str) -> str | None:
+        found = params.get(section)
+        found = found.get(key) if isinstance(found, dict) else None
+        return found if isinstance(found, str) and found else None
+
+    return value("mlflow", "experiment"), value("register", "model_name")
+
 
 def bind_problem(host: str, port: int) -> str | None:
     """Why the server could not listen on ``host:port``, found by binding it as uvicorn
@@ -350,17 +388,88 @@ def bind_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _netloc(host: str, port: int) -> str:
+    """``host:port`` to reach a server bound to ``host`` from this machine."""
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{local}]:{port}" if ":" in local else f"{local}:{port}"
+
+
 def _answers(host: str, port: int) -> bool:
     """Whether an HTTP server answers on host:port (any status: it is up)."""
-    local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    netloc = f"[{local}]" if ":" in local else local
     try:
-        with urllib.request.urlopen(f"http://{netloc}:{port}/health", timeout=2):
+        with urllib.request.urlopen(f"http://{_netloc(host, port)}/health", timeout=2):
             return True
     except urllib.error.HTTPError:
         return True
     except (OSError, ValueError):
         return False
+
+
+def ui_links(uri: str, base: str, experiment: str | None, model: str | None) -> list[str]:
+    """Lines linking to the experiment's runs table, its newest training run (tag
+    ``stage=train``) and the ``champion`` version of ``model``: those this store has."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server: ask once
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    def absent(exc: MlflowException) -> bool:
+        return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    lines: list[str] = []
+    with tracking.store_errors(uri):
+        found = client.get_experiment_by_name(experiment) if experiment else None
+        if found is not None:
+            runs = f"{base}/#/experiments/{found.experiment_id}"
+            lines.append(_row("runs", f"{runs}{CLASSIC_VIEW}  ({experiment})"))
+            latest = client.search_runs(
+                [found.experiment_id],
+                filter_string="tags.stage = 'train'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if latest:
+                lines.append(
+                    _row("latest training", f"{runs}/runs/{latest[0].info.run_id}{CLASSIC_VIEW}")
+                )
+        if model:
+            try:
+                champion = client.get_model_version_by_alias(model, "champion")
+            except MlflowException as exc:
+                if not absent(exc):
+                    raise
+            else:
+                name = urllib.parse.quote(model, safe="")
+                lines.append(
+                    _row(
+                        "champion model",
+                        f"{base}/#/models/{name}/versions/{champion.version}{CLASSIC_VIEW}"
+                        f"  ({model} version {champion.version})",
+                    )
+                )
+    return lines
+
+
+class _Stopped(BaseException):  # not caught by `except Exception`
+    """SIGINT, SIGTERM or SIGHUP came: stop the server and exit 0."""
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(group: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signum)
 
 
 @app.command()
@@ -372,11 +481,25 @@ def ui(
     ),
     port: int = typer.Option(5000, min=1, max=65535, help="Port to listen on."),
 ) -> None:
-    """Serve the MLflow UI over the local store (mlruns/)."""
+    """Serve the MLflow UI over the project's store (mlruns/ next to dvc.yaml, from any
+    folder of the project) and print links to its runs and champion model. Ctrl+C or
+    SIGTERM stops the server."""
     from pipeline.io import NO_TELEMETRY, StageError
-    from pipeline.tracking import check_store, tracking_uri
+    from pipeline.tracking import check_store, shown
 
-    uri = tracking_uri()
+    root = project_root(Path.cwd().resolve())
+    if root is None:
+        _fail(
+            "ui",
+            f"{Path.cwd()} is not inside a Runway project (no folder at or above it holds "
+            "dvc.yaml and params.yaml): run `runway ui` in the project",
+        )
+    experiment, model = _ui_params(root)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        db = root / "mlruns" / "mlflow.db"
+        if not db.is_file():
+            _fail("ui", f"no MLflow store at {shown(db)} yet: `dvc repro` makes it")
     try:
         check_store(uri)
     except StageError as exc:
@@ -398,26 +521,89 @@ def ui(
         "--port",
         str(port),
     ]
-    server = subprocess.Popen(command, env=env)
-    served = False
+    # The server runs in its own process group, so that a stop reaches all its processes
+    # (uvicorn's too) and only through this command, which waits for them. A stop signal
+    # that comes while the server is starting is acted on once it has started.
+    stop: list[int] = []
+    running: list[subprocess.Popen] = []
+
+    def on_stop(signum: int, frame: object) -> None:
+        if not stop:
+            stop.append(signum)
+            if running:
+                raise _Stopped
+
+    previous = {signum: signal.signal(signum, on_stop) for signum in STOP_SIGNALS}
+    code = 0
     try:
-        # `mlflow ui` exits 0 even when its server could not start: watch for an answer.
-        while True:
-            try:
-                code = server.wait(timeout=None if served else 1)
-                break
-            except subprocess.TimeoutExpired:
-                served = _answers(host, port)
-    except KeyboardInterrupt:  # ^C reaches the server too; let it stop
-        server.wait()
-        raise typer.Exit(130) from None
-    if code == 0 and not served:
-        _fail(
-            "ui",
-            f"the MLflow server stopped before it answered on http://{host}:{port} "
-            "(its messages are above)",
-        )
+        running.append(subprocess.Popen(command, env=env, cwd=root, process_group=0))
+        if not stop:
+            code = _serve(running[0], host, port, uri, experiment, model)
+    except _Stopped:
+        code = 0
+    finally:
+        if running:
+            _stop_server(running[0])
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     raise typer.Exit(code)
+
+
+def _serve(
+    server: subprocess.Popen,
+    host: str,
+    port: int,
+    uri: str,
+    experiment: str | None,
+    model: str | None,
+) -> int:
+    """Watch the server until it exits (a stop signal raises :class:`_Stopped`); its exit
+    code."""
+    from pipeline.io import StageError
+
+    served = False
+    while True:
+        code = server.poll()
+        if code is not None:
+            # `mlflow ui` exits 0 even when its server could not start.
+            if code == 0 and not served:
+                _fail(
+                    "ui",
+                    f"the MLflow server stopped before it answered on http://{host}:{port} "
+                    "(its messages are above)",
+                )
+            return code
+        if not served and _answers(host, port):
+            served = True
+            try:
+                links = ui_links(uri, f"http://{_netloc(host, port)}", experiment, model)
+            except StageError as exc:
+                links = [f"  (no links: {exc})"]
+            except Exception as exc:  # an unreadable store must not take the UI down
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                links = [f"  (no links: could not read the MLflow store: {first})"]
+            if not links:
+                links = [f"  (no runs of {experiment or 'this project'} in this store yet)"]
+            typer.echo("\n".join(["", "Open in the MLflow UI:", *links, ""]))
+        time.sleep(0.2 if not served else 0.5)
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    """Stop the server's process group (SIGTERM, then SIGKILL after STOP_GRACE_S) and wait
+    until none of its processes is left."""
+    group = server.pid
+    _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline:
+        server.poll()
+        if not _group_alive(group):
+            break
+        time.sleep(0.1)
+    else:
+        _signal_group(group, signal.SIGKILL)
+    server.wait()
+    while _group_alive(group) and time.monotonic() < deadline + STOP_GRACE_S:
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

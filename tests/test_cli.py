@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -247,7 +249,37 @@ def test_ui_refuses_a_port_out_of_range(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def bare_project(folder: Path, store: bool = True) -> Path:
+    """A folder that `runway ui` takes for a project: dvc.yaml, params.yaml and a store."""
+    (folder / "dvc.yaml").write_text("stages: {}\n")
+    (folder / "params.yaml").write_text("mlflow:\n  experiment: bare\n")
+    if store:
+        new_store(folder / "mlruns")
+    return folder
+
+
+def test_ui_outside_a_project(tmp_path):
+    one_error(
+        run(["runway", "ui", "--port", str(_free_port())], tmp_path, check=False),
+        f"[ui] error: {tmp_path} is not inside a Runway project (no folder at or above it "
+        "holds dvc.yaml and params.yaml): run `runway ui` in the project",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ui_without_a_store_makes_none(tmp_path):
+    bare_project(tmp_path, store=False)
+    (tmp_path / "src").mkdir()
+    one_error(
+        run(["runway", "ui", "--port", str(_free_port())], tmp_path / "src", check=False),
+        f"[ui] error: no MLflow store at {tmp_path}/mlruns/mlflow.db yet: `dvc repro` makes it",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml", "src"]
+    assert list((tmp_path / "src").iterdir()) == []
+
+
 def test_ui_on_a_port_in_use(tmp_path):
+    bare_project(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -260,6 +292,7 @@ def test_ui_on_a_port_in_use(tmp_path):
 
 
 def test_ui_over_a_corrupt_store(tmp_path):
+    bare_project(tmp_path, store=False)
     (tmp_path / "mlruns").mkdir()
     (tmp_path / "mlruns/mlflow.db").write_bytes(bytes(range(256)) * 16)
     one_error(
@@ -275,7 +308,7 @@ def test_ui_whose_server_never_answers_exits_non_zero(tmp_path, monkeypatch):
     """`mlflow ui` exits 0 when its server cannot bind: the command must not."""
     from pipeline import cli
 
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(bare_project(tmp_path))
     monkeypatch.setattr(cli, "bind_problem", lambda host, port: None)  # skip the early check
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -289,35 +322,110 @@ def test_ui_whose_server_never_answers_exits_non_zero(tmp_path, monkeypatch):
     )
 
 
-def test_ui_serves_the_store_on_loopback_only(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        ["runway", "ui", "--port", str(port)],
-        cwd=tmp_path,
-        env=project_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+class UiProcess:
+    """`runway ui` started in ``cwd``, its output (stdout and stderr) read as it comes."""
+
+    def __init__(self, cwd: Path):
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            ["runway", "ui", "--port", str(self.port)],
+            cwd=cwd,
+            env=project_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, line: str, timeout: float = 180) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if line in self.lines:
+                return self.lines.index(line)
+            assert self.proc.poll() is None, "\n".join(self.lines[-40:])
+            time.sleep(0.2)
+        raise AssertionError(f"no {line!r} in:\n" + "\n".join(self.lines[-40:]))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                child.kill()
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+def stopped_cleanly(ui: UiProcess, signum: int) -> None:
+    """``signum`` to `runway ui` alone: it stops its server, leaves no process and exits 0."""
+    children = psutil.Process(ui.proc.pid).children(recursive=True)
+    assert children, "no MLflow server process"
+    ui.proc.send_signal(signum)
+    assert ui.proc.wait(timeout=60) == 0, "\n".join(ui.lines[-40:])
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", ui.port)) != 0  # nothing listens any more
+
+
+def test_ui_from_a_subfolder_serves_and_links_the_project_store(project):
+    from mlflow.tracking import MlflowClient
+
+    def files(folder: Path) -> set[Path]:
+        return {p for p in folder.rglob("*") if "__pycache__" not in p.parts}
+
+    sub = project / "pipeline"
+    before = files(sub)
+    ui = UiProcess(sub)
     try:
-        deadline, body = time.monotonic() + 90, None
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    body = r.read().decode()
-                    break
-            except OSError:
-                time.sleep(0.5)
-        assert body is not None and "OK" in body, "the MLflow UI did not answer"
+        heading = ui.wait_for("Open in the MLflow UI:")
+        time.sleep(0.5)
+        base = f"http://127.0.0.1:{ui.port}"
+        assert ui.lines[0] == (
+            f"MLflow UI for sqlite:///{project}/mlruns/mlflow.db on {base} (Ctrl+C to stop)"
+        )
+        # The links come once the server answered the command's /health request.
+        answered = [i for i, line in enumerate(ui.lines) if '"GET /health HTTP/1.1" 200' in line]
+        assert answered and answered[0] < heading
+        uri = f"sqlite:///{project}/mlruns/mlflow.db"
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        experiment = client.get_experiment_by_name("runway-iris").experiment_id
+        train = client.search_runs(
+            [experiment], "tags.stage = 'train'", order_by=["attributes.start_time DESC"]
+        )[0].info.run_id
+        assert train == run_id(project)
+        champion = client.get_model_version_by_alias("iris", "champion").version
+        view = "?workflowType=machine_learning"
+        assert ui.lines[heading + 1 : heading + 5] == [
+            f"  runs            {base}/#/experiments/{experiment}{view}  (runway-iris)",
+            f"  latest training {base}/#/experiments/{experiment}/runs/{train}{view}",
+            f"  champion model  {base}/#/models/iris/versions/{champion}{view}  "
+            f"(iris version {champion})",
+            "",
+        ]
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as answer:
+            assert answer.read().decode() == "OK"
         listening = {
             c.laddr.ip
             for c in psutil.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == ui.port
         }
         assert listening == {"127.0.0.1"}
-        assert (tmp_path / "mlruns/mlflow.db").is_file()
+        stopped_cleanly(ui, signal.SIGTERM)
     finally:
-        for child in psutil.Process(server.pid).children(recursive=True):
-            child.kill()
-        server.kill()
-        server.wait(timeout=30)
+        ui.kill()
+    assert files(sub) == before  # no store made where it was run
+    assert not (sub / "mlruns").exists()
+
+
+def test_ui_stops_its_server_on_ctrl_c(project):
+    ui = UiProcess(project)
+    try:
+        ui.wait_for("Open in the MLflow UI:")
+        stopped_cleanly(ui, signal.SIGINT)
+    finally:
+        ui.kill()
