@@ -274,7 +274,74 @@ def test_tune_prints_and_tags_its_device_and_writes_its_reports(
         assert (out / name).read_bytes().startswith(PNG)
     parent = mlflow.search_runs(
         experiment_names=[params.mlflow.experiment],
-        filter_string="attributes.run_name = 'tune'",
+        filter_string="tags.mlflow.parentRunId IS NULL",
         output_format="list",
     )
     assert [run.data.tags["device"] for run in parent] == [expected]
+
+
+def _prune_first_trial():
+    """A pruner that prunes trial 0 at its second (last) epoch, step 1, and no other trial."""
+    import optuna
+
+    class PruneFirstTrial(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return trial.number == 0 and trial.last_step == 1
+
+    return PruneFirstTrial()
+
+
+def test_trial_runs_say_study_and_state_and_a_pruned_trial_is_not_a_failed_run(
+    mlflow_store, digits_prepared, monkeypatch, capsys
+):
+    import mlflow
+
+    from pipeline import tracking, training
+    from pipeline.stages import tune
+
+    monkeypatch.setattr(training, "load_prepared", lambda **_: digits_prepared)
+    monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
+    monkeypatch.setattr(tune, "_pruner", lambda _: _prune_first_trial())
+    fit, calls = training.fit, []
+
+    def crashing_third(*args, **kwargs):  # trial 2's training raises
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", crashing_third)
+    space = {**GRID, "batch_size": [64], "channels": [8]}  # three points
+    params = parse_params(
+        {"tune": {"n_trials": 3, "epochs": 2, "sampler": "grid", "search_space": space}}
+    )
+    out = mlflow_store / "reports"
+    out.mkdir()
+    tune.tune(params, out)
+    assert "trials {'complete': 1, 'pruned': 1, 'fail': 1}" in capsys.readouterr().out
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    name = parent.data.tags["optuna.study"]
+    assert parent.info.run_name == f"tune · {name}"
+    trials = {int(r.data.tags["optuna.trial"]): r for r in runs if r is not parent}
+    assert all(r.data.tags["mlflow.runName"] == r.info.run_name for r in runs)  # the UI's name
+    expected = {0: ("PRUNED", "FINISHED"), 1: ("COMPLETE", "FINISHED"), 2: ("FAIL", "FAILED")}
+    assert {
+        n: (r.info.run_name, r.data.tags["optuna.trial_state"], r.info.status)
+        for n, r in trials.items()
+    } == {
+        n: (f"{name} · trial {n} · {state}", state, status)
+        for n, (state, status) in expected.items()
+    }
+
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=tune.STUDY_STORAGE)
+    for number in (0, 1):  # every epoch trained, the one that pruned trial 0 included
+        history = client.get_metric_history(trials[number].info.run_id, params.tune.metric)
+        logged = {m.step: m.value for m in history}
+        assert logged == study.trials[number].intermediate_values
+    assert sorted(study.trials[0].intermediate_values) == [0, 1]

@@ -12,12 +12,14 @@ that was interrupted (the process killed, or ^C) is marked failed and queued onc
 its parameters. The grid sampler runs each point of the grid once (at most ``tune.n_trials``
 of them); a study that has tried every point is done.
 
-MLflow gets one parent run (tagged with the training device) and one nested run per trial,
-tagged with the trial's final state. Writes ``reports/tune/best_params.json`` (an input of
-train, never written back to params.yaml), ``trials.csv``, ``optimization_history.png`` and
-``intermediate_values.png`` (drawn by Optuna's matplotlib backend). ``tune.n_trials: 0``
-skips tuning: best_params.json is ``{}``, train uses params.yaml as is, and the history plot
-is a placeholder.
+MLflow gets one parent run ``tune · <study>`` (tagged with the training device) and one
+nested run per trial, ``<study> · trial <n> · <state>``, tagged with the trial's final state
+and holding every epoch it trained (the one that pruned it included). A pruned trial's run
+ends FINISHED; only a trial that raised ends FAILED. Writes ``reports/tune/best_params.json``
+(an input of train, never written back to params.yaml), ``trials.csv``,
+``optimization_history.png`` and ``intermediate_values.png`` (drawn by Optuna's matplotlib
+backend). ``tune.n_trials: 0`` skips tuning: best_params.json is ``{}``, train uses
+params.yaml as is, and the history plot is a placeholder.
 """
 
 from __future__ import annotations
@@ -296,11 +298,15 @@ def tune(params: Params, out_dir: Path) -> dict:
         trial_tags = {**tags, "optuna.trial": str(trial.number)}
         if RETRY_OF in trial.user_attrs:
             trial_tags["optuna.retry_of"] = str(trial.user_attrs[RETRY_OF])
-        with tracking.run(experiment_id, f"trial-{trial.number}", trial_tags, nested=True):
+        # The run's name says the study, the trial and (once it ends) the trial's state.
+        name = f"{study.study_name} · trial {trial.number}"
+        pruned = None
+        with tracking.run(experiment_id, f"{name} · RUNNING", trial_tags, nested=True) as run:
             tracking.log_params(trial.params)
             try:
                 pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
-                fit(hp, model, data, [pruning, history])
+                # History first: it records the epoch whose value prunes the trial.
+                fit(hp, model, data, [history, pruning])
                 values = [h[metric] for h in history.history if metric in h]
                 if not values:
                     raise StageError(f"trial {trial.number} logged no {metric}")
@@ -308,9 +314,9 @@ def tune(params: Params, out_dir: Path) -> dict:
                 tracking.finite_metrics({metric: value})
                 state = "COMPLETE"
                 return value
-            except optuna.TrialPruned:
-                state = "PRUNED"
-                raise
+            except optuna.TrialPruned as exc:
+                # Raised again once the run has ended: a pruned trial is not a failed run.
+                state, pruned = "PRUNED", exc
             finally:
                 # One call for the whole trial: each call is a round trip to the store.
                 now = int(time.time() * 1000)
@@ -321,8 +327,9 @@ def tune(params: Params, out_dir: Path) -> dict:
                     if math.isfinite(v)
                 ]
                 if epochs:
-                    client.log_batch(mlflow.active_run().info.run_id, metrics=epochs)
+                    client.log_batch(run.info.run_id, metrics=epochs)
                 mlflow.set_tag("optuna.trial_state", state)
+                client.update_run(run.info.run_id, name=f"{name} · {state}")
                 print(
                     f"[tune] trial {trial.number}: {state:<8} after {len(history.history)} "
                     f"epoch(s) ({time.perf_counter() - start:.1f}s)  "
@@ -332,9 +339,10 @@ def tune(params: Params, out_dir: Path) -> dict:
                     ),
                     flush=True,
                 )
+        raise pruned
 
     parent_tags = {**tags, "optuna.study": study.study_name, "device": device}
-    with tracking.run(experiment_id, "tune", parent_tags):
+    with tracking.run(experiment_id, f"tune · {study.study_name}", parent_tags):
         tracking.log_params({f"tune.{k}": v for k, v in cfg.model_dump().items()})
         optimize(study, objective, todo)
         states = [t.state for t in study.trials]
