@@ -104,7 +104,12 @@ def data_paths() -> dict[str, tuple[set[str], set[str]]]:
     def s(*paths) -> set[str]:
         return {Path(p).as_posix() for p in paths}
 
-    evaluated = s(*(evaluate.REPORT_DIR / f for f in ("per_class.json", "predictions.csv")))
+    evaluated = s(
+        *(
+            evaluate.REPORT_DIR / f
+            for f in ("per_class.json", "per_class.csv", "predictions.csv", "per_class.png")
+        )
+    )
     return {
         "params": (set(), s(params.CHECKED)),
         "ingest": (s(EXTERNAL_DIR), s(RAW_DIR)),

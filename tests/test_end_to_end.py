@@ -121,6 +121,24 @@ def test_mlflow_holds_validation_tuning_training_and_the_registry(project):
     assert len(history) == metrics["epochs_trained"] >= 2  # one point per epoch
     evaluated = [a.path for a in client.list_artifacts(train.info.run_id, "evaluation")]
     assert "evaluation/confusion_matrix.png" in evaluated
+    # Per-class figures are a table and a plot, not one metric per class.
+    assert {"evaluation/per_class.csv", "evaluation/per_class.png"} <= set(evaluated)
+    assert not [m for m in metrics if m.startswith("test/") and "class" in m]
+    assert sorted(m for m in metrics if m.startswith("test/")) == [
+        "test/accuracy",
+        "test/f1_macro",
+        "test/precision_macro",
+        "test/recall_macro",
+    ]
+    per_class = json.loads((project / "reports/evaluate/per_class.json").read_text())
+    table = (project / "reports/evaluate/per_class.csv").read_text().splitlines()
+    assert table[0] == "class,precision,recall,f1,support"
+    assert (
+        [row.split(",")[0] for row in table[1:]] == list(per_class) == [str(d) for d in range(10)]
+    )
+    assert [int(row.split(",")[4]) for row in table[1:]] == [
+        m["support"] for m in per_class.values()
+    ]
     assert client.search_logged_models([experiment.experiment_id])
 
     record = json.loads((project / "reports/register.json").read_text())

@@ -1,7 +1,9 @@
 """Evaluate: score the trained model on the test split.
 
 Writes ``reports/evaluate/metrics.json`` (``{"test": {accuracy, precision_macro, recall_macro,
-f1_macro}}``, a DVC metrics file), ``per_class.json`` (keyed by class name),
+f1_macro}}``, a DVC metrics file), ``per_class.json`` (keyed by class name) with the same
+figures as ``per_class.csv`` and ``per_class.png`` (a table and a plot, not one MLflow metric
+per class, so the UI's compare view shows the four headline metrics),
 ``confusion_matrix.png`` and ``predictions.csv`` (a DVC confusion plot; actual and predicted
 class by name), and logs the same numbers and files into the training run, so one MLflow run
 holds train, val and test results.
@@ -9,7 +11,6 @@ holds train, val and test results.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +100,39 @@ def score(
     return headline, per_class
 
 
-def metric_name(class_name: str) -> str:
-    """A class name as part of an MLflow metric key (letters, digits, ``_ - . / space``)."""
-    return re.sub(r"[^\w\-. /]", "_", class_name)
+def per_class_table(per_class: dict) -> pd.DataFrame:
+    """One row per class: name, precision, recall, F1 and support (per_class.csv)."""
+    rows = [
+        {"class": name, **{k: v for k, v in m.items() if k != "index"}}
+        for name, m in per_class.items()
+    ]
+    return pd.DataFrame(rows, columns=["class", "precision", "recall", "f1", "support"])
+
+
+def plot_per_class(table: pd.DataFrame, path: Path) -> None:
+    """Precision, recall and F1 of each class as grouped horizontal bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(6.4, max(2.4, 0.45 * n + 1.2)), dpi=120)
+    positions = np.arange(n)
+    for offset, column in zip((-0.27, 0.0, 0.27), ("precision", "recall", "f1"), strict=True):
+        ax.barh(positions + offset, table[column], height=0.26, label=column)
+    ax.set_yticks(
+        positions, [f"{c} ({s})" for c, s in zip(table["class"], table["support"], strict=True)]
+    )
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score on the test split")
+    ax.set_title("Per-class precision, recall and F1 (test samples in brackets)")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def plot_confusion(y_true, y_pred, names: list[str], classes: list[int], path: Path) -> None:
@@ -152,6 +183,9 @@ def main() -> None:
             (tmp / ".gitignore").write_bytes((REPORT_DIR / ".gitignore").read_bytes())
         write_json(tmp / METRICS.name, {"test": headline})
         write_json(tmp / "per_class.json", per_class)
+        table = per_class_table(per_class)
+        table.to_csv(tmp / "per_class.csv", index=False)  # a table in MLflow's artifact view
+        plot_per_class(table, tmp / "per_class.png")
         predictions.to_csv(tmp / "predictions.csv", index=False)
         plot_confusion(
             y.numpy(),
@@ -166,7 +200,6 @@ def main() -> None:
     tracking.setup(params.mlflow.experiment)
     with tracking.run(run["experiment_id"], "train", {}, run_id=run["run_id"]):
         metrics = {f"test/{k}": v for k, v in headline.items()}
-        metrics.update({f"test/f1_class_{metric_name(c)}": m["f1"] for c, m in per_class.items()})
         mlflow.log_metrics(tracking.finite_metrics(metrics))
         mlflow.log_artifacts(str(REPORT_DIR), artifact_path="evaluation")
     print(
