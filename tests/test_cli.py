@@ -343,11 +343,14 @@ class UiProcess:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, line: str, timeout: float = 180) -> int:
+    def wait_for(self, line: str, timeout: float = 180, part: bool = False) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if line in self.lines:
-                return self.lines.index(line)
+            found = [
+                i for i, seen in enumerate(self.lines) if (line in seen if part else line == seen)
+            ]
+            if found:
+                return found[0]
             assert self.proc.poll() is None, "\n".join(self.lines[-40:])
             time.sleep(0.2)
         raise AssertionError(f"no {line!r} in:\n" + "\n".join(self.lines[-40:]))
@@ -423,9 +426,10 @@ def test_ui_from_a_subfolder_serves_and_links_the_project_store(project):
 
 
 def test_ui_stops_its_server_on_ctrl_c(project):
+    """^C while the server is still starting: the same clean stop."""
     ui = UiProcess(project)
     try:
-        ui.wait_for("Open in the MLflow UI:")
+        ui.wait_for(f"Uvicorn running on http://127.0.0.1:{ui.port}", part=True)
         stopped_cleanly(ui, signal.SIGINT)
     finally:
         ui.kill()
