@@ -173,3 +173,18 @@ def test_a_raw_table_without_sample_ids_fails_the_gate_in_one_line(tmp_path):
     assert "expect_table_columns_to_match_ordered_list" in result.stdout
     assert "'sample_id'" in result.stdout
     assert not (project / "data/prepared").exists()
+
+
+def test_a_value_tuning_searches_is_not_a_dependency_of_tune(project):
+    """Every trial samples its own lr, batch size, optimizer, weight decay, channels and
+    dropout: changing their params.yaml values reruns train (where a tuned value may replace
+    them, and says so), never the study."""
+    import json
+
+    for change in ({"train": {"lr": 0.05, "optimizer": "sgd"}}, {"model": {"dropout": 0.33}}):
+        with changed(project, change):
+            status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+        assert "tune" not in status and "train" in status, (change, status)
+    with changed(project, {"tune": {"epochs": 3}}):
+        status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert "tune" in status

@@ -307,3 +307,19 @@ def test_ops_without_a_deterministic_kernel_are_recorded(digits_prepared):
     assert determinism(hp, ops) == "partial (adaptive_avg_pool2d_backward_cuda)"
     assert determinism(hp, []) == "on"
     assert determinism(hp.model_copy(update={"deterministic": False}), []) == "off"
+
+
+def test_a_params_value_that_tuning_replaces_is_named_with_how_to_keep_it():
+    from pipeline.config import parse_params, with_tuned
+
+    params = parse_params({"train": {"lr": 0.01, "batch_size": 64}, "model": {"channels": 32}})
+    tuned = {"lr": 0.00214, "batch_size": 64, "channels": 48}
+    hp, model = with_tuned(params.train, params.model, tuned)
+    assert stage.overridden(params, hp, model, frozenset(tuned)) == [
+        "model.channels: params.yaml says 32 but tuning chose 48 "
+        "(reports/tune/best_params.json), which is used; to train with 32, set "
+        "tune.n_trials: 0 or narrow tune.search_space.channels",
+        "train.lr: params.yaml says 0.01 but tuning chose 0.00214 "
+        "(reports/tune/best_params.json), which is used; to train with 0.01, set "
+        "tune.n_trials: 0 or narrow tune.search_space.lr",
+    ]  # batch_size: the same value either way, nothing to say

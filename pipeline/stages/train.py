@@ -39,7 +39,15 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pipeline import tracking
-from pipeline.config import ModelParams, Params, TrainParams, direction, load_params, with_tuned
+from pipeline.config import (
+    TUNED_FIELDS,
+    ModelParams,
+    Params,
+    TrainParams,
+    direction,
+    load_params,
+    with_tuned,
+)
 from pipeline.data.table import PREPARED_DIR
 from pipeline.device import describe, resolve
 from pipeline.io import (
@@ -222,6 +230,26 @@ def determinism(hp: TrainParams, nondeterministic: list[str]) -> str:
     return "on"
 
 
+def overridden(
+    params: Params, hp: TrainParams, model: ModelParams, tuned: frozenset[str]
+) -> list[str]:
+    """A line for each params.yaml value that a tuned value replaces with another value: the
+    value asked for is not the one trained with, and the line says how to train with it."""
+    effective = {"train": hp, "model": model}
+    lines = []
+    for key in sorted(tuned):
+        section, field = TUNED_FIELDS[key]
+        asked = getattr(getattr(params, section), field)
+        used = getattr(effective[section], field)
+        if asked != used:
+            lines.append(
+                f"{section}.{field}: params.yaml says {asked!r} but tuning chose {used!r} "
+                f"({BEST_PARAMS}), which is used; to train with {asked!r}, set "
+                f"tune.n_trials: 0 or narrow tune.search_space.{key}"
+            )
+    return lines
+
+
 def run_name(hp: TrainParams, model: ModelParams, tuned: frozenset[str]) -> str:
     """A name that tells training runs apart in the UI's tables and chart legends, e.g.
     ``train · cnn · lr 2.7e-03 (tuned) · bs 32 (tuned)``."""
@@ -336,6 +364,8 @@ def train_stage() -> None:
     params = load_params()
     hp, model = merged_params(params)
     tuned = frozenset(read_json(BEST_PARAMS)) if BEST_PARAMS.exists() else frozenset()
+    for line in overridden(params, hp, model, tuned):
+        print(f"[train] {line}")
     data = load_prepared(splits=("train", "val"))
     pretrained = f", weights {model.weights_path}" if model.weights_path else ""
     frozen = ", backbone frozen" if model.freeze_backbone else ""

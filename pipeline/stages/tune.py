@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import (
+    TUNED_FIELDS,
     ModelParams,
     Params,
     TrainParams,
@@ -51,15 +52,26 @@ INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
 
 
+def searched_fields(tune: TuneParams) -> dict[str, set[str]]:
+    """The train and model fields each trial samples: their params.yaml values decide nothing
+    in a study, so they are not part of its identity (nor dependencies of the tune stage)."""
+    fields: dict[str, set[str]] = {"train": set(), "model": set()}
+    for key in tune.search_space.grid():
+        section, field = TUNED_FIELDS[key]
+        fields[section].add(field)
+    return fields
+
+
 def study_name(params: Params, data_hash: str) -> str:
     """Same inputs → same study (resumed); any change → a new study."""
+    searched = searched_fields(params.tune)
     base = params.train.model_dump(
-        exclude={"max_epochs", "patience", "monitor", "accelerator", "resume"}
+        exclude={"max_epochs", "patience", "monitor", "accelerator", "resume"} | searched["train"]
     )
     key = {
         "tune": params.tune.model_dump(exclude={"n_trials"}),
         "train": base,
-        "model": params.model.model_dump(),
+        "model": params.model.model_dump(exclude=searched["model"]),
         "data": data_hash,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
