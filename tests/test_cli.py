@@ -4,7 +4,9 @@ line and a non-zero exit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -258,9 +260,30 @@ def bare_project(folder: Path, store: bool = True) -> Path:
     return folder
 
 
+def ui_exits(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`runway ui` run where it must stop at once; one that serves instead fails the test."""
+    command = ["runway", "ui", *args]
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"runway ui served instead of stopping:\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def test_ui_outside_a_project(tmp_path):
     one_error(
-        run(["runway", "ui", "--port", str(_free_port())], tmp_path, check=False),
+        ui_exits(tmp_path, "--port", str(_free_port())),
         f"[ui] error: {tmp_path} is not inside a Runway project (no folder at or above it "
         "holds dvc.yaml and params.yaml): run `runway ui` in the project",
     )
@@ -271,7 +294,7 @@ def test_ui_without_a_store_makes_none(tmp_path):
     bare_project(tmp_path, store=False)
     (tmp_path / "src").mkdir()
     one_error(
-        run(["runway", "ui", "--port", str(_free_port())], tmp_path / "src", check=False),
+        ui_exits(tmp_path / "src", "--port", str(_free_port())),
         f"[ui] error: no MLflow store at {tmp_path}/mlruns/mlflow.db yet: `dvc repro` makes it",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml", "src"]
@@ -285,7 +308,7 @@ def test_ui_on_a_port_in_use(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         one_error(
-            run(["runway", "ui", "--port", str(port)], tmp_path, check=False),
+            ui_exits(tmp_path, "--port", str(port)),
             f"[ui] error: port {port} on 127.0.0.1 is already in use (another `runway ui` or "
             "MLflow server?): stop it or choose another --port",
         )
@@ -296,7 +319,7 @@ def test_ui_over_a_corrupt_store(tmp_path):
     (tmp_path / "mlruns").mkdir()
     (tmp_path / "mlruns/mlflow.db").write_bytes(bytes(range(256)) * 16)
     one_error(
-        run(["runway", "ui", "--port", str(_free_port())], tmp_path, check=False),
+        ui_exits(tmp_path, "--port", str(_free_port())),
         "[ui] error: mlruns/mlflow.db is not a readable MLflow store (file is not a database): "
         "move it aside (`mv mlruns/mlflow.db mlruns/mlflow.db.broken`) and run again; a new "
         "empty store is made, the artifacts under mlruns/artifacts/ stay, and `dvc repro` logs "
@@ -334,6 +357,7 @@ class UiProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -356,10 +380,12 @@ class UiProcess:
         raise AssertionError(f"no {line!r} in:\n" + "\n".join(self.lines[-40:]))
 
     def kill(self) -> None:
+        """Whatever is left of it, its server's process group included."""
         if self.proc.poll() is None:
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                child.kill()
-            self.proc.kill()
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+            for group in {self.proc.pid, *(os.getpgid(c.pid) for c in children)}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
 
