@@ -143,7 +143,7 @@ def test_summary_in_a_fresh_clone(project, tmp_path):
         "Runway results",
         "Out of date: ingest, validate, tune, train, evaluate, register ("
         + missing
-        + "reports/tune missing and 2 more): `dvc repro` brings them in line.",
+        + "reports/tune missing and 3 more): `dvc repro` brings them in line.",
         f"MLflow run {run_id(project)} is not in this store (mlruns/mlflow.db does not exist)"
         + FROM_FILES,
         *results(project),
