@@ -36,7 +36,7 @@ from pipeline.config import load_params
 from pipeline.data.table import PREPARED_DIR
 from pipeline.io import StageError, read_json, require, run_stage, write_json
 from pipeline.models import MODELS_DIR, class_names
-from pipeline.stages.evaluate import METRICS
+from pipeline.stages.evaluate import METRICS, predict, score
 
 REPORT = Path("reports/register.json")
 
@@ -45,7 +45,6 @@ REPORT = Path("reports/register.json")
 class Predictions:
     """A registered model's predictions on today's test split, in today's class numbering."""
 
-    uri: str
     names: list[str]  # the model's classes, in output order
     recorded: bool  # False: the model records no class names; output i is taken as class "i"
     predicted: np.ndarray  # today's class index per test sample; -1: a class today's data lacks
@@ -68,8 +67,6 @@ def registered_predictions(uri: str, data, batch_size: int, device="cpu") -> Pre
     import mlflow
     import torch
 
-    from pipeline.stages.evaluate import predict
-
     try:
         net = mlflow.pytorch.load_model(uri, map_location=device)
         metadata = mlflow.models.get_model_info(uri).metadata or {}
@@ -85,13 +82,11 @@ def registered_predictions(uri: str, data, batch_size: int, device="cpu") -> Pre
     names = [str(n) for n in names]
     today = class_names(data.manifest)
     outputs = predict(net, x, batch_size, device)
-    return Predictions(uri, names, recorded, in_today_numbering(names, today)[outputs])
+    return Predictions(names, recorded, in_today_numbering(names, today)[outputs])
 
 
 def scored(y: np.ndarray, predicted: np.ndarray, classes: list[int], metric: str) -> float:
     """``metric`` over the test samples whose true class is in ``classes``."""
-    from pipeline.stages.evaluate import score
-
     keep = np.isin(y, classes)
     headline, _ = score(y[keep], predicted[keep], classes)
     return headline[metric]
