@@ -19,10 +19,15 @@ repro: $(STAMP)
 	runway summary
 
 ## test: create .venv if needed, run the test suite (on 2 workers: most of it is `dvc repro`
-## subprocesses waiting on imports; TEST_WORKERS=0 runs it in one process)
+## subprocesses waiting on imports; TEST_WORKERS=0 runs it in one process). The browser tests
+## drive Debian's chromium: it is installed first when missing (needs root or sudo).
 TEST_WORKERS ?= 2
-test: $(STAMP)
+CHROMIUM := /usr/bin/chromium
+test: $(STAMP) $(CHROMIUM)
 	python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+$(CHROMIUM):
+	scripts/install-chromium
 
 ## test-fast: the in-process unit tests only (no `dvc repro`, no stage subprocesses)
 test-fast: $(STAMP)
