@@ -4,10 +4,11 @@ Rows that cannot be trained on go to ``reports/validation/quarantine.csv`` with 
 more than ``validate.max_quarantine_frac`` of the rows would be quarantined the stage fails.
 The rest is split train/val/test by hash of ``sample_id`` and checked by the suites in
 :mod:`pipeline.validation.suite`. On success writes ``data/prepared/`` (one parquet per split
-and the manifest) and ``reports/validation/`` (summary, quarantine, Data Docs). On failure it
-prints one line per failed expectation, exits non-zero and leaves both as they were (the last
-good data stays in place); the failing summary and Data Docs go to
-``.runway/validation-failed/`` and to the FAILED MLflow run. Imports no torch.
+and the manifest) and ``reports/validation/``: ``summary.html`` (the results on one page that
+needs no network), ``summary.json``, ``gx_results.json`` (GX's validation results),
+``quarantine.csv`` and Data Docs. On failure it prints one line per failed check, exits
+non-zero and leaves both as they were (the last good data stays in place); the failing report
+goes to ``.runway/validation-failed/`` and to the FAILED MLflow run. Imports no torch.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from pipeline.data.table import (
     Manifest,
 )
 from pipeline.io import StageError, atomic_dir, read_json, require, run_stage, write_json
+from pipeline.validation import summary as summary_page
 from pipeline.validation.cleaning import clean
 from pipeline.validation.split import assign_splits
-from pipeline.validation.suite import class_counts, run_suites
+from pipeline.validation.suite import class_count_problems, class_counts, run_suites
 
 REPORT_DIR = Path("reports/validation")
 FAILED_DIR = Path(".runway/validation-failed")  # the report of the last failed gate
+SUMMARY_HTML = "summary.html"
+DATA_DOCS_INDEX = "data_docs/index.html"
 
 
 def read_raw(raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, Manifest]:
@@ -50,7 +54,9 @@ def read_raw(raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, Manifest]:
 
 
 def validate(table: pd.DataFrame, manifest: Manifest, params: ValidateParams, docs_dir: Path):
-    """Clean, split and check; return (prepared table, quarantine, summary dict)."""
+    """Clean, split and check; return (prepared table, quarantine, summary dict).
+
+    The summary's ``validation_results`` is GX's result JSON, one entry per suite."""
     if table.empty:
         raise StageError(f"{RAW_DIR}/samples.parquet has no rows")
     kept, quarantine = clean(table, manifest)
@@ -78,6 +84,8 @@ def validate(table: pd.DataFrame, manifest: Manifest, params: ValidateParams, do
         "failures": failures,
         "statistics": result.statistics,
         "expectations": result.expectations,
+        "class_counts": per_class_checks(result.counts, manifest.names, params.min_per_class),
+        "validation_results": result.validations,
     }
     if not failures:
         counts = class_counts(kept, manifest.classes)
@@ -85,6 +93,25 @@ def validate(table: pd.DataFrame, manifest: Manifest, params: ValidateParams, do
         summary["splits"] = {s: int(counts[s].sum()) for s in SPLITS}
         summary["per_class"] = counts.set_index(LABEL_COLUMN).to_dict(orient="index")
     return kept, quarantine, summary
+
+
+def per_class_checks(counts: pd.DataFrame | None, names: list[str], min_per_class: int) -> list:
+    """Each class's counts per split with the gate's problems with it (none when it passes)."""
+    if counts is None:
+        return []
+    rows = []
+    for i, row in enumerate(counts.to_dict(orient="records")):
+        label = int(row[LABEL_COLUMN])
+        rows.append(
+            {
+                "label": label,
+                "name": names[label] if 0 <= label < len(names) else str(label),
+                **{s: int(row[s]) for s in SPLITS},
+                "total": int(row["total"]),
+                "problems": class_count_problems(counts.iloc[[i]], names, min_per_class),
+            }
+        )
+    return rows
 
 
 def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPARED_DIR) -> None:
@@ -126,7 +153,8 @@ def log_to_mlflow(summary: dict, manifest: Manifest, experiment: str, report: Pa
             )
             raise StageError(
                 f"{len(failures)} check(s) failed: {first}{more}. No prepared data written, "
-                f"the previous outputs are unchanged (Data Docs: {report}/data_docs/index.html)"
+                f"the previous outputs are unchanged (report: {report / SUMMARY_HTML}, "
+                f"Data Docs: {report / DATA_DOCS_INDEX})"
             )
 
 
@@ -140,9 +168,25 @@ def main() -> None:
         staged = Path(staging)
         kept, quarantine, summary = validate(table, manifest, params, staged / "data_docs")
         quarantine.to_csv(staged / "quarantine.csv", index=False)
+        results = summary.pop("validation_results")
         write_json(staged / "summary.json", summary)
+        write_json(staged / "gx_results.json", results)
         # Good results replace the last ones; a failed gate's report goes aside.
         report = REPORT_DIR if summary["success"] else FAILED_DIR
+        summary_page.write(
+            staged / SUMMARY_HTML,
+            summary,
+            results,
+            dataset=manifest.source,
+            max_quarantine_frac=params.max_quarantine_frac,
+            min_per_class=params.min_per_class,
+            links={
+                "Quarantined rows": "quarantine.csv",
+                "GX results (JSON)": "gx_results.json",
+                "Data Docs (need network)": DATA_DOCS_INDEX,
+            },
+        )
+        print(f"[validate] report: {report / SUMMARY_HTML}")
         with atomic_dir(report) as tmp:
             shutil.copytree(staged, tmp, dirs_exist_ok=True)
     try:

@@ -15,7 +15,7 @@ Three suites, each run through a Checkpoint that also renders Data Docs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ class SuiteResult:
     failures: list[str]
     statistics: dict[str, dict]
     expectations: list[dict]
+    validations: list[dict] = field(default_factory=list)  # GX's result JSON, one per suite
+    counts: pd.DataFrame | None = None  # class_counts of the checked table
 
 
 def class_counts(table: pd.DataFrame, classes: list[int]) -> pd.DataFrame:
@@ -192,6 +194,7 @@ def run_suites(
     failures: list[str] = []
     statistics: dict[str, dict] = {}
     expectations: list[dict] = []
+    validations: list[dict] = []
     for name, (frame, exps, row_names) in frames.items():
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
         suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=exps))
@@ -209,6 +212,7 @@ def run_suites(
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})
         for validation in outcome.run_results.values():
             statistics[name] = dict(validation.statistics)
+            validations.append(validation.to_json_dict())
             for r in validation.results:
                 expectations.append(
                     {
@@ -222,4 +226,4 @@ def run_suites(
                     failures.append(_describe_failure(name, r, row_names))
         if name == "class_counts":
             failures += class_count_problems(counts, manifest.names, min_per_class)
-    return SuiteResult(not failures, failures, statistics, expectations)
+    return SuiteResult(not failures, failures, statistics, expectations, validations, counts)
