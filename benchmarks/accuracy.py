@@ -17,7 +17,7 @@ def run(ctx: Context) -> list[dict]:
     from pipeline.baseline import svc_baseline
 
     project = pipeline_project(ctx)
-    ours = json.loads((project / "reports/evaluate/metrics.json").read_text())["test"]["accuracy"]
+    ours = json.loads((project / "reports/evaluate/metrics.json").read_text())["test/accuracy"]
     svc = svc_baseline(C_GRID, GAMMA_GRID, project / "data/prepared")
     ref = svc["test_accuracy"]
     return [

@@ -190,7 +190,6 @@ def summary_lines(metrics: dict, record: dict, validation: dict) -> list[str]:
     """The summary: lines that this store and these outputs agree on, then, under a sentence
     saying why, the lines that are out of date or not in this store."""
     aliases, store_note = store_view(record)
-    test = metrics["test"]
     verdict = "promoted to champion" if record["promoted"] else "champion unchanged"
     rows: list[tuple[str, str, str]] = []
     if "rows_in" in validation:
@@ -201,8 +200,8 @@ def summary_lines(metrics: dict, record: dict, validation: dict) -> list[str]:
         rows.append(("validate", "data", data))
     aliases = record["aliases"] if aliases is None else aliases
     rows += [
-        ("evaluate", "test accuracy", f"{test['accuracy']:.4f}"),
-        ("evaluate", "test macro F1", f"{test['f1_macro']:.4f}"),
+        ("evaluate", "test/accuracy", f"{metrics['test/accuracy']:.4f}"),
+        ("evaluate", "test/f1_macro", f"{metrics['test/f1_macro']:.4f}"),
         (
             "register",
             "model",

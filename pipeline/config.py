@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import reprlib
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -368,7 +369,9 @@ def load_params(section: str | None = None, path: Path | str = PARAMS_FILE) -> A
     return getattr(params, section if section in Params.model_fields else f"{section}_")
 
 
-# Where each tuned value (a key of reports/tune/best_params.json) goes: (section, field).
+# Where each searched key (a key of tune.search_space) goes: (section, field). A tuned value
+# is named everywhere by its params.yaml path, "section.field" (see tuned_name): in the
+# study's trials, reports/tune/best_params.json, MLflow params and the train stage's lines.
 TUNED_FIELDS: dict[str, tuple[str, str]] = {
     "lr": ("train", "lr"),
     "batch_size": ("train", "batch_size"),
@@ -380,17 +383,63 @@ TUNED_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
+def tuned_name(search_key: str) -> str:
+    """The params.yaml path of a searched key: ``lr`` → ``train.lr``, ``model`` →
+    ``model.name``."""
+    section, field = TUNED_FIELDS[search_key]
+    return f"{section}.{field}"
+
+
+TUNABLE = {tuned_name(key): key for key in TUNED_FIELDS}  # "train.lr" → "lr"
+
+
+def provenance(
+    section: str,
+    requested: _Section,
+    effective: _Section,
+    tuned: Collection[str] = (),
+    fields: Collection[str] | None = None,
+    sources: Mapping[str, str] | None = None,
+    read_tuned: bool = True,
+) -> list[dict[str, Any]]:
+    """For each field of a params section (all, or ``fields``): its params.yaml path, the
+    value params.yaml asks for (None where it leaves the key to the default), the value used,
+    and where that came from: ``tuned`` (a key in ``tuned``), ``params``, ``default``, or what
+    ``sources`` says for that key. ``read_tuned=False``: a tuned key's params.yaml value is
+    not read (a stage whose result it cannot change does not depend on it)."""
+    sources = sources or {}
+    rows = []
+    for field in fields if fields is not None else type(effective).model_fields:
+        key = f"{section}.{field}"
+        given = field in requested.model_fields_set
+        asked = getattr(requested, field) if given and (read_tuned or key not in tuned) else None
+        source = "tuned" if key in tuned else sources.get(key, "params" if given else "default")
+        rows.append(
+            {
+                "key": key,
+                "requested": asked,
+                "effective": getattr(effective, field),
+                "source": source,
+            }
+        )
+    return rows
+
+
 def with_tuned(
     train: TrainParams, model: ModelParams, tuned: dict[str, Any], source: str = "tuned values"
 ) -> tuple[TrainParams, ModelParams]:
-    """The train and model sections with tuned values on top, validated the same way."""
-    unknown = sorted(set(tuned) - set(TUNED_FIELDS))
+    """The train and model sections with tuned values (keyed by params.yaml path, e.g.
+    ``train.lr``) on top, validated the same way."""
+    unknown = sorted(set(tuned) - set(TUNABLE))
     if unknown:
-        raise ParamsError(f"{source}: keys that cannot be tuned: {unknown}")
+        raise ParamsError(
+            f"{source}: keys that cannot be tuned: {unknown} (tunable: {sorted(TUNABLE)}); "
+            "run the tune stage again"
+        )
     originals = {"train": train, "model": model}
     updates: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
     for key, value in tuned.items():
-        section, field = TUNED_FIELDS[key]
+        section, field = key.split(".")
         updates[section][field] = value
     validated = []
     for name, section in (("train", TrainParams), ("model", ModelParams)):

@@ -83,12 +83,12 @@ def project(tmp_path_factory) -> Path:
 
 def results(project: Path) -> list[str]:
     """The lines for the test results and the registered model, from the files."""
-    test = json.loads((project / "reports/evaluate/metrics.json").read_text())["test"]
+    test = json.loads((project / "reports/evaluate/metrics.json").read_text())
     record = json.loads((project / "reports/register.json").read_text())
     assert record["version"] == 1 and record["reason"] == "no champion yet"
     return [
-        f"  test accuracy   {test['accuracy']:.4f}",
-        f"  test macro F1   {test['f1_macro']:.4f}",
+        f"  test/accuracy   {test['test/accuracy']:.4f}",
+        f"  test/f1_macro   {test['test/f1_macro']:.4f}",
         "  model           iris version 1 (aliases: challenger, champion)",
         "  decision        promoted to champion: no champion yet",
         f"  MLflow run      {record['run_id']}",

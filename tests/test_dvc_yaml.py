@@ -183,7 +183,9 @@ def test_a_section_read_records_the_keys_read(monkeypatch, tmp_path):
     params = config.load_params()
     _ = params.train.lr
     params.tune.model_dump(exclude={"n_trials", "search_space"})
-    hp, model = config.with_tuned(params.train, params.model, {"lr": 0.1, "channels": 8})
+    hp, model = config.with_tuned(
+        params.train, params.model, {"train.lr": 0.1, "model.channels": 8}
+    )
     _ = hp.lr, hp.seed, model.channels, model.dropout
     _ = hp.model_copy(update={"max_epochs": 3}).max_epochs
     assert config.params_read() == {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -65,9 +67,14 @@ def test_repro_writes_every_output(project):
     ):
         assert (project / path).is_file(), path
     metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())
-    assert set(metrics["test"]) == {"accuracy", "precision_macro", "recall_macro", "f1_macro"}
+    assert set(metrics) == {
+        "test/accuracy",
+        "test/precision_macro",
+        "test/recall_macro",
+        "test/f1_macro",
+    }
     # Even three epochs on the digits are far above chance (10 %).
-    assert metrics["test"]["accuracy"] > 0.8
+    assert metrics["test/accuracy"] > 0.8
     manifest = json.loads((project / "data/raw/manifest.json").read_text())
     assert manifest["rows"] == 1797 and manifest["source"] == "digits"
     summary = json.loads((project / "reports/validation/summary.json").read_text())
@@ -106,9 +113,48 @@ def test_mlflow_holds_validation_tuning_training_and_the_registry(project):
     states = {str(t.number): t.state.name for t in study.trials}
     for t in trials:  # each trial run says what the study says of that trial
         assert t.data.tags["optuna.trial_state"] == states[t.data.tags["optuna.trial"]]
-        assert {"lr", "batch_size", "optimizer"} <= set(t.data.params)
+        assert {"train.lr", "train.batch_size", "train.optimizer"} <= set(t.data.params)
 
     (train,) = by_stage["train"]
+    # One name per thing: trials, the tune summary, best_params.json and the training run
+    # name a value by its params.yaml path, and the training run logs where each came from.
+    best = json.loads((project / "reports/tune/best_params.json").read_text())
+    assert (
+        sorted(best)
+        == sorted(study.best_trial.params)
+        == sorted(
+            ["train.lr", "train.batch_size", "train.optimizer", "train.weight_decay"]
+            + ["model.channels", "model.dropout"]
+        )
+    )
+    parent = parents[0]
+    assert {k: parent.data.params[k] for k in best} == {k: str(v) for k, v in best.items()}
+    assert {k: train.data.params[k] for k in best} == {k: str(v) for k, v in best.items()}
+    assert parent.data.tags["optuna.best_trial"] == str(study.best_trial.number)
+    assert parent.data.metrics["tune/best_val/loss"] == study.best_value
+    assert "best_val/loss" not in parent.data.metrics  # that is a training run's kept epoch
+    for t in trials:
+        assert set(t.data.params) - {"params.tuned", "params.defaults"} <= set(train.data.params)
+    params_yaml = yaml.safe_load((project / "params.yaml").read_text())
+    assert train.data.params["train.max_epochs"] == str(params_yaml["train"]["max_epochs"])
+    assert sorted(train.data.params["params.tuned"].split(", ")) == sorted(best)
+    requested = {k for k in train.data.params if k.startswith("requested.")}
+    differs = {
+        f"requested.{k}"
+        for k, v in best.items()
+        if v != params_yaml[k.split(".")[0]][k.split(".")[1]]
+    }
+    assert requested == differs
+    with tempfile.TemporaryDirectory() as where:
+        sources = client.download_artifacts(train.info.run_id, "params.json", where)
+        rows = {r["key"]: r for r in json.loads(Path(sources).read_text())}
+    assert {k for k, r in rows.items() if r["source"] == "tuned"} == set(best)
+    assert rows["train.patience"] == {
+        "key": "train.patience",
+        "requested": params_yaml["train"]["patience"],
+        "effective": params_yaml["train"]["patience"],
+        "source": "params",
+    }
     tags, metrics = train.data.tags, train.data.metrics
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     prepared = next(o for o in lock["stages"]["validate"]["outs"] if o["path"] == "data/prepared")
@@ -159,15 +205,22 @@ def test_champion_loads_and_predicts_raw_pixels(project):
     x = torch.tensor(test.filter(like="px_").to_numpy("float32")).reshape(-1, 1, 8, 8)
     accuracy = (model(x).argmax(1).numpy() == test["label"].to_numpy()).mean()
     metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())
-    assert accuracy == pytest.approx(metrics["test"]["accuracy"])
+    assert accuracy == pytest.approx(metrics["test/accuracy"])
 
 
 def test_second_repro_is_a_no_op_and_metrics_commands_work(project):
     project, _ = project
     again = run(["dvc", "repro"], project)
     assert ran_stages(again.stdout + again.stderr) == []
-    shown = run(["dvc", "metrics", "show", "--json"], project).stdout
-    assert "accuracy" in shown
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    # DVC shows the metrics under the names MLflow has them (test/accuracy, not test.accuracy).
+    data = shown[""]["data"]["reports/evaluate/metrics.json"]["data"]  # "": the workspace
+    assert set(data) == {
+        "test/accuracy",
+        "test/f1_macro",
+        "test/precision_macro",
+        "test/recall_macro",
+    }
     diff = run(["dvc", "metrics", "diff", "--json"], project).stdout
     assert "reports/evaluate/metrics.json" in diff  # new against HEAD, which has none
     run(["dvc", "plots", "show", "--out", "plots_html"], project)

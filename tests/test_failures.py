@@ -108,7 +108,7 @@ def test_a_failed_gate_keeps_the_last_good_data(project):
 def test_a_failed_register_keeps_its_record(project):
     metrics = project / "reports/evaluate/metrics.json"
     good = metrics.read_text()
-    metrics.write_text('{"test": {"accuracy": "high"}}\n')  # an evaluation gone wrong
+    metrics.write_text('{"test/accuracy": "high"}\n')  # an evaluation gone wrong
     try:
         before = snapshot(project)
         # -s: register alone (a plain repro would first re-run evaluate and mend the file)

@@ -10,7 +10,7 @@ from pipeline import tracking
 from pipeline.config import parse_params
 from pipeline.io import StageError
 from pipeline.models.cnn import Scale
-from pipeline.stages.evaluate import predict, score
+from pipeline.stages.evaluate import named, predict, score
 from pipeline.stages.register import check_evaluation, register
 
 
@@ -124,7 +124,10 @@ def test_gate_refuses_an_evaluation_of_another_model_or_a_failed_one(mlflow_stor
 
     with pytest.raises(Exception, match="champion"):
         MlflowClient().get_model_version_by_alias("eval-test", "champion")
-    for broken in ({"accuracy": 0.9}, {k: float("nan") for k in _evaluated(good, digits_prepared)}):
+    evaluated = named(_evaluated(good, digits_prepared))
+    assert check_evaluation(evaluated) == _evaluated(good, digits_prepared)
+    old_layout = {"test": _evaluated(good, digits_prepared)}  # {"test": {"accuracy": ...}}
+    for broken in ({"test/accuracy": 0.9}, {k: float("nan") for k in evaluated}, old_layout):
         with pytest.raises(StageError, match="metrics.json"):
             check_evaluation(broken)
 

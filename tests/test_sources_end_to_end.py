@@ -90,7 +90,8 @@ def test_source_runs_end_to_end_to_a_registered_model(tmp_path, source):
     spec = json.loads((project / "models/model.json").read_text())
     assert spec["architecture"] == model["name"]
     assert spec["image_shape"] == manifest["image_shape"]
-    metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())["test"]
+    named = json.loads((project / "reports/evaluate/metrics.json").read_text())
+    metrics = {k.removeprefix("test/"): v for k, v in named.items()}
     predictions = pd.read_csv(project / "reports/evaluate/predictions.csv")
     assert len(predictions) == summary["splits"]["test"]
     right = (predictions["actual"] == predictions["predicted"]).mean()

@@ -216,12 +216,13 @@ def test_tuned_values_are_named_as_tuned_and_dvc_experiments_tagged(
     out = mlflow_store / "tuned"
     out.mkdir()
     hp = HP.model_copy(update={"max_epochs": 1, "lr": 0.0021})
-    run = train(hp, MODEL, digits_prepared, "t", out, Resume("key"), frozenset({"lr"}))
+    run = train(hp, MODEL, digits_prepared, "t", out, Resume("key"), frozenset({"train.lr"}))
     found = MlflowClient().get_run(run["run_id"])
     assert found.info.run_name == "train · cnn · lr 2.1e-03 (tuned) · bs 64"
     assert found.data.tags["dvc.exp_name"] == "brisk-lark"
     assert found.data.tags["mlflow.note.content"].endswith(
-        "with tuned values (lr) from reports/tune/best_params.json, the rest from params.yaml."
+        "with tuned values (train.lr) from reports/tune/best_params.json, the rest from "
+        "params.yaml."
     )
 
 
@@ -313,13 +314,35 @@ def test_a_params_value_that_tuning_replaces_is_named_with_how_to_keep_it():
     from pipeline.config import parse_params, with_tuned
 
     params = parse_params({"train": {"lr": 0.01, "batch_size": 64}, "model": {"channels": 32}})
-    tuned = {"lr": 0.00214, "batch_size": 64, "channels": 48}
+    tuned = {"train.lr": 0.00214, "train.batch_size": 64, "model.channels": 48}
     hp, model = with_tuned(params.train, params.model, tuned)
-    assert stage.overridden(params, hp, model, frozenset(tuned)) == [
-        "model.channels: params.yaml says 32 but tuning chose 48 "
-        "(reports/tune/best_params.json), which is used; to train with 32, set "
-        "tune.n_trials: 0 or narrow tune.search_space.channels",
-        "train.lr: params.yaml says 0.01 but tuning chose 0.00214 "
-        "(reports/tune/best_params.json), which is used; to train with 0.01, set "
-        "tune.n_trials: 0 or narrow tune.search_space.lr",
-    ]  # batch_size: the same value either way, nothing to say
+    rows = stage.values(params, hp, model, frozenset(tuned))
+    assert stage.overridden(rows) == (
+        "tuning decided train.lr 0.00214 (params.yaml: 0.01), model.channels 48 "
+        "(params.yaml: 32) (reports/tune/best_params.json); to train with params.yaml's "
+        "values set tune.n_trials: 0, or narrow tune.search_space (e.g. lr: [0.01, 0.01], "
+        "channels: [32])"
+    )  # batch_size: the same value either way, nothing to say
+    by_key = {row["key"]: row for row in rows}
+    assert by_key["train.lr"] == {
+        "key": "train.lr",
+        "requested": 0.01,
+        "effective": 0.00214,
+        "source": "tuned",
+    }
+    assert by_key["train.batch_size"]["source"] == "tuned"
+    assert by_key["train.seed"] == {
+        "key": "train.seed",
+        "requested": None,
+        "effective": 42,
+        "source": "default",
+    }
+    assert by_key["model.dropout"]["source"] == "default"
+    assert "train.resume" not in by_key
+    untuned = stage.values(params, params.train, params.model, frozenset())
+    assert stage.overridden(untuned) is None
+    assert {r["key"]: r["source"] for r in untuned if r["source"] == "params"} == {
+        "train.lr": "params",
+        "train.batch_size": "params",
+        "model.channels": "params",
+    }

@@ -36,7 +36,9 @@ def test_training_is_seeded_and_learns(digits_prepared):
 
 def test_best_params_override_train_and_model_sections(tmp_path):
     best = tmp_path / "best_params.json"
-    best.write_text('{"lr": 0.01, "optimizer": "sgd", "channels": 16, "model": "mlp"}')
+    best.write_text(
+        '{"train.lr": 0.01, "train.optimizer": "sgd", "model.channels": 16, "model.name": "mlp"}'
+    )
     params = parse_params({"train": {"lr": 0.001}})
     hp, model = merged_params(params, best)
     assert (hp.lr, hp.optimizer, hp.max_epochs) == (0.01, "sgd", TrainParams().max_epochs)
@@ -45,7 +47,7 @@ def test_best_params_override_train_and_model_sections(tmp_path):
     best.write_text('{"learning_rate": 0.01}')
     with pytest.raises(Exception, match="learning_rate"):
         merged_params(params, best)
-    best.write_text('{"model": "vgg"}')
+    best.write_text('{"model.name": "vgg"}')
     with pytest.raises(Exception, match="model.name: 'vgg' is not allowed"):
         merged_params(params, best)
 

@@ -28,8 +28,9 @@ def test_model_name_is_a_tuning_dimension_when_the_search_space_lists_it():
     from optuna.trial import FixedTrial
 
     params = parse_params({"tune": {"search_space": {"model": ["cnn", "mlp"]}}})
-    values = {"lr": 0.01, "batch_size": 32, "channels": 16, "dropout": 0.1}
-    values |= {"weight_decay": 1e-5, "optimizer": "sgd", "model": "mlp"}
+    values = {"train.lr": 0.01, "train.batch_size": 32, "model.channels": 16}
+    values |= {"model.dropout": 0.1, "train.weight_decay": 1e-5, "train.optimizer": "sgd"}
+    values |= {"model.name": "mlp"}
     hp, model = suggest(FixedTrial(values), params.tune, params.train, params.model)
     assert (model.name, model.channels, model.dropout) == ("mlp", 16, 0.1)
     assert (hp.lr, hp.batch_size, hp.max_epochs) == (0.01, 32, params.tune.epochs)
@@ -88,7 +89,7 @@ def test_extending_a_finished_study_draws_new_parameters(tmp_path, sampler, caps
     assert "3 trial(s) already done; running 3 more" in capsys.readouterr().out
     done = _completed(study)
     assert len(done) == 6 and len(set(done)) == 6, done
-    pairs = {(dict(p)["lr"], dict(p)["batch_size"]) for p in done}
+    pairs = {(dict(p)["train.lr"], dict(p)["train.batch_size"]) for p in done}
     assert len(pairs) == 6  # the issue: the same (lr, batch_size) pairs twice
     # Seeded: the same steps draw the same parameters.
     again = f"sqlite:///{tmp_path}/again.db"
@@ -160,7 +161,7 @@ GRID_POINTS = {(lr, bs) for lr in GRID["lr"] for bs in GRID["batch_size"]}
 
 
 def _points(study) -> list[tuple]:
-    return [(dict(p)["lr"], dict(p)["batch_size"]) for p in _completed(study)]
+    return [(dict(p)["train.lr"], dict(p)["train.batch_size"]) for p in _completed(study)]
 
 
 def test_grid_search_runs_each_point_once_and_then_is_done(tmp_path, capsys):
@@ -176,9 +177,8 @@ def test_grid_search_runs_each_point_once_and_then_is_done(tmp_path, capsys):
     )
     assert sorted(_points(study)) == sorted(GRID_POINTS)
     trials = study.trials
-    assert {(t.params["channels"], t.params["dropout"], t.params["optimizer"]) for t in trials} == {
-        (16, 0.1, "adam")
-    }
+    keys = ("model.channels", "model.dropout", "train.optimizer")
+    assert {tuple(t.params[k] for k in keys) for t in trials} == {(16, 0.1, "adam")}
     _session(storage, {**tune, "n_trials": 20})
     assert "6 trial(s) already done; running 0 more" in capsys.readouterr().out
 

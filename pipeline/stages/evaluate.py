@@ -1,9 +1,11 @@
 """Evaluate: score the trained model on the test split.
 
-Writes ``reports/evaluate/metrics.json`` (``{"test": {accuracy, precision_macro, recall_macro,
-f1_macro}}``, a DVC metrics file), ``per_class.json`` (keyed by class name) with the same
-figures as ``per_class.csv`` and ``per_class.png`` (a table and a plot, not one MLflow metric
-per class, so the UI's compare view shows the four headline metrics),
+Writes ``reports/evaluate/metrics.json`` (``{"test/accuracy": ..., "test/precision_macro":
+..., "test/recall_macro": ..., "test/f1_macro": ...}``, a DVC metrics file: the same names in
+``dvc metrics show``, MLflow, register.json and the registry's version tags),
+``per_class.json`` (keyed by class name) with the same figures as ``per_class.csv`` and
+``per_class.png`` (a table and a plot, not one MLflow metric per class, so the UI's compare
+view shows the four headline metrics),
 ``confusion_matrix.png`` and ``predictions.csv`` (a DVC confusion plot; actual and predicted
 class by name), and logs the same numbers and files into the training run, so one MLflow run
 holds train, val and test results.
@@ -66,6 +68,11 @@ def predict(
         for i in range(0, len(x), batch_size)
     ]
     return torch.cat(out).cpu().numpy()
+
+
+def named(headline: dict[str, float]) -> dict[str, float]:
+    """The headline metrics under the names they have everywhere (``test/accuracy``, ...)."""
+    return {f"test/{k}": v for k, v in headline.items()}
 
 
 def score(
@@ -181,7 +188,7 @@ def main() -> None:
     with atomic_dir(REPORT_DIR) as tmp:
         if (REPORT_DIR / ".gitignore").exists():  # DVC's: names the cached outputs here
             (tmp / ".gitignore").write_bytes((REPORT_DIR / ".gitignore").read_bytes())
-        write_json(tmp / METRICS.name, {"test": headline})
+        write_json(tmp / METRICS.name, named(headline))
         write_json(tmp / "per_class.json", per_class)
         table = per_class_table(per_class)
         table.to_csv(tmp / "per_class.csv", index=False)  # a table in MLflow's artifact view
@@ -199,8 +206,7 @@ def main() -> None:
 
     tracking.setup(params.mlflow.experiment)
     with tracking.run(run["experiment_id"], "train", {}, run_id=run["run_id"]):
-        metrics = {f"test/{k}": v for k, v in headline.items()}
-        mlflow.log_metrics(tracking.finite_metrics(metrics))
+        mlflow.log_metrics(tracking.finite_metrics(named(headline)))
         mlflow.log_artifacts(str(REPORT_DIR), artifact_path="evaluation")
     print(
         f"[evaluate] test accuracy {headline['accuracy']:.4f}, macro F1 "

@@ -36,7 +36,7 @@ from pipeline.config import load_params
 from pipeline.data.table import PREPARED_DIR
 from pipeline.io import StageError, read_json, require, run_stage, write_json
 from pipeline.models import MODELS_DIR, class_names
-from pipeline.stages.evaluate import METRICS, predict, score
+from pipeline.stages.evaluate import METRICS, named, predict, score
 
 REPORT = Path("reports/register.json")
 
@@ -122,19 +122,21 @@ HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 
 
 def check_evaluation(test_metrics: object) -> dict[str, float]:
-    """The evaluate stage's headline metrics, or an error saying what is wrong with them."""
-    if not isinstance(test_metrics, dict) or set(HEADLINE) - set(test_metrics):
-        raise StageError(f"{METRICS}: expected test metrics {list(HEADLINE)}; evaluate again")
+    """The evaluate stage's headline metrics (keyed ``accuracy``, ... from metrics.json's
+    ``test/accuracy``, ...), or an error saying what is wrong with them."""
+    names = named({k: k for k in HEADLINE})  # "test/accuracy" → "accuracy"
+    if not isinstance(test_metrics, dict) or set(names) - set(test_metrics):
+        raise StageError(f"{METRICS}: expected test metrics {list(names)}; evaluate again")
     bad = {
-        k: test_metrics[k]
-        for k in HEADLINE
-        if not isinstance(test_metrics[k], int | float)
-        or not math.isfinite(test_metrics[k])
-        or not 0 <= test_metrics[k] <= 1
+        name: test_metrics[name]
+        for name in names
+        if not isinstance(test_metrics[name], int | float)
+        or not math.isfinite(test_metrics[name])
+        or not 0 <= test_metrics[name] <= 1
     }
     if bad:
         raise StageError(f"{METRICS}: evaluation failed, metrics {bad} are not in [0, 1]")
-    return {k: float(test_metrics[k]) for k in HEADLINE}
+    return {key: float(test_metrics[name]) for name, key in names.items()}
 
 
 def split_rule(params) -> str:
@@ -182,7 +184,7 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
         version = mlflow.register_model(
             run["model_uri"],
             name,
-            tags={f"test.{k}": f"{v:.6f}" for k, v in test_metrics.items()}
+            tags={k: f"{v:.6f}" for k, v in named(test_metrics).items()}
             | tracking.git_info()
             | {"data.dvc_md5": tracking.dvc_hash(PREPARED_DIR), "data.split": split_rule(params)},
         )
@@ -280,7 +282,7 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
         "promoted": promote,
         "reason": reason,
         "comparison": comparison,
-        "test_metrics": test_metrics,
+        "test_metrics": named(test_metrics),
         "uri": f"models:/{name}/{version.version}",
     }
 
@@ -292,7 +294,7 @@ def main() -> None:
     run = read_json(require(MODELS_DIR / "run.json", "train"))
     require(METRICS, "evaluate")
     try:
-        test_metrics = check_evaluation(read_json(METRICS).get("test"))
+        test_metrics = check_evaluation(read_json(METRICS))
     except (ValueError, AttributeError):
         raise StageError(f"{METRICS}: not a metrics file; run evaluate again") from None
     data = load_prepared(splits=("test",))

@@ -40,12 +40,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pipeline import tracking
 from pipeline.config import (
-    TUNED_FIELDS,
+    RANGES,
+    TUNABLE,
     ModelParams,
     Params,
     TrainParams,
     direction,
     load_params,
+    provenance,
     with_tuned,
 )
 from pipeline.data.table import PREPARED_DIR
@@ -61,7 +63,14 @@ from pipeline.io import (
     write_json,
 )
 from pipeline.models import MODELS_DIR, class_names, model_spec
-from pipeline.training import EpochLine, Prepared, fit, load_prepared, nondeterministic_ops
+from pipeline.training import (
+    EpochLine,
+    Prepared,
+    fit,
+    load_prepared,
+    log_values,
+    nondeterministic_ops,
+)
 
 BEST_PARAMS = Path("reports/tune/best_params.json")
 RESUME_DIR = Path(".runway/train")
@@ -230,24 +239,35 @@ def determinism(hp: TrainParams, nondeterministic: list[str]) -> str:
     return "on"
 
 
-def overridden(
-    params: Params, hp: TrainParams, model: ModelParams, tuned: frozenset[str]
-) -> list[str]:
-    """A line for each params.yaml value that a tuned value replaces with another value: the
-    value asked for is not the one trained with, and the line says how to train with it."""
-    effective = {"train": hp, "model": model}
-    lines = []
-    for key in sorted(tuned):
-        section, field = TUNED_FIELDS[key]
-        asked = getattr(getattr(params, section), field)
-        used = getattr(effective[section], field)
-        if asked != used:
-            lines.append(
-                f"{section}.{field}: params.yaml says {asked!r} but tuning chose {used!r} "
-                f"({BEST_PARAMS}), which is used; to train with {asked!r}, set "
-                f"tune.n_trials: 0 or narrow tune.search_space.{key}"
-            )
-    return lines
+def values(params: Params, hp: TrainParams, model: ModelParams, tuned: frozenset[str]):
+    """What the final training uses, key by key (:func:`pipeline.config.provenance`): the
+    train section (but train.resume, which says how to continue, not what to train) and the
+    model section."""
+    fields = [f for f in TrainParams.model_fields if f != "resume"]
+    return provenance("train", params.train, hp, tuned, fields=fields) + provenance(
+        "model", params.model, model, tuned
+    )
+
+
+def overridden(rows: list[dict]) -> str | None:
+    """One line naming the params.yaml values that tuned values replace (the value asked for
+    is not the one trained with) and how to train with them instead; None if there are none."""
+    replaced = [r for r in rows if r["source"] == "tuned" and r["requested"] != r["effective"]]
+    if not replaced:
+        return None
+    shown = ", ".join(
+        f"{r['key']} {r['effective']!r} (params.yaml: {r['requested']!r})" for r in replaced
+    )
+    narrow = ", ".join(
+        f"{TUNABLE[r['key']]}: [{r['requested']!r}"
+        + (f", {r['requested']!r}]" if TUNABLE[r["key"]] in RANGES else "]")
+        for r in replaced[:2]
+        if r["requested"] is not None
+    )
+    return (
+        f"tuning decided {shown} ({BEST_PARAMS}); to train with params.yaml's values set "
+        f"tune.n_trials: 0, or narrow tune.search_space (e.g. {narrow})"
+    )
 
 
 def run_name(hp: TrainParams, model: ModelParams, tuned: frozenset[str]) -> str:
@@ -258,8 +278,8 @@ def run_name(hp: TrainParams, model: ModelParams, tuned: frozenset[str]) -> str:
         return " (tuned)" if key in tuned else ""
 
     return (
-        f"train · {model.name}{origin('model')} · lr {hp.lr:.1e}{origin('lr')} · "
-        f"bs {hp.batch_size}{origin('batch_size')}"
+        f"train · {model.name}{origin('model.name')} · lr {hp.lr:.1e}{origin('train.lr')} · "
+        f"bs {hp.batch_size}{origin('train.batch_size')}"
     )
 
 
@@ -284,8 +304,12 @@ def train(
     out_dir: Path,
     resume: Resume | None = None,
     tuned: frozenset[str] = frozenset(),
+    rows: list[dict] | None = None,
 ) -> dict:
-    """Fit, keep the best checkpoint, save and log the model; return run.json's content."""
+    """Fit, keep the best checkpoint, save and log the model; return run.json's content.
+
+    ``rows``: the values trained with and their sources (:func:`values`); without them,
+    ``hp`` and ``model`` are logged as params.yaml values."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -299,8 +323,11 @@ def train(
         run_id = active.info.run_id
         resume.started(run_id)
         if resumed_run is None:
-            tracking.log_params(hp.model_dump(exclude={"resume"}))
-            tracking.log_params({f"model.{k}": v for k, v in model.model_dump().items()})
+            if rows is None:
+                rows = provenance(
+                    "train", hp, hp, tuned, [f for f in TrainParams.model_fields if f != "resume"]
+                ) + provenance("model", model, model, tuned)
+            log_values(rows)
             tracking.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
         device = describe(resolve(hp.accelerator))
         print(f"[train] device {device}")
@@ -364,7 +391,9 @@ def train_stage() -> None:
     params = load_params()
     hp, model = merged_params(params)
     tuned = frozenset(read_json(BEST_PARAMS)) if BEST_PARAMS.exists() else frozenset()
-    for line in overridden(params, hp, model, tuned):
+    rows = values(params, hp, model, tuned)
+    line = overridden(rows)
+    if line:
         print(f"[train] {line}")
     data = load_prepared(splits=("train", "val"))
     pretrained = f", weights {model.weights_path}" if model.weights_path else ""
@@ -378,7 +407,7 @@ def train_stage() -> None:
     start = time.perf_counter()
     resume = Resume(resume_key(hp, model))
     with atomic_dir(MODELS_DIR) as tmp:
-        run = train(hp, model, data, params.mlflow.experiment, tmp, resume, tuned)
+        run = train(hp, model, data, params.mlflow.experiment, tmp, resume, tuned, rows)
         write_json(tmp / "run.json", run)
     resume.finished()
     print(

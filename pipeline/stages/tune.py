@@ -39,6 +39,8 @@ from pipeline.config import (
     TuneParams,
     direction,
     load_params,
+    provenance,
+    tuned_name,
     with_tuned,
 )
 from pipeline.data.table import PREPARED_DIR
@@ -50,6 +52,24 @@ STUDY_STORAGE = f"sqlite:///{tracking.MLRUNS_DIR}/optuna.db"
 # runs the parameters of interrupted trial N again.
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
+# Part of a study's identity: a study whose trials name their parameters otherwise (before
+# they were named by params.yaml path, e.g. "lr" for train.lr) is not resumed.
+STUDY_FORMAT = 2
+# The train fields a trial trains with (no early stopping, no checkpoint to resume), logged
+# with the model section on every trial run.
+TRIAL_TRAIN_FIELDS = (
+    "seed",
+    "max_epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "augment",
+    "gradient_clip_val",
+    "accumulate_grad_batches",
+    "accelerator",
+    "deterministic",
+)
 
 
 def searched_fields(tune: TuneParams) -> dict[str, set[str]]:
@@ -69,6 +89,7 @@ def study_name(params: Params, data_hash: str) -> str:
         exclude={"max_epochs", "patience", "monitor", "accelerator", "resume"} | searched["train"]
     )
     key = {
+        "format": STUDY_FORMAT,
         "tune": params.tune.model_dump(exclude={"n_trials"}),
         "train": base,
         "model": params.model.model_dump(exclude=searched["model"]),
@@ -83,31 +104,52 @@ def suggest(
 ) -> tuple[TrainParams, ModelParams]:
     """This trial's train and model sections: the base ones with the sampled values on top.
 
+    Each value is sampled under its params.yaml path (``train.lr``, ``model.channels``, ...).
     lr, dropout and weight_decay are floats over the min..max of their listed values: the
     [low, high] range for tpe and random, and a span that holds every grid point for grid."""
     space = tune.search_space
 
     def span(name: str, log: bool = False) -> float:
         values = getattr(space, name)
-        return trial.suggest_float(name, min(values), max(values), log=log)
+        return trial.suggest_float(tuned_name(name), min(values), max(values), log=log)
+
+    def pick(name: str):
+        return trial.suggest_categorical(tuned_name(name), getattr(space, name))
 
     values = {
         "lr": span("lr", log=True),
-        "batch_size": trial.suggest_categorical("batch_size", space.batch_size),
-        "channels": trial.suggest_categorical("channels", space.channels),
+        "batch_size": pick("batch_size"),
+        "channels": pick("channels"),
         "dropout": span("dropout"),
         "weight_decay": span("weight_decay", log=True),
-        "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
+        "optimizer": pick("optimizer"),
     }
     if space.model:
-        values["model"] = trial.suggest_categorical("model", space.model)
+        values["model"] = pick("model")
+    values = {tuned_name(key): value for key, value in values.items()}
     base = base.model_copy(update={"max_epochs": tune.epochs})
     return with_tuned(base, model, values, f"trial {trial.number}")
 
 
+def trial_values(params: Params, hp: TrainParams, model: ModelParams, sampled: dict) -> list[dict]:
+    """What a trial trains with, key by key, and where each value came from: sampled by the
+    trial (``tuned``), ``tune.epochs`` for train.max_epochs, params.yaml or a default."""
+    rows = provenance(
+        "train",
+        params.train.model_copy(update={"max_epochs": params.tune.epochs}),
+        hp,
+        sampled,
+        fields=TRIAL_TRAIN_FIELDS,
+        sources={"train.max_epochs": "tune.epochs"},
+        read_tuned=False,
+    )
+    return rows + provenance("model", params.model, model, sampled, read_tuned=False)
+
+
 def grid(tune: TuneParams) -> dict[str, list]:
-    """The grid sampler's search space: each searched key with its distinct listed values."""
-    return {k: list(dict.fromkeys(v)) for k, v in tune.search_space.grid().items()}
+    """The grid sampler's search space: each searched key, by params.yaml path, with its
+    distinct listed values."""
+    return {tuned_name(k): list(dict.fromkeys(v)) for k, v in tune.search_space.grid().items()}
 
 
 def _sampler(tune: TuneParams, trials_so_far: int = 0):
@@ -286,7 +328,7 @@ def tune(params: Params, out_dir: Path) -> dict:
     from optuna_integration import PyTorchLightningPruningCallback
 
     from pipeline import device as devices
-    from pipeline.training import MetricHistory, check_model, fit, load_prepared
+    from pipeline.training import MetricHistory, check_model, fit, load_prepared, log_values
 
     cfg, metric = params.tune, params.tune.metric
     data = load_prepared(splits=("train", "val"))
@@ -314,7 +356,7 @@ def tune(params: Params, out_dir: Path) -> dict:
         name = f"{study.study_name} · trial {trial.number}"
         pruned = None
         with tracking.run(experiment_id, f"{name} · RUNNING", trial_tags, nested=True) as run:
-            tracking.log_params(trial.params)
+            log_values(trial_values(params, hp, model, trial.params))
             try:
                 pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
                 # History first: it records the epoch whose value prunes the trial.
@@ -369,8 +411,11 @@ def tune(params: Params, out_dir: Path) -> dict:
                 "runs in MLflow for their errors"
             )
         best = study.best_trial
-        mlflow.log_metrics(tracking.finite_metrics({f"best_{metric}": best.value}))
-        tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
+        # The best trial's value under the tune run's own name (a train run's best_val/loss is
+        # its kept epoch's), and its parameters under the names train runs log them with.
+        mlflow.log_metrics(tracking.finite_metrics({f"tune/best_{metric}": best.value}))
+        tracking.log_params(best.params)
+        mlflow.set_tag("optuna.best_trial", str(best.number))
         study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
         write_plots(study, metric, out_dir)
         write_json(out_dir / "best_params.json", best.params)
