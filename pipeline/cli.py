@@ -605,5 +605,36 @@ def _stop_server(server: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
+# ------------------------------------------------------------------------------------ store
+
+store_app = typer.Typer(help="The project's local MLflow store (mlruns/).", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("relocate")
+def store_relocate(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would change; change nothing."),
+) -> None:
+    """Point a moved or copied project's store (mlruns/mlflow.db) at this project's
+    mlruns/artifacts; the pipeline's stages do this by themselves when they start."""
+    from pipeline import tracking
+    from pipeline.io import StageError
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        _fail("store", "MLFLOW_TRACKING_URI is set: the store is not this project's mlruns/")
+    root = project_root(Path.cwd().resolve())
+    if root is None:
+        _fail(
+            "store", "no Runway project here (no dvc.yaml and params.yaml in this folder or above)"
+        )
+    mlruns = root / tracking.store_dir(root)  # the original's, in DVC's experiment copy
+    try:
+        line = tracking.relocate_store(mlruns, dry_run)
+    except StageError as exc:
+        _fail("store", str(exc))
+    where = tracking.shown(mlruns / "mlflow.db")
+    typer.echo(line or f"{where} already points at this project's artifacts: nothing to do")
+
+
 if __name__ == "__main__":
     app()

@@ -10,6 +10,26 @@ seconds (default 60) when a stage opens it and before each run starts; a store s
 after that, or one that is not a readable sqlite file, stops the stage with one line naming the
 file and what to do (:func:`check_store`, :func:`store_errors`). The wait is an environment
 variable, not a params key: it changes no result, so changing it must not rerun stages.
+
+Which project's store (:func:`store_dir`): the ``mlruns/`` of the working directory, except
+inside the temporary copy of the repository that ``dvc exp run --queue`` / ``--temp`` runs a
+pipeline in, ``<root>/.dvc/tmp/exps/<tmpdir>/``: that copy has no ``mlruns/`` of its own (it is
+git-ignored) and is deleted afterwards, so its stages log to ``<root>/mlruns/``. ``<root>`` is
+``DVC_ROOT``, which DVC sets for every stage command to the repository it was started in (the
+original one for a queued experiment), when the working directory lies under
+``$DVC_ROOT/.dvc/tmp/exps/``; else, with no such ``DVC_ROOT``, the folder above
+``.dvc/tmp/exps/`` in the working directory's path. Anywhere else ``DVC_ROOT`` is ignored.
+
+A moved or copied project (:func:`relocate_store`): MLflow keeps absolute artifact paths in
+the store (each experiment's artifact location, each run's artifact URI, each model version's
+and logged model's storage location), and has no API to change them; a store copied with its
+project would still send new artifacts to the old project's ``mlruns/artifacts``. So, for the
+local store, :func:`setup` checks every experiment's artifact location; one that is another
+folder's ``mlruns/artifacts`` has its paths rewritten in one sqlite transaction, from
+``<old>/mlruns/`` to this project's ``mlruns/`` (only paths under that prefix), and says so in
+one line, provided the artifacts were copied too (every model's files, and every run folder the
+old place still has, exist here); else the stage stops with one line saying what to copy.
+``runway store relocate`` does the same on its own.
 """
 
 from __future__ import annotations
@@ -23,15 +43,44 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from pipeline.data.table import PREPARED_DIR
 from pipeline.io import StageError, Terminated
 
 MLRUNS_DIR = Path("mlruns")
+# Where DVC makes the temporary copies of a repository that queued experiments run in
+# (dvc/repo/experiments: `<repo>/.dvc/tmp` + EXEC_TMP_DIR "exps", then a mkdtemp folder).
+EXPS_TMP = Path(".dvc", "tmp", "exps")
+
+
+def experiment_root(cwd: Path | None = None) -> Path | None:
+    """The original repository when ``cwd`` (default: the working directory) is inside DVC's
+    temporary copy of it, ``<root>/.dvc/tmp/exps/<tmpdir>/...``; None anywhere else."""
+    here = (cwd or Path.cwd()).resolve()
+    env_root = os.environ.get("DVC_ROOT")
+    if env_root:
+        root = Path(env_root).resolve()
+        exps = root / EXPS_TMP
+        if here != exps and here.is_relative_to(exps):
+            return root
+    for parent in here.parents:
+        if parent.parts[-len(EXPS_TMP.parts) :] == EXPS_TMP.parts:
+            return parent.parents[len(EXPS_TMP.parts) - 1]
+    return None
+
+
+def store_dir(cwd: Path | None = None) -> Path:
+    """This project's ``mlruns/``: ``mlruns`` (relative), or ``<root>/mlruns`` inside DVC's
+    temporary copy of ``<root>`` (see :func:`experiment_root`)."""
+    root = experiment_root(cwd)
+    return root / MLRUNS_DIR if root is not None else MLRUNS_DIR
 
 
 def tracking_uri(create: bool = True) -> str:
@@ -40,9 +89,10 @@ def tracking_uri(create: bool = True) -> str:
     ``create=False`` leaves a missing ``mlruns/`` missing (for commands that only look)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    mlruns = store_dir()
     if create:
-        MLRUNS_DIR.mkdir(exist_ok=True)
-    return f"sqlite:///{MLRUNS_DIR.resolve()}/mlflow.db"
+        mlruns.mkdir(exist_ok=True)
+    return f"sqlite:///{mlruns.resolve()}/mlflow.db"
 
 
 LOCK_TIMEOUT_ENV = "RUNWAY_MLFLOW_LOCK_TIMEOUT"
@@ -193,20 +243,175 @@ def store_errors(uri: str | None = None, mlflow_only: bool = False) -> Iterator[
         raise StageError(store_message(path, *problem)) from None
 
 
+# Columns that hold an absolute artifact path (a file: URI or a plain path) of the local
+# store, as (table, column, extra condition): what relocate_store rewrites.
+LOCATION_COLUMNS = (
+    ("experiments", "artifact_location", ""),
+    ("runs", "artifact_uri", ""),
+    ("model_versions", "storage_location", ""),
+    ("model_versions", "source", ""),
+    ("logged_models", "artifact_location", ""),
+    ("trace_tags", "value", "key = 'mlflow.artifactLocation'"),
+)
+# Locations that hold a model's files: they must be here before paths are pointed here.
+MODEL_COLUMNS = {("model_versions", "storage_location"), ("logged_models", "artifact_location")}
+WHAT = {
+    "experiments": "experiment",
+    "runs": "run",
+    "model_versions": "model version",
+    "logged_models": "logged model",
+    "trace_tags": "trace",
+}
+
+
+def local_path(location: str) -> Path | None:
+    """The local path of a ``file:`` URI or an absolute plain path; None for anything else."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    if not parsed.scheme and location.startswith("/"):
+        return Path(location)
+    return None
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a == b or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def foreign_stores(locations: list[str], mlruns: Path) -> list[Path]:
+    """The ``mlruns/`` folders other than ``mlruns`` whose ``artifacts/`` are the artifact
+    location of an experiment (of a project this one was moved or copied from)."""
+    here = mlruns.resolve()
+    found: list[Path] = []
+    for location in locations:
+        path = local_path(location)
+        if path is None or path.name != "artifacts" or path.parent.name != MLRUNS_DIR.name:
+            continue  # a server's, a bucket's, or one set by hand: not a moved project's
+        if not _same(path.parent, here) and path.parent not in found:
+            found.append(path.parent)
+    return sorted(found)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def relocate_store(mlruns: Path | None = None, dry_run: bool = False) -> str | None:
+    """Point the local store's absolute artifact paths that lie under another project's
+    ``mlruns/`` (the one this project was moved or copied from) at ``mlruns`` (default:
+    :func:`store_dir`), in one transaction; return the line that says what was rewritten, or
+    None when there was nothing to rewrite. Raise :class:`StageError` (nothing changed) when
+    the artifacts under the old paths were not copied here.
+
+    The experiments' locations are read with MLflow's client; MLflow has no API to change
+    them, so the rows are rewritten with sqlite: only the :data:`LOCATION_COLUMNS` values that
+    start with ``<old>/mlruns/`` (as a ``file:`` URI or a plain path)."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    mlruns = (mlruns or store_dir()).resolve()
+    path = mlruns / "mlflow.db"
+    if not path.is_file():
+        return None
+    uri = f"sqlite:///{path}"
+    check_store(uri)
+    with store_errors(uri):
+        experiments = MlflowClient(tracking_uri=uri).search_experiments(view_type=ViewType.ALL)
+    olds = foreign_stores([e.artifact_location for e in experiments], mlruns)
+    if not olds:
+        return None
+    store = shown(path)
+    new_artifacts = mlruns / "artifacts"
+    conn = sqlite3.connect(path, timeout=lock_timeout(), isolation_level=None)
+    try:
+        columns = {
+            (table, column, where)
+            for table, column, where in LOCATION_COLUMNS
+            if column in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        }
+        conn.execute("BEGIN IMMEDIATE")
+        counts: dict[str, set] = {}
+        missing: list[Path] = []
+        for old in olds:
+            for old_prefix, new_prefix in (
+                (old.as_uri() + "/", mlruns.as_uri() + "/"),
+                (f"{old}/", f"{mlruns}/"),
+            ):
+                n = len(old_prefix)
+                for table, column, where in sorted(columns):
+                    condition = f"substr({column}, 1, ?) = ?" + (f" AND {where}" if where else "")
+                    rows = conn.execute(
+                        f"SELECT rowid, {column} FROM {table} WHERE {condition}", (n, old_prefix)
+                    ).fetchall()
+                    for rowid, value in rows:
+                        was, now = local_path(value), local_path(new_prefix + value[n:])
+                        must = (table, column) in MODEL_COLUMNS or (
+                            was is not None and was.exists()
+                        )
+                        if must and now is not None and not now.exists():
+                            missing.append(now)
+                        counts.setdefault(table, set()).add(rowid)
+                    if rows and not dry_run:
+                        conn.execute(
+                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                            f"WHERE {condition}",
+                            (new_prefix, n + 1, n, old_prefix),
+                        )
+        if missing:
+            conn.execute("ROLLBACK")
+            old = olds[0] / "artifacts"
+            if old.is_dir():
+                todo = f"copy them (`cp -a {old}/. {new_artifacts}/`) and run again"
+            else:
+                todo = f"{old} is gone: put its files in {shown(new_artifacts)}/ and run again"
+            lost = sorted(set(missing))
+            raise StageError(
+                f"{store} keeps its artifacts in {old}, not in this project's "
+                f"{new_artifacts}, and {len(lost)} of them {'is' if len(lost) == 1 else 'are'} "
+                f"not here ({shown(lost[0])}): {todo}; or move the store aside "
+                f"(`mv {shown(mlruns)} {shown(mlruns)}.old`) to start a new one"
+            )
+        conn.execute("ROLLBACK" if dry_run else "COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        kind, detail = _problem(exc) or ("other", str(exc))
+        raise StageError(store_message(path, kind, detail)) from None
+    finally:
+        conn.close()
+    what = ", ".join(_plural(len(counts[t]), WHAT[t]) for t in WHAT if counts.get(t))
+    was = " and ".join(str(old.parent) for old in olds)
+    verb = "would point" if dry_run else "now point"
+    return (
+        f"{store} pointed at the artifacts of {was} (the project was moved or copied): "
+        f"its paths {verb} at {new_artifacts} ({what})"
+    )
+
+
 def setup(experiment: str) -> str:
-    """Point MLflow at the store and return the experiment's id (created if new)."""
+    """Point MLflow at the store and return the experiment's id (created if new).
+
+    The local store of a project that was moved or copied is pointed at this project's
+    artifacts first (:func:`relocate_store`), saying so in one line."""
     import mlflow
 
     local = not os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri()
     logging.getLogger("mlflow.store.db.utils").addFilter(_hide_converted)
     check_store(uri)
+    if local:
+        line = relocate_store()
+        if line:
+            print(line, file=sys.stderr, flush=True)
     with store_errors(uri):
         mlflow.set_tracking_uri(uri)
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
             return found.experiment_id
-        artifacts = (MLRUNS_DIR / "artifacts").resolve().as_uri() if local else None
+        artifacts = (store_dir() / "artifacts").resolve().as_uri() if local else None
         return mlflow.create_experiment(experiment, artifact_location=artifacts)
 
 
