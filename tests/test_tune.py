@@ -339,7 +339,7 @@ def test_trial_runs_say_study_and_state_and_a_pruned_trial_is_not_a_failed_run(
 
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=tune.STUDY_STORAGE)
+    study = optuna.load_study(study_name=name, storage=tune.study_storage())
     for number in (0, 1):  # every epoch trained, the one that pruned trial 0 included
         history = client.get_metric_history(trials[number].info.run_id, params.tune.metric)
         logged = {m.step: m.value for m in history}

@@ -47,7 +47,6 @@ from pipeline.data.table import PREPARED_DIR
 from pipeline.io import StageError, atomic_dir, atomic_path, run_stage, write_json
 
 REPORT_DIR = Path("reports/tune")
-STUDY_STORAGE = f"sqlite:///{tracking.MLRUNS_DIR}/optuna.db"
 # User attributes of a trial: it was stopped by ^C (Optuna fails such a trial itself) / it
 # runs the parameters of interrupted trial N again.
 INTERRUPTED = "interrupted"
@@ -214,9 +213,19 @@ def requeue_interrupted(study) -> tuple[int, list[int]]:
     return len(stale), queued
 
 
-def open_study(params: Params, name: str, storage: str = STUDY_STORAGE):
-    """Create or resume the study; return it, with its sampler ready, and how many trials to
-    run. Prints one line saying what was found and what will run."""
+def study_storage() -> str:
+    """The studies' sqlite file, ``optuna.db`` beside the project's MLflow store (the original
+    repository's under a queued ``dvc exp``, see :func:`pipeline.tracking.store_dir`)."""
+    mlruns = tracking.store_dir()
+    mlruns.mkdir(exist_ok=True)
+    return f"sqlite:///{mlruns.resolve()}/optuna.db"
+
+
+def open_study(params: Params, name: str, storage: str | None = None):
+    """Create or resume the study (in :func:`study_storage` unless ``storage`` says); return
+    it, with its sampler ready, and how many trials to run. Prints one line saying what was
+    found and what will run."""
+    storage = storage or study_storage()
     import optuna
     from optuna.trial import TrialState
 
