@@ -255,8 +255,13 @@ def overridden(rows: list[dict]) -> str | None:
     replaced = [r for r in rows if r["source"] == "tuned" and r["requested"] != r["effective"]]
     if not replaced:
         return None
+
+    def brief(value) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else repr(value)
+
     shown = ", ".join(
-        f"{r['key']} {r['effective']!r} (params.yaml: {r['requested']!r})" for r in replaced
+        f"{r['key']} {brief(r['effective'])} (params.yaml: {brief(r['requested'])})"
+        for r in replaced
     )
     narrow = ", ".join(
         f"{TUNABLE[r['key']]}: [{r['requested']!r}"
