@@ -45,6 +45,9 @@ WAIT_MS = 30_000  # the UI's first page load on a busy 2-core machine
 TUNING = {"n_trials": 5, "epochs": 4, "pruner": "median", "sampler": "tpe", "seed": 42}
 SHORT = {"max_epochs": 3, "patience": 2}
 CHANGED = ("train", "lr", 0.003, 0.005)  # used by train, not searched (tune.n_trials: 0)
+# One torch thread per stage: the suite runs two test workers on two cores, and two
+# threads per stage on a busy core wait on each other (about 1.4x slower here).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 HEADLINE = ("test/accuracy", "test/f1_macro", "test/precision_macro", "test/recall_macro")
 
 
@@ -88,7 +91,7 @@ class Project:
 def project(tmp_path_factory) -> Project:
     root = copy_project(tmp_path_factory.mktemp("browser") / "project")
     edit_params(root, {"tune": TUNING, "train": SHORT})
-    run(["dvc", "repro", "tune"], root)
+    run(["dvc", "repro", "tune"], root, env=ONE_THREAD)
     project = Project(root)
 
     from mlflow.tracking import MlflowClient
@@ -100,6 +103,16 @@ def project(tmp_path_factory) -> Project:
     assert pruned, "no pruned trial: the browser test needs one"
     assert {r.info.status for r in pruned} == {"FINISHED"}
     project.pruned = sorted(r.info.run_name for r in pruned)
+    # The same trials, by number, are the ones Optuna's study holds as pruned.
+    import optuna
+
+    storage = f"sqlite:///{root}/mlruns/optuna.db"
+    (study,) = optuna.study.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=study, storage=storage).trials
+    states = optuna.trial.TrialState
+    assert project.pruned == sorted(
+        f"{study} · trial {t.number} · PRUNED" for t in trials if t.state == states.PRUNED
+    )
     validate = client.search_runs([experiment], "tags.stage = 'validate'")
     assert [r.info.status for r in validate] == ["FINISHED"]
     project.finished = validate[0].info.run_name
@@ -108,7 +121,7 @@ def project(tmp_path_factory) -> Project:
     edit_params(root, {"tune": {"n_trials": 0}})
     for value in (before, after):
         edit_params(root, {section: {key: value}})
-        run(["dvc", "repro"], root)
+        run(["dvc", "repro", "evaluate"], root, env=ONE_THREAD)  # no registered version needed
         record = json.loads((root / "models" / "run.json").read_text())
         metrics = json.loads((root / "reports" / "evaluate" / "metrics.json").read_text())
         project.trainings.append(Training(record["run_id"], value, flat(metrics)))
@@ -338,5 +351,13 @@ def test_compare_two_trainings_shows_what_differs(page, ui, project, tmp_path):
         assert len(set(shown_names)) == 2
         assert compare_values(page, param) == [f"{t.lr:g}" for t in runs]
         assert sorted(t.lr for t in runs) == [before, after]
+        # "Show diff only" leaves the one param that differs.
+        params = page.get_by_role("table").filter(
+            has=page.get_by_role("rowheader", name=param, exact=True)
+        )
+        assert len(params.get_by_role("rowheader").all()) > 10
+        page.get_by_role("switch", name="Parameters - Show diff only").click()
+        seen(params.get_by_role("rowheader", name=param, exact=True))
+        assert params.get_by_role("rowheader").all_inner_texts() == [param]
         for metric in HEADLINE:
             assert metric_values(page, metric) == [shown(t.metrics[metric]) for t in runs], metric
