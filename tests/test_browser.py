@@ -45,8 +45,8 @@ WAIT_MS = 30_000  # the UI's first page load on a busy 2-core machine
 TUNING = {"n_trials": 5, "epochs": 4, "pruner": "median", "sampler": "tpe", "seed": 42}
 SHORT = {"max_epochs": 3, "patience": 2}
 CHANGED = ("train", "lr", 0.003, 0.005)  # used by train, not searched (tune.n_trials: 0)
-# One torch thread per stage: the suite runs two test workers on two cores, and two
-# threads per stage on a busy core wait on each other (about 1.4x slower here).
+# One torch thread per stage: the suite runs two test workers on two cores, where a stage's
+# two threads wait on each other whenever the other worker holds a core.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 HEADLINE = ("test/accuracy", "test/f1_macro", "test/precision_macro", "test/recall_macro")
 
@@ -210,7 +210,7 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, tmp_path):
+def page(browser):
     """A fresh page of its own (cookies, storage); see :func:`evidence` for failures."""
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     context.set_default_timeout(WAIT_MS)
