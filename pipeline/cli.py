@@ -313,7 +313,7 @@ def baseline(
         f"{result['val_accuracy']:.4f}): test accuracy {result['test_accuracy']:.4f} "
         f"on {result['test_rows']} samples"
     )
-    score = (metrics or {}).get("test", {}).get("accuracy")
+    score = (metrics or {}).get("test/accuracy")
     if not isinstance(score, int | float):
         return
     accuracy = f"test accuracy {score:.4f}"

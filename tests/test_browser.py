@@ -12,33 +12,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_project, edit_params, project_env, run
+from tests.conftest import copy_project, edit_params, run
+from tests.ui import UiProcess, chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]
 
-CHROMIUM = "/usr/bin/chromium"
-# Quiet offline: no update checks, sync or first-run pages.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 WAIT_MS = 30_000  # the UI's first page load on a busy 2-core machine
 # Five trials of four epochs: TPE's seeded draws make trials 3 and 4 worse than the median
 # of the first three at epoch 3, so the median pruner stops them.
@@ -129,84 +114,19 @@ def project(tmp_path_factory) -> Project:
     return project
 
 
-class Ui:
-    """`runway ui` on a free port, in its own process group; its output read as it comes."""
-
-    def __init__(self, cwd: Path):
-        import socket
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.proc = subprocess.Popen(
-            ["runway", "ui", "--port", str(self.port)],
-            cwd=cwd,
-            env=project_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def link(self, label: str, timeout: float = 180) -> str:
-        """The URL on the printed line ``  <label> <url> ...`` (printed once the server
-        answers)."""
-        pattern = re.compile(rf"^  {re.escape(label)} +(http://\S+)")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if found := pattern.match(line):
-                    return found.group(1)
-            assert self.proc.poll() is None, "\n".join(self.lines[-40:])
-            time.sleep(0.2)
-        raise AssertionError(f"no {label!r} link in:\n" + "\n".join(self.lines[-40:]))
-
-    def stop(self) -> None:
-        """SIGTERM to `runway ui`, which stops its server's group; SIGKILL to both groups if
-        that takes longer than 30 s."""
-        import psutil
-
-        if self.proc.poll() is None:
-            groups = {self.proc.pid}
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(self.proc.pid).children(recursive=True):
-                    with contextlib.suppress(ProcessLookupError):
-                        groups.add(os.getpgid(child.pid))
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                for group in groups:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(group, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
-def ui(project) -> Iterator[Ui]:
-    server = Ui(project.root)
+def ui(project) -> Iterator[UiProcess]:
+    server = UiProcess(project.root)
     try:
         yield server
     finally:
-        server.stop()
+        server.kill()
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
@@ -242,7 +162,7 @@ def seen(locator) -> None:
     expect(locator).to_be_visible(timeout=WAIT_MS)
 
 
-def open_runs_table(page, ui: Ui, project: Project):
+def open_runs_table(page, ui: UiProcess, project: Project):
     """The experiment link `runway ui` printed, opened: the training-runs table."""
     link = ui.link("runs")
     assert "workflowType=machine_learning" in link

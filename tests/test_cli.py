@@ -4,7 +4,6 @@ line and a non-zero exit."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -12,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +21,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import TINY, copy_project, edit_params, new_store, project_env, run
 from tests.formats import write_iris_csv
+from tests.ui import UiProcess, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli")]
 
@@ -31,12 +30,6 @@ FROM_FILES = (
     ": the test results and model below are what reports/evaluate/metrics.json and "
     "reports/register.json say, logged elsewhere."
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_error(result: subprocess.CompletedProcess, line: str, code: int = 1) -> None:
@@ -283,7 +276,7 @@ def ui_exits(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_ui_outside_a_project(tmp_path):
     one_error(
-        ui_exits(tmp_path, "--port", str(_free_port())),
+        ui_exits(tmp_path, "--port", str(free_port())),
         f"[ui] error: {tmp_path} is not inside a Runway project (no folder at or above it "
         "holds dvc.yaml and params.yaml): run `runway ui` in the project",
     )
@@ -294,7 +287,7 @@ def test_ui_without_a_store_makes_none(tmp_path):
     bare_project(tmp_path, store=False)
     (tmp_path / "src").mkdir()
     one_error(
-        ui_exits(tmp_path / "src", "--port", str(_free_port())),
+        ui_exits(tmp_path / "src", "--port", str(free_port())),
         f"[ui] error: no MLflow store at {tmp_path}/mlruns/mlflow.db yet: `dvc repro` makes it",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml", "src"]
@@ -319,7 +312,7 @@ def test_ui_over_a_corrupt_store(tmp_path):
     (tmp_path / "mlruns").mkdir()
     (tmp_path / "mlruns/mlflow.db").write_bytes(bytes(range(256)) * 16)
     one_error(
-        ui_exits(tmp_path, "--port", str(_free_port())),
+        ui_exits(tmp_path, "--port", str(free_port())),
         "[ui] error: mlruns/mlflow.db is not a readable MLflow store (file is not a database): "
         "move it aside (`mv mlruns/mlflow.db mlruns/mlflow.db.broken`) and run again; a new "
         "empty store is made, the artifacts under mlruns/artifacts/ stay, and `dvc repro` logs "
@@ -343,50 +336,6 @@ def test_ui_whose_server_never_answers_exits_non_zero(tmp_path, monkeypatch):
         f"[ui] error: the MLflow server stopped before it answered on http://127.0.0.1:{port} "
         "(its messages are above)"
     )
-
-
-class UiProcess:
-    """`runway ui` started in ``cwd``, its output (stdout and stderr) read as it comes."""
-
-    def __init__(self, cwd: Path):
-        self.port = _free_port()
-        self.proc = subprocess.Popen(
-            ["runway", "ui", "--port", str(self.port)],
-            cwd=cwd,
-            env=project_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, line: str, timeout: float = 180, part: bool = False) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [
-                i for i, seen in enumerate(self.lines) if (line in seen if part else line == seen)
-            ]
-            if found:
-                return found[0]
-            assert self.proc.poll() is None, "\n".join(self.lines[-40:])
-            time.sleep(0.2)
-        raise AssertionError(f"no {line!r} in:\n" + "\n".join(self.lines[-40:]))
-
-    def kill(self) -> None:
-        """Whatever is left of it, its server's process group included."""
-        if self.proc.poll() is None:
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-            for group in {self.proc.pid, *(os.getpgid(c.pid) for c in children)}:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(group, signal.SIGKILL)
-        self.proc.wait(timeout=30)
 
 
 def stopped_cleanly(ui: UiProcess, signum: int) -> None:

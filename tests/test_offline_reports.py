@@ -18,19 +18,10 @@ import pytest
 
 from tests.conftest import copy_project, edit_params, run
 from tests.formats import write_black_png, write_iris_csv
+from tests.ui import chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("offline_reports")]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 RARE = "<i>rare</i>"  # a class name that is also HTML: the page must show it as text
 N_EXPECTATIONS = 15  # 7 samples, 3 features (a CSV has no value range), 5 class_counts
 PLOTS = {
@@ -90,16 +81,8 @@ def failed(project):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} is not installed")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def offline_page(browser, url: str):
