@@ -6,7 +6,7 @@ Writes ``reports/evaluate/metrics.json`` (``{"test/accuracy": ..., "test/precisi
 ``per_class.json`` (keyed by class name) with the same figures as ``per_class.csv`` and
 ``per_class.png`` (a table and a plot, not one MLflow metric per class, so the UI's compare
 view shows the four headline metrics),
-``confusion_matrix.png`` and ``predictions.csv`` (a DVC confusion plot; actual and predicted
+``confusion_matrix.png`` (a DVC image plot) and ``predictions.csv`` (actual and predicted
 class by name), and logs the same numbers and files into the training run, so one MLflow run
 holds train, val and test results.
 """
