@@ -509,6 +509,28 @@ def log_params(params: Mapping[str, Any]) -> None:
     mlflow.log_params(masked(params))
 
 
+def log_values(rows: list[dict]) -> None:
+    """Log the values a run trains with (rows of :func:`pipeline.config.provenance`) to the
+    active MLflow run: each under its params.yaml path (``train.lr``), ``params.tuned`` and
+    ``params.defaults`` (the keys that tuning decided and those params.yaml leaves to their
+    defaults), ``requested.<key>`` where params.yaml asks for another value than the one
+    used, and every row, requested value and source included, as the artifact
+    ``params.json``."""
+    import mlflow
+
+    logged: dict[str, object] = {row["key"]: row["effective"] for row in rows}
+    for source, name in (("tuned", "params.tuned"), ("default", "params.defaults")):
+        keys = [row["key"] for row in rows if row["source"] == source]
+        logged[name] = ", ".join(keys) or "none"
+    logged |= {
+        f"requested.{row['key']}": row["requested"]
+        for row in rows
+        if row["requested"] is not None and row["requested"] != row["effective"]
+    }
+    log_params(logged)
+    mlflow.log_dict(rows, "params.json")
+
+
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """Metrics as floats; refuse NaN/±inf, which MLflow would store as ±1.8e308."""
     bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}

@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from pipeline import tracking
 from pipeline.config import ModelParams, TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
 from pipeline.data.table import PREPARED_DIR, Manifest
@@ -71,28 +70,6 @@ def set_seeds(seed: int) -> None:
     """Seed Python, NumPy and torch. Whether kernels are deterministic is the Trainer's
     ``deterministic`` (``train.deterministic``), set for the fit only."""
     pl.seed_everything(seed, workers=True, verbose=False)
-
-
-def log_values(rows: list[dict]) -> None:
-    """Log the values a run trains with (rows of :func:`pipeline.config.provenance`) to the
-    active MLflow run: each under its params.yaml path (``train.lr``), ``params.tuned`` and
-    ``params.defaults`` (the keys that tuning decided and those params.yaml leaves to their
-    defaults), ``requested.<key>`` where params.yaml asks for another value than the one
-    used, and every row, requested value and source included, as the artifact
-    ``params.json``."""
-    import mlflow
-
-    logged: dict[str, object] = {row["key"]: row["effective"] for row in rows}
-    for source, name in (("tuned", "params.tuned"), ("default", "params.defaults")):
-        keys = [row["key"] for row in rows if row["source"] == source]
-        logged[name] = ", ".join(keys) or "none"
-    logged |= {
-        f"requested.{row['key']}": row["requested"]
-        for row in rows
-        if row["requested"] is not None and row["requested"] != row["effective"]
-    }
-    tracking.log_params(logged)
-    mlflow.log_dict(rows, "params.json")
 
 
 class InMemoryData(pl.LightningDataModule):

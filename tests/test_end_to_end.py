@@ -136,6 +136,15 @@ def test_mlflow_holds_validation_tuning_training_and_the_registry(project):
     for t in trials:
         assert set(t.data.params) - {"params.tuned", "params.defaults"} <= set(train.data.params)
     params_yaml = yaml.safe_load((project / "params.yaml").read_text())
+    # The validate and tune runs log their own sections by the same dotted names.
+    split = params_yaml["validate"]["split"]
+    assert {k: validate.data.params[f"validate.split.{k}"] for k in split} == {
+        k: str(v) for k, v in split.items()
+    }
+    assert validate.data.params["params.defaults"] == "none"  # params.yaml lists every key
+    space = params_yaml["tune"]["search_space"]
+    assert parent.data.params["tune.search_space.lr"] == str(space["lr"])
+    assert parent.data.params["tune.n_trials"] == str(params_yaml["tune"]["n_trials"])
     assert train.data.params["train.max_epochs"] == str(params_yaml["train"]["max_epochs"])
     assert sorted(train.data.params["params.tuned"].split(", ")) == sorted(best)
     requested = {k for k in train.data.params if k.startswith("requested.")}

@@ -68,7 +68,6 @@ from pipeline.training import (
     Prepared,
     fit,
     load_prepared,
-    log_values,
     nondeterministic_ops,
 )
 
@@ -332,7 +331,7 @@ def train(
                 rows = provenance(
                     "train", hp, hp, tuned, [f for f in TrainParams.model_fields if f != "resume"]
                 ) + provenance("model", model, model, tuned)
-            log_values(rows)
+            tracking.log_values(rows)
             tracking.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
         device = describe(resolve(hp.accelerator))
         print(f"[train] device {device}")

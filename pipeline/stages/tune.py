@@ -337,7 +337,7 @@ def tune(params: Params, out_dir: Path) -> dict:
     from optuna_integration import PyTorchLightningPruningCallback
 
     from pipeline import device as devices
-    from pipeline.training import MetricHistory, check_model, fit, load_prepared, log_values
+    from pipeline.training import MetricHistory, check_model, fit, load_prepared
 
     cfg, metric = params.tune, params.tune.metric
     data = load_prepared(splits=("train", "val"))
@@ -365,7 +365,7 @@ def tune(params: Params, out_dir: Path) -> dict:
         name = f"{study.study_name} · trial {trial.number}"
         pruned = None
         with tracking.run(experiment_id, f"{name} · RUNNING", trial_tags, nested=True) as run:
-            log_values(trial_values(params, hp, model, trial.params))
+            tracking.log_values(trial_values(params, hp, model, trial.params))
             try:
                 pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
                 # History first: it records the epoch whose value prunes the trial.
@@ -406,7 +406,10 @@ def tune(params: Params, out_dir: Path) -> dict:
 
     parent_tags = {**tags, "optuna.study": study.study_name, "device": device}
     with tracking.run(experiment_id, f"tune · {study.study_name}", parent_tags):
-        tracking.log_params({f"tune.{k}": v for k, v in cfg.model_dump().items()})
+        settings = [f for f in TuneParams.model_fields if f != "search_space"]
+        rows = provenance("tune", cfg, cfg, fields=settings)
+        rows += provenance("tune.search_space", cfg.search_space, cfg.search_space)
+        tracking.log_values(rows)
         optimize(study, objective, todo)
         states = [t.state for t in study.trials]
         counts = {

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.config import ValidateParams, load_params
+from pipeline.config import ValidateParams, load_params, provenance
 from pipeline.data.table import (
     ID_COLUMN,
     LABEL_COLUMN,
@@ -126,13 +126,30 @@ def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPA
 SHOW_FAILURES = 3
 
 
-def log_to_mlflow(summary: dict, manifest: Manifest, experiment: str, report: Path) -> None:
-    """Log counts and the reports into a 'validate' run; the run fails with the gate."""
+def values(params: ValidateParams) -> list[dict]:
+    """The validate section's values and where each came from (params.yaml or a default)."""
+    fields = ("min_per_class", "max_quarantine_frac")
+    return provenance("validate", params, params, fields=fields) + provenance(
+        "validate.split", params.split, params.split
+    )
+
+
+def log_to_mlflow(
+    summary: dict,
+    manifest: Manifest,
+    experiment: str,
+    report: Path,
+    rows: list[dict] | None = None,
+) -> None:
+    """Log the values checked against (``rows``, see :func:`values`), counts and the reports
+    into a 'validate' run; the run fails with the gate."""
     import mlflow
 
     experiment_id = tracking.setup(experiment)
     tags = tracking.run_tags("validate", manifest.source, RAW_DIR, data_tag="data.raw_dvc_md5")
     with tracking.run(experiment_id, "validate", tags):
+        if rows:
+            tracking.log_values(rows)
         metrics = {
             "validate/rows_in": summary["rows_in"],
             "validate/rows_quarantined": summary["rows_quarantined"],
@@ -190,7 +207,7 @@ def main() -> None:
         with atomic_dir(report) as tmp:
             shutil.copytree(staged, tmp, dirs_exist_ok=True)
     try:
-        log_to_mlflow(summary, manifest, experiment, report)
+        log_to_mlflow(summary, manifest, experiment, report, values(params))
     finally:
         if summary["success"]:
             shutil.rmtree(FAILED_DIR, ignore_errors=True)
