@@ -218,7 +218,7 @@ def test_tuned_values_are_named_as_tuned_and_dvc_experiments_tagged(
     hp = HP.model_copy(update={"max_epochs": 1, "lr": 0.0021})
     run = train(hp, MODEL, digits_prepared, "t", out, Resume("key"), frozenset({"train.lr"}))
     found = MlflowClient().get_run(run["run_id"])
-    assert found.info.run_name == "train · cnn · lr 2.1e-03 (tuned) · bs 64"
+    assert found.info.run_name == "train · cnn · lr 2.1e-03 (tuned) · bs 64 · brisk-lark"
     assert found.data.tags["dvc.exp_name"] == "brisk-lark"
     assert found.data.tags["mlflow.note.content"].endswith(
         "with tuned values (train.lr) from reports/tune/best_params.json, the rest from "

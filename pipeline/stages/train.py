@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -276,14 +277,18 @@ def overridden(rows: list[dict]) -> str | None:
 
 def run_name(hp: TrainParams, model: ModelParams, tuned: frozenset[str]) -> str:
     """A name that tells training runs apart in the UI's tables and chart legends, e.g.
-    ``train · cnn · lr 2.7e-03 (tuned) · bs 32 (tuned)``."""
+    ``train · cnn · lr 2.7e-03 (tuned) · bs 32 (tuned)``, and under `dvc exp run` the
+    experiment's name after it (``· brisk-lark``): two experiments whose changes tuning
+    overrode train with the same values, and only that name tells their runs apart."""
 
     def origin(key: str) -> str:
         return " (tuned)" if key in tuned else ""
 
+    experiment = os.environ.get("DVC_EXP_NAME")
     return (
         f"train · {model.name}{origin('model.name')} · lr {hp.lr:.1e}{origin('train.lr')} · "
         f"bs {hp.batch_size}{origin('train.batch_size')}"
+        + (f" · {experiment}" if experiment else "")
     )
 
 
