@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test test-fast bench ui lint format
+.PHONY: repro retrain test test-fast bench ui lint format
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	dvc repro
 	runway summary
+
+## retrain: what CI runs: pull, reproduce what changed, write reports/retrain.md, push
+retrain: $(STAMP)
+	runway retrain
 
 ## test: create .venv if needed, run the test suite (on 2 workers: most of it is `dvc repro`
 ## subprocesses waiting on imports; TEST_WORKERS=0 runs it in one process). The browser tests

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -638,3 +638,58 @@ def store_relocate(
 
 if __name__ == "__main__":
     app()
+
+
+# ---------------------------------------------------------------------------------- retrain
+
+
+@app.command()
+def retrain(
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-S",
+            metavar="KEY=VALUE",
+            help="Override a params.yaml value for this run (dvc exp run -S); repeatable.",
+        ),
+    ] = None,
+    force: bool = typer.Option(False, "--force", help="Run every stage even if nothing changed."),
+    base: str = typer.Option(
+        "", "--base", metavar="REV", help="Git revision to diff params and metrics against."
+    ),
+) -> None:
+    """Pull (from the default DVC remote, if one is set), say what changed since the last
+    recorded run, reproduce it, write reports/retrain.md and .html, and push the new outputs.
+    Exits 0 with "nothing to retrain" when nothing changed; non-zero when a stage failed."""
+    from pipeline import retrain as flow
+
+    set_ = set_ or []
+    try:
+        remote = flow.default_remote()
+        if remote is not None:
+            typer.echo(f"[retrain] dvc pull from remote {remote[0]!r} ({remote[1]})")
+            flow.pull(remote)
+        stages, changes = stale_stages(dvc_status())
+    except (flow.RetrainError, RuntimeError) as exc:
+        _fail("retrain", str(exc))
+    if not stages and not set_ and not force:
+        typer.echo("[retrain] nothing to retrain: dvc.lock matches the data, params and code")
+        return
+    for change in changes:
+        typer.echo(f"[retrain] changed: {change}")
+    if set_:
+        command = [sys.executable, "-m", "dvc", "exp", "run"]
+        command += [arg for pair in set_ for arg in ("-S", pair)]
+    else:
+        command = [sys.executable, "-m", "dvc", "repro"] + (["-f"] if force else [])
+    outcome = flow.reproduce(command, changes + [f"--set {pair}" for pair in set_])
+    flow.write_reports(outcome, base or None)
+    typer.echo(f"[retrain] report: {flow.REPORT_MD} and {flow.REPORT_HTML}")
+    if outcome.returncode != 0:
+        _fail("retrain", f"stage {outcome.failed_stage} failed: {outcome.error or 'see above'}")
+    if remote is not None:
+        try:
+            typer.echo(f"[retrain] dvc push to remote {remote[0]!r}: {flow.push(remote)}")
+        except flow.RetrainError as exc:
+            _fail("retrain", str(exc))
