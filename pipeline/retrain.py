@@ -45,9 +45,19 @@ def dvc(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
 
 
 def first_line(text: str) -> str:
+    """DVC's error as one line: its ERROR line, with the targets it lists after it."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("ERROR")]
-    return (errors or lines or ["no message"])[0]
+    errors = [i for i, line in enumerate(lines) if line.startswith("ERROR")]
+    if not errors:
+        return (lines or ["no message"])[0]
+    first = errors[0]
+    message = lines[first].removeprefix("ERROR: ")
+    targets = []
+    for line in lines[first + 1 :]:
+        if line.startswith(("Is your cache", "<http", "ERROR", "WARNING")):
+            break
+        targets.append(line)
+    return message + (" " + ", ".join(targets) if targets else "")
 
 
 def default_remote() -> tuple[str, str] | None:
@@ -64,8 +74,13 @@ def pull(remote: tuple[str, str]) -> None:
     name, url = remote
     done = dvc("pull")
     if done.returncode != 0:
+        missing = (
+            "; the remote lacks these outputs: push them from where they were made"
+            if ("Checkout failed" in done.stderr)
+            else ""
+        )
         raise RetrainError(
-            f"dvc pull from remote {name!r} ({url}) failed: {first_line(done.stderr)}"
+            f"dvc pull from remote {name!r} ({url}) failed: {first_line(done.stderr)}{missing}"
         )
 
 

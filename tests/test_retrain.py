@@ -1,0 +1,100 @@
+"""`runway retrain` as CI runs it: a bare git origin, a local directory as DVC remote, a first
+clone that runs the pipeline and pushes, and a fresh clone (the runner) that retrains."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, copy_project, edit_params, run
+from tests.formats import write_iris_csv
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("retrain")]
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    """(origin, remote, store URI, first clone) after the first clone ran and pushed."""
+    root = tmp_path_factory.mktemp("team")
+    origin, remote = root / "origin.git", root / "remote"
+    run(["git", "init", "-q", "--bare", str(origin)], root)
+    first = copy_project(root / "first")
+    write_iris_csv(first / "data/external/iris.csv")
+    edit_params(
+        first,
+        {
+            **TINY,
+            "data": {"source": "csv", "path": "data/external/iris.csv", "label_column": "species"},
+            "model": {"name": "mlp"},
+            "validate": {"min_per_class": 5},
+            "register": {"model_name": "iris"},
+            "mlflow": {"experiment": "runway-iris"},
+        },
+    )
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/shared.db"}  # the team's store
+    run(["dvc", "remote", "add", "-d", "local", str(remote)], first)
+    run(["dvc", "add", "data/external/iris.csv"], first)  # the runner pulls it
+    run(["dvc", "repro"], first, env=store)
+    run(["dvc", "push"], first)
+    run(["git", "add", "-A"], first)
+    run([*GIT, "commit", "-qm", "first run"], first)
+    run(["git", "push", "-q", str(origin), "HEAD:main"], first)
+    return origin, remote, store, first
+
+
+def clone(origin: Path, where: Path) -> Path:
+    run(["git", "clone", "-q", "-b", "main", str(origin), str(where)], origin.parent)
+    return where
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def test_a_fresh_runner_pulls_and_finds_nothing_to_retrain(team, tmp_path):
+    origin, _, store, _ = team
+    runner = clone(origin, tmp_path / "runner")
+    start = time.monotonic()
+    result = run(["runway", "retrain"], runner, env={**store, "CI": "true"})
+    seconds = time.monotonic() - start
+    assert result.stdout.splitlines()[-1] == (
+        "[retrain] nothing to retrain: dvc.lock matches the data, params and code"
+    )
+    assert "[retrain] dvc pull from remote 'local'" in result.stdout
+    assert (runner / "models/model.pt").is_file()  # pulled from the remote
+    assert seconds < 30, seconds  # pull + status, no stage
+
+
+def test_a_params_change_reruns_only_its_stages_reports_and_pushes(team, tmp_path):
+    origin, remote, store, _ = team
+    runner = clone(origin, tmp_path / "runner")
+    edit_params(runner, {"train": {"max_epochs": 2}})
+    objects_before = {p for p in remote.rglob("*") if p.is_file()}
+    result = run(["runway", "retrain"], runner, env={**store, "CI": "true"})
+    assert stages_run(result.stdout) == ["params", "train", "evaluate", "register"]
+    assert "[retrain] changed: params train.max_epochs" in result.stdout
+    report = (runner / "reports/retrain.md").read_text()
+    assert report.startswith("<!-- runway-retrain -->\n## Runway retrain\n")
+    assert "iris version 2:" in report
+    assert "train.max_epochs" in report  # dvc params diff
+    assert "| train | " in report and "| total | " in report
+    page = (runner / "reports/retrain.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "http" not in page
+    assert {p for p in remote.rglob("*") if p.is_file()} > objects_before  # pushed
+
+
+def test_an_unreachable_remote_is_named(team, tmp_path):
+    origin, _, store, _ = team
+    runner = clone(origin, tmp_path / "runner")
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "gone")], runner)
+    result = run(["runway", "retrain"], runner, check=False, env=store)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(
+        f"[retrain] error: dvc pull from remote 'local' ({tmp_path / 'gone'}) failed: "
+    )
