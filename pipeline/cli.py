@@ -670,6 +670,7 @@ def retrain(
         if remote is not None:
             typer.echo(f"[retrain] dvc pull from remote {remote[0]!r} ({remote[1]})")
             flow.pull(remote)
+        flow.check_params()
         stages, changes = stale_stages(dvc_status())
     except (flow.RetrainError, RuntimeError) as exc:
         _fail("retrain", str(exc))

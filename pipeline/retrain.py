@@ -92,6 +92,15 @@ def push(remote: tuple[str, str]) -> str:
     return first_line(done.stdout)
 
 
+def check_params() -> None:
+    """Run the ``params`` stage (it checks params.yaml, in about a second): its marker file
+    is not cached, so a fresh clone lacks it, and every stage would look out of date."""
+    done = dvc("repro", "params", timeout=300)
+    if done.returncode != 0:
+        found = [m for line in done.stdout.splitlines() if (m := ERROR_LINE.match(line.strip()))]
+        raise RetrainError(found[0][2] if found else first_line(done.stderr))
+
+
 @dataclass
 class Outcome:
     """What the pipeline run did."""

@@ -76,7 +76,7 @@ def test_a_params_change_reruns_only_its_stages_reports_and_pushes(team, tmp_pat
     edit_params(runner, {"train": {"max_epochs": 2}})
     objects_before = {p for p in remote.rglob("*") if p.is_file()}
     result = run(["runway", "retrain"], runner, env={**store, "CI": "true"})
-    assert stages_run(result.stdout) == ["params", "train", "evaluate", "register"]
+    assert stages_run(result.stdout) == ["train", "evaluate", "register"]
     assert "[retrain] changed: params train.max_epochs" in result.stdout
     report = (runner / "reports/retrain.md").read_text()
     assert report.startswith("<!-- runway-retrain -->\n## Runway retrain\n")
