@@ -98,3 +98,32 @@ def test_an_unreachable_remote_is_named(team, tmp_path):
     assert line.startswith(
         f"[retrain] error: dvc pull from remote 'local' ({tmp_path / 'gone'}) failed: "
     )
+
+
+def test_bad_new_data_stops_at_the_gate_keeps_the_champion_and_pushes_nothing(team, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    origin, remote, store, _ = team
+    runner = clone(origin, tmp_path / "runner")
+    run(["dvc", "pull"], runner)
+    client = mlflow.MlflowClient(store["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("iris", "champion").version
+    source = runner / "data/external/iris.csv"
+    table = pd.read_csv(source)
+    rare = table[table["species"] == "virginica"].head(3)
+    pd.concat([table[table["species"] != "virginica"], rare]).to_csv(source, index=False)
+    run(["dvc", "add", "data/external/iris.csv"], runner)
+    run([*GIT, "commit", "-qam", "new data"], runner)
+    objects_before = {p for p in remote.rglob("*") if p.is_file()}
+    result = run(["runway", "retrain"], runner, check=False, env={**store, "CI": "true"})
+    assert result.returncode == 1
+    assert "[retrain] changed: data/external changed" in result.stdout.splitlines()
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("[retrain] error: stage validate failed: ")
+    assert "class 'virginica' has 3 samples, fewer than validate.min_per_class=5" in line
+    report = (runner / "reports/retrain.md").read_text()
+    assert "**Failed in stage `validate`**" in report
+    assert "class 'virginica' has 3 samples" in report
+    assert client.get_model_version_by_alias("iris", "champion").version == champion
+    assert {p for p in remote.rglob("*") if p.is_file()} == objects_before  # nothing pushed
