@@ -152,7 +152,11 @@ def _json(path: Path) -> dict:
 
 
 def _diff_md(kind: str, base: str | None) -> str:
-    args = [kind, "diff", "--md"] + ([base] if base else [])
+    """``dvc params diff --md`` (the changed keys) or ``dvc metrics diff --md --all`` (every
+    metric, changed or not) against ``base`` (default: HEAD)."""
+    args = (
+        [kind, "diff", "--md"] + (["--all"] if kind == "metrics" else []) + ([base] if base else [])
+    )
     done = dvc(*args, timeout=300)
     text = done.stdout.strip() if done.returncode == 0 else ""
     return text or f"_no {kind} changed_"
@@ -199,10 +203,12 @@ def report_markdown(outcome: Outcome, base: str | None = None) -> str:
 
 
 def report_html(markdown: str, images: list[Path]) -> str:
-    """The report as one HTML file that needs nothing else: the text, and the images inlined."""
-    body = "\n".join(
-        f"<p>{html.escape(line)}</p>" for line in markdown.splitlines() if line.strip()
-    )
+    """The report as one HTML file that needs nothing else: the Markdown rendered (tables
+    included, raw HTML escaped) and the images inlined."""
+    from markdown_it import MarkdownIt
+
+    text = markdown.replace(MARKER + "\n", "")
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
     pictures = "\n".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(str(p))}'
@@ -210,10 +216,13 @@ def report_html(markdown: str, images: list[Path]) -> str:
         for p in images
         if p.is_file()
     )
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}img{max-width:100%}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em}"
+    )
     return (
         '<!doctype html><html><head><meta charset="utf-8"><title>Runway retrain</title>'
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}img{max-width:100%}"
-        f"</style></head><body>{body}{pictures}</body></html>\n"
+        f"<style>{style}</style></head><body>{body}{pictures}</body></html>\n"
     )
 
 

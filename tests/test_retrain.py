@@ -127,3 +127,34 @@ def test_bad_new_data_stops_at_the_gate_keeps_the_champion_and_pushes_nothing(te
     assert "class 'virginica' has 3 samples" in report
     assert client.get_model_version_by_alias("iris", "champion").version == champion
     assert {p for p in remote.rglob("*") if p.is_file()} == objects_before  # nothing pushed
+
+
+def test_the_html_report_shows_the_metrics_table_and_the_confusion_matrix(team, tmp_path):
+    """Opened in Debian's chromium with every outside request refused."""
+    from tests.ui import chromium
+
+    origin, _, store, _ = team
+    runner = clone(origin, tmp_path / "runner")
+    edit_params(runner, {"train": {"patience": 1}})
+    run(["runway", "retrain"], runner, env=store)
+    page_file = runner / "reports/retrain.html"
+    with chromium() as browser:
+        page = browser.new_page()
+        outside: list[str] = []
+        page.route(
+            "**/*",
+            lambda route: (
+                route.continue_()
+                if route.request.url.startswith(("file:", "data:"))
+                else (outside.append(route.request.url), route.abort())
+            ),
+        )
+        page.goto(page_file.as_uri())
+        table = page.locator("table").filter(has_text="test/accuracy")
+        assert table.count() == 1 and table.is_visible()
+        header = [h.strip() for h in table.locator("th").all_inner_texts()]
+        assert header[:2] == ["Path", "Metric"]
+        image = page.locator('img[alt="confusion_matrix"]')
+        assert image.evaluate("img => img.complete && img.naturalWidth") > 100
+        assert page.get_by_text("Runway retrain", exact=True).is_visible()
+        assert outside == []
