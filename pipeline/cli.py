@@ -694,3 +694,39 @@ def retrain(
             typer.echo(f"[retrain] dvc push to remote {remote[0]!r}: {flow.push(remote)}")
         except flow.RetrainError as exc:
             _fail("retrain", str(exc))
+
+
+# ----------------------------------------------------------------------------------- remote
+
+remote_app = typer.Typer(
+    help="The DVC remote that `runway retrain` pulls from and pushes to.", no_args_is_help=True
+)
+app.add_typer(remote_app, name="remote")
+
+
+@remote_app.command("add")
+def remote_add(
+    url: str = typer.Argument(
+        ..., help="A local directory (made if missing), or any URL DVC knows (s3://bucket/path)."
+    ),
+    name: str = typer.Option("local", "--name", help="The remote's name in .dvc/config."),
+) -> None:
+    """Make URL the default DVC remote (`dvc remote add -d`), written to .dvc/config, which is
+    committed. Credentials never go there: `dvc remote modify --local NAME ...` keeps them in
+    .dvc/config.local (git-ignored), or set them in the environment."""
+    if "://" not in url:
+        folder = Path(url).expanduser().resolve()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _fail("remote", f"cannot make the remote folder {folder}: {exc.strerror}")
+        url = str(folder)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "add", "--default", "--force", name, url],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        _fail("remote", lines[0].removeprefix("ERROR: ") if lines else "dvc remote add failed")
+    typer.echo(f"[remote] {name!r} ({url}) is the default DVC remote (.dvc/config)")

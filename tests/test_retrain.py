@@ -158,3 +158,17 @@ def test_the_html_report_shows_the_metrics_table_and_the_confusion_matrix(team, 
         assert image.evaluate("img => img.complete && img.naturalWidth") > 100
         assert page.get_by_text("Runway retrain", exact=True).is_visible()
         assert outside == []
+
+
+def test_remote_add_makes_a_local_folder_the_default_remote(tmp_path):
+    project = copy_project(tmp_path / "p")
+    result = run(["runway", "remote", "add", "../store"], project)
+    folder = (tmp_path / "store").resolve()
+    assert result.stdout == f"[remote] 'local' ({folder}) is the default DVC remote (.dvc/config)\n"
+    assert folder.is_dir()
+    assert run(["dvc", "remote", "default"], project).stdout.strip() == "local"
+    assert run(["dvc", "config", "remote.local.url"], project).stdout.strip() == str(folder)
+    (tmp_path / "file").write_text("")
+    failed = run(["runway", "remote", "add", str(tmp_path / "file" / "x")], project, check=False)
+    assert failed.returncode == 1
+    assert failed.stderr.startswith(f"[remote] error: cannot make the remote folder {tmp_path}")
