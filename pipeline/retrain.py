@@ -162,6 +162,37 @@ def _diff_md(kind: str, base: str | None) -> str:
     return text or f"_no {kind} changed_"
 
 
+def tuning_lines(trials_csv: Path = Path("reports/tune/trials.csv")) -> list[str]:
+    """Trials by state, the best value and the study's wall time, from Optuna's trials table."""
+    import pandas as pd
+
+    try:
+        trials = pd.read_csv(trials_csv)
+    except (OSError, ValueError):  # missing, or empty (tune.n_trials: 0)
+        return ["- no tuning (tune.n_trials: 0, or no study yet)"]
+    if trials.empty or "state" not in trials:
+        return ["- no tuning (tune.n_trials: 0, or no study yet)"]
+    counts = trials["state"].value_counts()
+    states = ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
+    lines = [f"- {len(trials)} trials: {states}"]
+    done = trials[trials["state"] == "COMPLETE"]
+    best_params = _json(Path("reports/tune/best_params.json"))
+    if not done.empty:
+        from pipeline.config import direction, load_params
+
+        metric = load_params("tune").metric
+        values = done["value"]
+        best = done.loc[values.idxmin() if direction(metric) == "minimize" else values.idxmax()]
+        shown = ", ".join(
+            f"`{k}` {v:.3g}" if isinstance(v, float) else f"`{k}` {v}"
+            for k, v in best_params.items()
+        )
+        lines.append(f"- best {metric} {best['value']:.4g} (trial {best['number']}): {shown}")
+    seconds = pd.to_timedelta(trials["duration"], errors="coerce").dt.total_seconds().sum()
+    lines.append(f"- trials' wall time {seconds:.0f} s")
+    return lines
+
+
 def report_markdown(outcome: Outcome, base: str | None = None) -> str:
     """The PR comment: what triggered the run, data, tuning, metrics, the decision, times."""
     ok = outcome.returncode == 0
@@ -194,7 +225,19 @@ def report_markdown(outcome: Outcome, base: str | None = None) -> str:
             "(report: `reports/validation/summary.html`)",
             "",
         ]
+    lines += ["### Tuning", "", *tuning_lines(), ""]
     lines += ["### Metrics", "", _diff_md("metrics", base), ""]
+    run = _json(Path("models/run.json"))
+    record = _json(Path("reports/register.json")) if ok else {}
+    if run:
+        lines += [
+            "### Links",
+            "",
+            f"- MLflow run `{run.get('run_id')}` (`runway ui`, then the latest training link)",
+        ]
+        if record.get("uri"):
+            lines.append(f"- model `{record['uri']}`")
+        lines.append("")
     if outcome.stage_seconds:
         lines += ["### Wall time", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {s} | {t:.1f} |" for s, t in outcome.stage_seconds.items()]

@@ -83,6 +83,10 @@ def test_a_params_change_reruns_only_its_stages_reports_and_pushes(team, tmp_pat
     assert "iris version 2:" in report
     assert "train.max_epochs" in report  # dvc params diff
     assert "| train | " in report and "| total | " in report
+    trials = report.split("### Tuning\n\n", 1)[1].splitlines()
+    assert re.fullmatch(r"- 2 trials: \d complete, \d pruned, 0 fail", trials[0])
+    assert trials[1].startswith("- best val/loss ")
+    assert "- model `models:/iris/2`" in report
     page = (runner / "reports/retrain.html").read_text()
     assert page.count('src="data:image/png;base64,') == 2 and "http" not in page
     assert {p for p in remote.rglob("*") if p.is_file()} > objects_before  # pushed
