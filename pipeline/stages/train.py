@@ -77,6 +77,8 @@ RESUME_DIR = Path(".runway/train")
 LOCK = Path(".runway/train.lock")  # beside RESUME_DIR, which is deleted and made again
 # Part of the resume key: a checkpoint written by an older layout is never resumed.
 CHECKPOINT_FORMAT = 3
+# The train fields a run logs: all but train.resume, which says how to continue, not what to train.
+TRAIN_FIELDS = tuple(f for f in TrainParams.model_fields if f != "resume")
 # Lightning's notes on what the stage does on purpose: state.json lives beside the
 # checkpoints; with an OnExceptionCheckpoint, fit(ckpt_path=None) looks for a last checkpoint
 # (Resume.find has removed any that must not be resumed).
@@ -243,8 +245,7 @@ def values(params: Params, hp: TrainParams, model: ModelParams, tuned: frozenset
     """What the final training uses, key by key (:func:`pipeline.config.provenance`): the
     train section (but train.resume, which says how to continue, not what to train) and the
     model section."""
-    fields = [f for f in TrainParams.model_fields if f != "resume"]
-    return provenance("train", params.train, hp, tuned, fields=fields) + provenance(
+    return provenance("train", params.train, hp, tuned, fields=TRAIN_FIELDS) + provenance(
         "model", params.model, model, tuned
     )
 
@@ -333,9 +334,9 @@ def train(
         resume.started(run_id)
         if resumed_run is None:
             if rows is None:
-                rows = provenance(
-                    "train", hp, hp, tuned, [f for f in TrainParams.model_fields if f != "resume"]
-                ) + provenance("model", model, model, tuned)
+                rows = provenance("train", hp, hp, tuned, TRAIN_FIELDS) + provenance(
+                    "model", model, model, tuned
+                )
             tracking.log_values(rows)
             tracking.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
         device = describe(resolve(hp.accelerator))
