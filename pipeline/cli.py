@@ -663,6 +663,7 @@ def retrain(
     recorded run, reproduce it, write reports/retrain.md and .html, and push the new outputs.
     Exits 0 with "nothing to retrain" when nothing changed; non-zero when a stage failed."""
     from pipeline import retrain as flow
+    from pipeline.config import load_params
 
     set_ = set_ or []
     try:
@@ -684,7 +685,8 @@ def retrain(
         command += [arg for pair in set_ for arg in ("-S", pair)]
     else:
         command = [sys.executable, "-m", "dvc", "repro"] + (["-f"] if force else [])
-    outcome = flow.reproduce(command, changes + [f"--set {pair}" for pair in set_])
+    model_name = load_params("register").model_name
+    outcome = flow.reproduce(command, changes + [f"--set {pair}" for pair in set_], model_name)
     flow.write_reports(outcome, base or None)
     typer.echo(f"[retrain] report: {flow.REPORT_MD} and {flow.REPORT_HTML}")
     if outcome.returncode != 0:

@@ -248,6 +248,14 @@ class RegisterParams(_Section):
     min_delta: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
+class RetrainParams(_Section):
+    """``runway retrain``'s drift flags (the report's drift section, nothing is stopped)."""
+
+    drift_class_share: Annotated[float, Field(gt=0, le=1)] = 0.05
+    drift_mean: Annotated[float, Field(gt=0)] = 0.25
+    drift_std: Annotated[float, Field(gt=0)] = 0.25
+
+
 class MlflowParams(_Section):
     experiment: Annotated[str, Field(min_length=1)] = "runway-digits"
 
@@ -260,6 +268,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(default=RegisterParams(), alias="register")
+    retrain: RetrainParams = RetrainParams()
     mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")

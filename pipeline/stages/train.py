@@ -51,6 +51,7 @@ from pipeline.config import (
     provenance,
     with_tuned,
 )
+from pipeline.data.profile import PROFILE_ARTIFACT, profile
 from pipeline.data.table import PREPARED_DIR
 from pipeline.device import describe, resolve
 from pipeline.io import (
@@ -339,6 +340,8 @@ def train(
                 )
             tracking.log_values(rows)
             tracking.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
+            # The data this model learns from, for drift checks against later data.
+            mlflow.log_dict(profile(data.tables["train"], data.manifest), PROFILE_ARTIFACT)
         device = describe(resolve(hp.accelerator))
         print(f"[train] device {device}")
         mlflow.set_tag("device", device)
