@@ -130,6 +130,18 @@ TINY = {
 }
 
 
+# Iris from data/external/iris.csv (tests.formats.write_iris_csv) with the mlp, on TINY params:
+# the whole pipeline in seconds of training.
+IRIS = {
+    **TINY,
+    "data": {"source": "csv", "path": "data/external/iris.csv", "label_column": "species"},
+    "model": {"name": "mlp"},
+    "validate": {"min_per_class": 5},
+    "register": {"model_name": "iris"},
+    "mlflow": {"experiment": "runway-iris"},
+}
+
+
 @pytest.fixture(scope="session")
 def digits_prepared(digits_table):
     """The digits, split as the pipeline splits them, as a Prepared bundle."""

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import TINY, copy_project, edit_params, new_store, project_env, run
+from tests.conftest import IRIS, copy_project, edit_params, new_store, project_env, run
 from tests.formats import write_iris_csv
 from tests.ui import UiProcess, free_port
 
@@ -57,17 +57,7 @@ def project(tmp_path_factory) -> Path:
     """Iris from a CSV through the whole pipeline (seconds of training), committed."""
     project = copy_project(tmp_path_factory.mktemp("cli"))
     write_iris_csv(project / "data/external/iris.csv")
-    edit_params(
-        project,
-        {
-            **TINY,
-            "data": {"source": "csv", "path": "data/external/iris.csv", "label_column": "species"},
-            "model": {"name": "mlp"},
-            "validate": {"min_per_class": 5},
-            "register": {"model_name": "iris"},
-            "mlflow": {"experiment": "runway-iris"},
-        },
-    )
+    edit_params(project, IRIS)
     run(["dvc", "repro"], project)
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], project)

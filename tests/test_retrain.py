@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, copy_project, edit_params, run
+from tests.conftest import IRIS, copy_project, edit_params, run
 from tests.formats import write_iris_csv
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("retrain")]
@@ -27,17 +27,7 @@ def team(tmp_path_factory):
     run(["git", "init", "-q", "--bare", str(origin)], root)
     first = copy_project(root / "first")
     write_iris_csv(first / "data/external/iris.csv")
-    edit_params(
-        first,
-        {
-            **TINY,
-            "data": {"source": "csv", "path": "data/external/iris.csv", "label_column": "species"},
-            "model": {"name": "mlp"},
-            "validate": {"min_per_class": 5},
-            "register": {"model_name": "iris"},
-            "mlflow": {"experiment": "runway-iris"},
-        },
-    )
+    edit_params(first, IRIS)
     store = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/shared.db"}  # the team's store
     run(["dvc", "remote", "add", "-d", "local", str(remote)], first)
     run(["dvc", "add", "data/external/iris.csv"], first)  # the runner pulls it
@@ -56,6 +46,17 @@ def own_store(team, tmp_path: Path) -> dict[str, str]:
     copy = tmp_path / "team.db"
     shutil.copyfile(shared, copy)
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{copy}"}
+
+
+def pulled_runner(team, tmp_path: Path):
+    """(runner, store env, MLflow client): a fresh clone with the data pulled, on its own
+    copy of the team's store."""
+    import mlflow
+
+    store = own_store(team, tmp_path)
+    runner = clone(team[0], tmp_path / "runner")
+    run(["dvc", "pull"], runner)
+    return runner, store, mlflow.MlflowClient(store["MLFLOW_TRACKING_URI"])
 
 
 def clone(origin: Path, where: Path) -> Path:
@@ -117,14 +118,9 @@ def lock_md5(project: Path, path: str, rev: str | None = None) -> str:
 
 
 def test_new_data_reruns_from_ingest_shows_its_drift_and_promotes_only_if_better(team, tmp_path):
-    import mlflow
     import pandas as pd
 
-    origin, _, _, _ = team
-    store = own_store(team, tmp_path)
-    runner = clone(origin, tmp_path / "runner")
-    run(["dvc", "pull"], runner)
-    client = mlflow.MlflowClient(store["MLFLOW_TRACKING_URI"])
+    runner, store, client = pulled_runner(team, tmp_path)
     champion = client.get_model_version_by_alias("iris", "champion")
     source = runner / "data/external/iris.csv"
     table = pd.read_csv(source)
@@ -180,14 +176,10 @@ def test_an_unreachable_remote_is_named(team, tmp_path):
 
 
 def test_bad_new_data_stops_at_the_gate_keeps_the_champion_and_pushes_nothing(team, tmp_path):
-    import mlflow
     import pandas as pd
 
-    origin, remote, _, _ = team
-    store = own_store(team, tmp_path)
-    runner = clone(origin, tmp_path / "runner")
-    run(["dvc", "pull"], runner)
-    client = mlflow.MlflowClient(store["MLFLOW_TRACKING_URI"])
+    remote = team[1]
+    runner, store, client = pulled_runner(team, tmp_path)
     champion = client.get_model_version_by_alias("iris", "champion").version
     source = runner / "data/external/iris.csv"
     table = pd.read_csv(source)
