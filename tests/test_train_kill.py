@@ -165,10 +165,18 @@ for line in dvc.stdout:
     out.append(line)
     if line.startswith("[train] epoch 1/"):
         break
-def parent_of(pid):
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+def parent_of(pid):  # -1 for a process that has gone (any may, while /proc is listed)
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+def cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
 (pid,) = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-          and b"pipeline.stages.train" in (p / "cmdline").read_bytes().split(b"\0")
+          and b"pipeline.stages.train" in cmdline(p.name)
           and dvc.pid in (parent_of(p.name), parent_of(parent_of(p.name)))]
 parent = parent_of(pid)
 stage = pid if parent == dvc.pid else parent
