@@ -404,9 +404,9 @@ def tuning_lines(trials_csv: Path = Path("reports/tune/trials.csv")) -> list[str
 def report_markdown(outcome: Outcome, base: str | None = None) -> str:
     """The PR comment: what triggered the run, data, tuning, metrics, the decision, times."""
     ok = outcome.returncode == 0
+    record = _json(Path("reports/register.json")) if ok else {}
     lines = [MARKER, "## Runway retrain", ""]
     if ok:
-        record = _json(Path("reports/register.json"))
         if record:
             verdict = "promoted to champion" if record.get("promoted") else "champion unchanged"
             lines.append(
@@ -426,7 +426,6 @@ def report_markdown(outcome: Outcome, base: str | None = None) -> str:
     lines += ["### Drift", "", *drift_lines(outcome.champion), ""]
     lines += ["### Tuning", "", *tuning_lines(), ""]
     lines += ["### Metrics", "", _diff_md("metrics", base), ""]
-    record = _json(Path("reports/register.json")) if ok else {}
     lines += champion_lines(record)
     run = _json(Path("models/run.json"))
     if run:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -71,15 +70,13 @@ def stages_run(output: str) -> list[str]:
 def test_a_fresh_runner_pulls_and_finds_nothing_to_retrain(team, tmp_path):
     origin, _, store, _ = team
     runner = clone(origin, tmp_path / "runner")
-    start = time.monotonic()
     result = run(["runway", "retrain"], runner, env={**store, "CI": "true"})
-    seconds = time.monotonic() - start
     assert result.stdout.splitlines()[-1] == (
         "[retrain] nothing to retrain: dvc.lock matches the data, params and code"
     )
     assert "[retrain] dvc pull from remote 'local'" in result.stdout
     assert (runner / "models/model.pt").is_file()  # pulled from the remote
-    assert seconds < 30, seconds  # pull + status, no stage
+    assert stages_run(result.stdout) == [] and not (runner / "reports/retrain.md").exists()
 
 
 def test_a_params_change_reruns_only_its_stages_reports_and_pushes(team, tmp_path):
