@@ -5,7 +5,10 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro retrain test test-fast bench ui lint format
+.PHONY: repro retrain server test test-fast bench ui lint format postgres-missing
+
+# Debian's PostgreSQL (runway server): its initdb, or a target that installs the package
+POSTGRES := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb) postgres-missing)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,23 +25,31 @@ repro: $(STAMP)
 retrain: $(STAMP)
 	runway retrain
 
+## server: start the team's tracking server (PostgreSQL + MLflow with basic auth), installing
+## Debian's postgresql first when missing; `runway server status` / `stop` afterwards
+server: $(STAMP) $(POSTGRES)
+	runway server start
+
 ## test: create .venv if needed, run the test suite (on 2 workers: most of it is `dvc repro`
 ## subprocesses waiting on imports; TEST_WORKERS=0 runs it in one process). The browser tests
 ## drive Debian's chromium: it is installed first when missing (needs root or sudo).
 TEST_WORKERS ?= 2
 CHROMIUM := /usr/bin/chromium
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) $(POSTGRES)
 	python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 $(CHROMIUM):
 	scripts/install-chromium
+
+postgres-missing:
+	scripts/install-postgresql
 
 ## test-fast: the in-process unit tests only (no `dvc repro`, no stage subprocesses)
 test-fast: $(STAMP)
 	python -m pytest -m "not slow" -q -n $(TEST_WORKERS)
 
 ## bench: compare against a hand-written PyTorch loop and friends; writes reports/bench.json
-bench: $(STAMP)
+bench: $(STAMP) $(POSTGRES)
 	python -m benchmarks.run
 
 ## ui: the MLflow UI on http://127.0.0.1:5000 (local only, no authentication)

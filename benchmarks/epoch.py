@@ -102,10 +102,18 @@ def batch_limit(train: int, val: int):
     return BatchLimit()
 
 
-def stage_fit(work: Workload, store: Path, logging: bool = True, hp=None, **fit_options):
+def stage_fit(
+    work: Workload,
+    store: Path,
+    logging: bool = True,
+    hp=None,
+    uri: str | None = None,
+    **fit_options,
+):
     """The train stage's training: its callbacks and Lightning's MLFlowLogger (as the stage
     builds them) around ``pipeline.training.fit``. Returns seconds per epoch, val/loss per
-    epoch, and seconds of the whole fit. ``hp``: changes to the workload's train section."""
+    epoch, and seconds of the whole fit. ``hp``: changes to the workload's train section;
+    ``uri``: the tracking URI (default: a sqlite store in ``store``)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
     from pipeline.config import ModelParams
@@ -118,8 +126,10 @@ def stage_fit(work: Workload, store: Path, logging: bool = True, hp=None, **fit_
     clock = epoch_clock()
     logger = False
     if logging:
-        uri = f"sqlite:///{store}/mlflow.db"
-        logger = MLFlowLogger(experiment_name="bench", tracking_uri=uri, run_name="bench")
+        uri = uri or f"sqlite:///{store}/mlflow.db"
+        logger = MLFlowLogger(
+            experiment_name="bench", tracking_uri=uri, run_name="bench", synchronous=False
+        )
     start = time.perf_counter()
     with quiet():
         fit(
@@ -131,6 +141,10 @@ def stage_fit(work: Workload, store: Path, logging: bool = True, hp=None, **fit_
             default_root_dir=str(store),
             **fit_options,
         )
+        if logging:
+            import mlflow
+
+            mlflow.flush_async_logging()  # as the train stage does: every metric stored
     seconds = time.perf_counter() - start
     resume.finished()  # removes its checkpoints
     return clock.epochs(), clock.val_losses, seconds

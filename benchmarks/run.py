@@ -34,6 +34,7 @@ COMPARISONS = [
     "noop_repro",
     "accuracy",
     "pruning",
+    "team",
 ]
 
 

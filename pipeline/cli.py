@@ -456,16 +456,6 @@ class _Stopped(BaseException):  # not caught by `except Exception`
     """SIGINT, SIGTERM or SIGHUP came: stop the server and exit 0."""
 
 
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _signal_group(group: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signum)
@@ -590,18 +580,20 @@ def _serve(
 def _stop_server(server: subprocess.Popen) -> None:
     """Stop the server's process group (SIGTERM, then SIGKILL after STOP_GRACE_S) and wait
     until none of its processes is left."""
+    from pipeline.server import group_alive
+
     group = server.pid
     _signal_group(group, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
     while time.monotonic() < deadline:
         server.poll()
-        if not _group_alive(group):
+        if not group_alive(group):
             break
         time.sleep(0.1)
     else:
         _signal_group(group, signal.SIGKILL)
     server.wait()
-    while _group_alive(group) and time.monotonic() < deadline + STOP_GRACE_S:
+    while group_alive(group) and time.monotonic() < deadline + STOP_GRACE_S:
         time.sleep(0.1)
 
 
@@ -634,10 +626,6 @@ def store_relocate(
         _fail("store", str(exc))
     where = tracking.shown(mlruns / "mlflow.db")
     typer.echo(line or f"{where} already points at this project's artifacts: nothing to do")
-
-
-if __name__ == "__main__":
-    app()
 
 
 # ---------------------------------------------------------------------------------- retrain
@@ -698,6 +686,30 @@ def retrain(
             _fail("retrain", str(exc))
 
 
+# ------------------------------------------------------------------------------ tune-worker
+
+
+@app.command("tune-worker")
+def tune_worker(
+    threads: int = typer.Option(
+        0, "--threads", min=0, help="torch threads for this worker (0: torch's default)."
+    ),
+) -> None:
+    """Join the current tuning study from this machine and run trials until the study has
+    tune.n_trials finished trials in total, counting every worker's. Needs the same
+    params.yaml and prepared data as the tune stage (git pull, dvc pull), tune.storage naming
+    an environment variable set to the shared study database's URL, and MLFLOW_TRACKING_URI
+    (and credentials) of the team's server; the tune stage (dvc repro) starts the study."""
+    command = [sys.executable, "-m", "pipeline.stages.tune", "--join"]
+    if threads:
+        command += ["--threads", str(threads)]
+    try:
+        code = subprocess.call(command)
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
 # ----------------------------------------------------------------------------------- remote
 
 remote_app = typer.Typer(
@@ -732,3 +744,134 @@ def remote_add(
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         _fail("remote", lines[0].removeprefix("ERROR: ") if lines else "dvc remote add failed")
     typer.echo(f"[remote] {name!r} ({url}) is the default DVC remote (.dvc/config)")
+
+
+# ----------------------------------------------------------------------------------- server
+
+server_app = typer.Typer(
+    help="The team's tracking server: PostgreSQL and an MLflow server with basic auth.",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+def _connect_lines(state, client_env: str) -> list[str]:
+    return [
+        f"  set -a; . {client_env}; set +a",
+        f"  (sets MLFLOW_TRACKING_URI={state.uri}, MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD, and OPTUNA_STORAGE for tune.storage: OPTUNA_STORAGE)",
+    ]
+
+
+@server_app.command("start")
+def server_start(
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to serve on; 0.0.0.0 serves other machines too."
+    ),
+    port: int = typer.Option(5000, "--port", min=1, max=65535, help="The MLflow server's port."),
+    workers: int = typer.Option(2, "--workers", min=1, help="uvicorn workers of the server."),
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            metavar="NAME",
+            help="Another name clients reach the server by (a DNS alias); repeatable. Other "
+            "Host headers get 403.",
+        ),
+    ] = None,
+) -> None:
+    """Start PostgreSQL (127.0.0.1 only) and the MLflow tracking server on it, with basic
+    auth and artifacts served through it; state and secrets live in .runway/server/
+    (RUNWAY_SERVER_DIR). Generated credentials are printed once, when first made. The
+    server always asks for a password, so --host 0.0.0.0 is safe to use on a trusted
+    network; it answers requests for this machine's name and address (and --allowed-host)."""
+    from pipeline import server
+    from pipeline.io import StageError
+
+    try:
+        state, new = server.start(host, port, workers, tuple(allowed_host or ()))
+    except StageError as exc:
+        _fail("server", str(exc))
+    folder = server.server_dir()
+    creds = folder / "credentials.env"
+    client = folder / "client.env"
+    typer.echo(f"[server] MLflow at {state.uri} on PostgreSQL 127.0.0.1:{state.pg_port}")
+    if new:
+        secret = server.credentials(folder)
+        typer.echo(
+            f"[server] admin password (shown once; kept in {creds}, mode 600): "
+            f"{secret['MLFLOW_TRACKING_PASSWORD']}"
+        )
+    typer.echo("[server] to log to it:\n" + "\n".join(_connect_lines(state, str(client))))
+
+
+@server_app.command("migrate")
+def server_migrate(
+    source: str = typer.Option(
+        "",
+        "--from",
+        metavar="URI",
+        help="The store to copy (default: this project's mlruns/mlflow.db).",
+    ),
+) -> None:
+    """Copy this project's local MLflow store onto the team's server: experiments, runs
+    (params, tags, every metric's history, artifacts; trials stay nested under their tune
+    run), logged models, and registered models with their versions and aliases. The server is
+    MLFLOW_TRACKING_URI (with _USERNAME and _PASSWORD), else the running `runway server`.
+    Running it again copies only what is new."""
+    from pipeline import migrate, tracking
+    from pipeline.io import StageError
+
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    local = source or tracking.tracking_uri(create=False)
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+    path = tracking.store_file(local)
+    if path is not None and not path.is_file():
+        _fail("migrate", f"no local store to copy: {tracking.shown(path)} does not exist")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server: ask once
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a line a run
+    try:
+        target = migrate.target_uri()
+        typer.echo(f"[migrate] {tracking.mask_value(local)} -> {target}")
+        counts = migrate.migrate(local, target, typer.echo)
+    except StageError as exc:
+        _fail("migrate", str(exc))
+    typer.echo(f"[migrate] done: {counts.line()}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the MLflow server and PostgreSQL (the data stays in .runway/server/)."""
+    from pipeline import server
+    from pipeline.io import StageError
+
+    try:
+        stopped = server.stop()
+    except StageError as exc:
+        _fail("server", str(exc))
+    typer.echo(f"[server] stopped {', '.join(stopped)}" if stopped else "[server] not running")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """What runs, where, and how a client connects; exit 1 when the server is not up."""
+    from pipeline import server
+
+    found = server.status()
+    if not found["started"]:
+        typer.echo(f"[server] never started here ({found['folder']}): runway server start")
+        raise typer.Exit(1)
+    state = server.read_state(Path(found["folder"]))
+    up = "up" if found["mlflow"] else "down"
+    pg = "up" if found["postgres"] else "down"
+    typer.echo(f"[server] MLflow {state.uri}: {up}; PostgreSQL 127.0.0.1:{found['pg_port']}: {pg}")
+    if found["mlflow"]:
+        lines = _connect_lines(state, found["client_env"])
+        typer.echo("[server] to log to it:\n" + "\n".join(lines))
+    else:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

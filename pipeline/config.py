@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import reprlib
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PARAMS_FILE = Path("params.yaml")
 # Set to a directory, every stage writes there which params keys it read (<stage>.json); the
@@ -198,7 +207,22 @@ class TuneParams(_Section):
     seed: int = 42
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
+    # local: mlruns/optuna.db; else the name of an environment variable that holds the study
+    # database's URL (a password never goes in params.yaml)
+    storage: str = "local"
+    workers: Annotated[int, Field(ge=1)] = 1  # local worker processes on one study
     search_space: SearchSpace = SearchSpace()
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        if value == "local" or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            return value
+        raise ValueError(
+            f"{value.split('://')[0] + '://...' if '://' in value else repr(value)}: expected "
+            "local or the name of an environment variable holding the study database's URL "
+            "(e.g. OPTUNA_STORAGE), so that no password is written in params.yaml"
+        )
 
     @model_validator(mode="after")
     def _ranges(self) -> TuneParams:
@@ -236,6 +260,13 @@ class TrainParams(_Section):
     # backward passes); warn: deterministic kernels where they exist, a warning where not
     # (bit-identical on the CPU); false: the fastest kernels.
     deterministic: bool | Literal["warn"] = "warn"
+    # Data-parallel training (the train stage only; tuning trials use one device): devices per
+    # machine (a number or "auto": every GPU, or 1 CPU), Lightning's strategy and machines.
+    # train.batch_size is per device: the global batch is batch_size x devices x num_nodes x
+    # accumulate_grad_batches.
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    strategy: Literal["auto", "ddp"] = "auto"
+    num_nodes: Annotated[int, Field(ge=1)] = 1
 
 
 class EvaluateParams(_Section):

@@ -272,7 +272,13 @@ def _write_params_read(name: str) -> None:
 
 
 # Nothing leaves this machine: no usage telemetry from MLflow or Great Expectations.
-NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false"}
+NO_TELEMETRY = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    # With a server, MLflow prints a "View run ... at: http://..." line for every run it ends
+    # (one per tuning trial): the stages say where their runs are themselves.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:

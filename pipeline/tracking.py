@@ -546,8 +546,12 @@ def run(
     tags: Mapping[str, str],
     run_id: str | None = None,
     nested: bool = False,
+    parent_run_id: str | None = None,
 ) -> Iterator[Any]:
     """An MLflow run that always ends: FINISHED, FAILED on an exception, KILLED on SIGTERM/^C.
+
+    ``nested`` runs under the active run, or under ``parent_run_id`` (a run another process
+    started: a tune worker's trial under the study's tune run).
 
     A store that is locked or unreadable, when the run starts or while it logs, stops the
     stage with one line naming the file (see :func:`store_errors`); so does a ``run_id`` that
@@ -568,6 +572,7 @@ def run(
                 run_name=None if run_id else run_name,
                 tags=masked(tags),
                 nested=nested,
+                parent_run_id=parent_run_id,
             )
         except MlflowException as exc:
             path = store_file(uri)

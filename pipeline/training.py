@@ -97,7 +97,18 @@ class InMemoryData(pl.LightningDataModule):
 
     def train_dataloader(self) -> TensorBatches:
         x, y = self.on_device["train"]
-        self.train_batches = TensorBatches(x, y, self.batch_size, shuffle=True, seed=self.seed)
+        # Data-parallel: each process trains on its share of every shuffled pass. Validation
+        # runs on the whole val split in every process (it is small, and no sample counts
+        # twice in the metrics).
+        self.train_batches = TensorBatches(
+            x,
+            y,
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            rank=self.trainer.global_rank,
+            world=self.trainer.world_size,
+        )
         if self.restored is not None:
             self.train_batches.load_state_dict(self.restored)
         return self.train_batches
@@ -155,7 +166,7 @@ class EpochLine(pl.Callback):
         self._start = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not hasattr(self, "_start"):
+        if trainer.sanity_checking or not hasattr(self, "_start") or not trainer.is_global_zero:
             return
         m = trainer.callback_metrics
         parts = [f"{k} {m[k].item():.4f}" for k in ("train/loss", "val/loss", "val/acc") if k in m]
@@ -208,13 +219,19 @@ def build_module(hp: TrainParams, model: ModelParams, data: Prepared) -> Classif
     )
 
 
-def trainer_options(hp: TrainParams, checkpointing: bool = False) -> dict:
+def trainer_options(
+    hp: TrainParams, checkpointing: bool = False, distributed: bool = False
+) -> dict:
     """The keyword arguments :func:`fit` builds its Trainer with (besides logger, callbacks
     and root directory). ``checkpointing``: whether the callbacks include a ModelCheckpoint
-    (without one Lightning would add its own)."""
+    (without one Lightning would add its own). ``distributed``: train.devices, strategy and
+    num_nodes apply (the train stage); else one device (tuning trials)."""
+    parallel = {"devices": 1}
+    if distributed:
+        parallel = {"devices": hp.devices, "strategy": hp.strategy, "num_nodes": hp.num_nodes}
     return {
         "accelerator": hp.accelerator,
-        "devices": 1,
+        **parallel,
         "max_epochs": hp.max_epochs,
         "deterministic": hp.deterministic,
         "gradient_clip_val": hp.gradient_clip_val,
@@ -256,12 +273,19 @@ def set_env(values: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
+QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+# Its one line says which process of a data-parallel training died, before Lightning stops
+# the others (SIGKILL, the first process included).
+CHILD_OBSERVER = "lightning.fabric.strategies.launchers.subprocess_script"
+
+
 @contextlib.contextmanager
 def fit_scope(env: dict[str, str | None]) -> Iterator[None]:
     """Run a fit with ``env`` applied, Lightning's loggers at WARNING (its start-up banners
-    would drown the per-epoch lines) and :data:`QUIET_WARNINGS` silenced; on exit put back
-    the environment, torch's deterministic-algorithms and cuDNN benchmark flags (which the
-    Trainer sets for the process), the logger levels and the warning filters."""
+    would drown the per-epoch lines; but :data:`CHILD_OBSERVER`) and :data:`QUIET_WARNINGS`
+    silenced; on exit put back the environment, torch's deterministic-algorithms and cuDNN
+    benchmark flags (which the Trainer sets for the process), the logger levels and the
+    warning filters."""
     keys = {*env, "CUBLAS_WORKSPACE_CONFIG"}  # the Trainer sets the latter when deterministic
     saved_env = {key: os.environ.get(key) for key in keys}
     flags = (
@@ -269,12 +293,12 @@ def fit_scope(env: dict[str, str | None]) -> Iterator[None]:
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.backends.cudnn.benchmark,
     )
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    loggers = [logging.getLogger(name) for name in (*QUIET_LOGGERS, CHILD_OBSERVER)]
     levels = [logger.level for logger in loggers]
     try:
         set_env(env)
         for logger in loggers:
-            logger.setLevel(logging.WARNING)
+            logger.setLevel(logging.WARNING if logger.name in QUIET_LOGGERS else logging.INFO)
         with warnings.catch_warnings():
             for message in QUIET_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
@@ -377,6 +401,7 @@ def fit(
     default_root_dir: str | None = None,
     ckpt_path: Path | None = None,
     plain_cuda_check: bool | None = None,
+    distributed: bool = False,
 ) -> tuple[Classifier, pl.Trainer]:
     """Seed, build and train one model on the train split, validating on val every epoch.
 
@@ -395,7 +420,7 @@ def fit(
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     with fit_scope(fit_environment(hp, plain_cuda_check)), signals.deferring():
         trainer = pl.Trainer(
-            **trainer_options(hp, checkpointing),
+            **trainer_options(hp, checkpointing, distributed),
             logger=logger,
             callbacks=callbacks,
             default_root_dir=default_root_dir,

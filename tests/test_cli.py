@@ -39,9 +39,15 @@ def one_error(result: subprocess.CompletedProcess, line: str, code: int = 1) -> 
 
 def test_help_explains_the_commands(tmp_path):
     out = run(["runway", "--help"], tmp_path).stdout
-    for command in ("summary", "ui", "baseline"):
+    commands = ("summary", "ui", "baseline", "retrain", "remote", "server", "tune-worker")
+    for command in commands:
         assert command in out
+    # python -m pipeline.cli is the same program, every command included
+    module = run([sys.executable, "-m", "pipeline.cli", "--help"], tmp_path).stdout
+    assert all(command in module for command in commands)
     assert "no authentication" in run(["runway", "ui", "--help"], tmp_path).stdout
+    worker = run(["runway", "tune-worker", "--help"], tmp_path).stdout
+    assert "tune.n_trials finished trials in total" in " ".join(worker.split())
 
 
 def test_summary_without_results_says_what_to_do(tmp_path):

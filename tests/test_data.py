@@ -62,3 +62,19 @@ def test_to_tensors_shapes(digits_table):
     assert y.tolist() == digits_table["label"].head(5).tolist()
     pixels = digits_table.filter(like="px_").head(5).to_numpy(np.float32)
     assert torch.equal(x.reshape(5, -1), torch.tensor(pixels))
+
+
+def test_data_parallel_ranks_split_each_pass_evenly():
+    """Two ranks: the same permutation cut in two interleaved halves, the shorter padded with
+    the pass's first samples (as torch's DistributedSampler), so both run as many steps."""
+    x = torch.arange(11).float().unsqueeze(1)
+    y = torch.arange(11)
+    ranks = [TensorBatches(x, y, 4, shuffle=True, seed=3, rank=r, world=2) for r in (0, 1)]
+    alone = TensorBatches(x, y, 4, shuffle=True, seed=3)
+    for _ in range(2):  # two passes, two permutations
+        order = torch.cat([b for _, b in alone])
+        seen = [torch.cat([b for _, b in batches]) for batches in ranks]
+        assert [len(batches) for batches in ranks] == [2, 2]
+        assert len(seen[0]) == len(seen[1]) == 6
+        assert seen[0].tolist() == order[0::2].tolist()
+        assert seen[1].tolist() == order[1::2].tolist() + [order[0].item()]

@@ -192,5 +192,6 @@ def test_a_section_read_records_the_keys_read(monkeypatch, tmp_path):
         "train.lr",
         "train.seed",
         "model.dropout",
-        *(f"tune.{k}" for k in ("metric", "epochs", "seed", "sampler", "pruner")),
+        *(f"tune.{k}" for k in ("metric", "epochs", "seed", "sampler", "pruner", "storage")),
+        "tune.workers",
     }

@@ -345,3 +345,40 @@ def test_trial_runs_say_study_and_state_and_a_pruned_trial_is_not_a_failed_run(
         logged = {m.step: m.value for m in history}
         assert logged == study.trials[number].intermediate_values
     assert sorted(study.trials[0].intermediate_values) == [0, 1]
+
+
+def test_a_study_database_url_is_never_written_in_params():
+    from pipeline.config import ParamsError
+
+    with pytest.raises(ParamsError) as raised:
+        parse_params({"tune": {"storage": "postgresql+psycopg://runway:s3cret@db:5432/optuna"}})
+    assert str(raised.value) == (
+        "params.yaml: tune.storage: postgresql+psycopg://...: expected local or the name of an "
+        "environment variable holding the study database's URL (e.g. OPTUNA_STORAGE), so that "
+        "no password is written in params.yaml"
+    )
+    assert "s3cret" not in str(raised.value)
+
+
+def test_a_shared_study_database_that_is_unset_or_unreachable_is_named(monkeypatch, tmp_path):
+    from pipeline.io import StageError
+    from pipeline.stages.tune import make_storage, shared
+
+    tune = parse_params({"tune": {"storage": "TEAM_STUDIES"}}).tune
+    assert shared(tune) and shared(parse_params({"tune": {"workers": 2}}).tune)
+    assert not shared(parse_params({}).tune)
+    monkeypatch.delenv("TEAM_STUDIES", raising=False)
+    with pytest.raises(StageError, match="the environment variable TEAM_STUDIES is not set"):
+        make_storage(tune)
+    from tests.ui import free_port
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("TEAM_STUDIES", f"postgresql+psycopg://runway:s3cret@127.0.0.1:{port}/x")
+    with pytest.raises(StageError) as raised:
+        make_storage(tune)
+    message = str(raised.value)
+    assert message.startswith(
+        f"tune.storage: cannot open the study database "
+        f"postgresql+psycopg://runway:***@127.0.0.1:{port}/x: connection failed"
+    )
+    assert "s3cret" not in message and "\n" not in message

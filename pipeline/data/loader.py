@@ -32,10 +32,13 @@ class TensorBatches:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
         self.x, self.y = x, y
+        self.rank, self.world = rank, world
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -44,15 +47,29 @@ class TensorBatches:
         self._served = 0  # batches of the current pass handed out
         self._skip = 0  # batches the next pass skips (set by load_state_dict)
 
+    def _per_rank(self) -> int:
+        """Samples each rank gets in a pass (``ceil(n / world)``, as DistributedSampler)."""
+        return -(-len(self.x) // self.world)
+
     def __len__(self) -> int:
-        n = len(self.x)
+        n = self._per_rank()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.x)
+        n = self._per_rank()
         self._pass_start = self._generator.get_state()
         if self.shuffle:
-            order = torch.randperm(n, generator=self._generator).to(self.x.device)
+            order = torch.randperm(len(self.x), generator=self._generator).to(self.x.device)
+        else:
+            order = torch.arange(len(self.x), device=self.x.device)
+        if self.world > 1:
+            # One permutation on every rank (same generator); rank r takes every world-th
+            # sample from r, the first samples repeated so that every rank has n of them
+            # (ranks must run the same number of steps), as torch's DistributedSampler does.
+            order = torch.cat([order, order[: n * self.world - len(order)]])[
+                self.rank :: self.world
+            ]
+        if self.shuffle or self.world > 1:
             x, y = self.x[order], self.y[order]
         else:
             x, y = self.x, self.y

@@ -102,7 +102,9 @@ class Classifier(pl.LightningModule):
             "val/acc": self.val_acc.compute(),
             "step": float(self.current_epoch),  # the loggers' step: one point per epoch
         }
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+        # sync_dist: the values are the same in every process of a data-parallel training
+        # (torchmetrics' compute() gathers them); Lightning asks for it all the same.
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         for metric in (self.train_loss, self.train_acc, self.val_loss, self.val_acc):
             metric.reset()
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -38,6 +39,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.distributed import ReduceOp
 
 from pipeline import tracking
 from pipeline.config import (
@@ -74,6 +76,9 @@ from pipeline.training import (
 )
 
 BEST_PARAMS = Path("reports/tune/best_params.json")
+# Data-parallel training: the checkpoint every process starts from (the first process decides
+# and puts it in the environment the others are started with).
+CKPT_ENV = "RUNWAY_TRAIN_CKPT"
 RESUME_DIR = Path(".runway/train")
 LOCK = Path(".runway/train.lock")  # beside RESUME_DIR, which is deleted and made again
 # Part of the resume key: a checkpoint written by an older layout is never resumed.
@@ -180,6 +185,60 @@ class StayStopped(pl.Callback):
             trainer.should_stop = True
 
 
+class ReplicasInSync(pl.Callback):
+    """Data-parallel training: at the end, every process's weights are compared with the
+    first process's (a sha256 of the parameters, gathered from all processes). Replicas that
+    drifted apart would make the kept model depend on which process saved it."""
+
+    def __init__(self) -> None:
+        self.identical: bool | None = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.world_size == 1:
+            return
+        digest = hashlib.sha256()
+        for tensor in pl_module.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        mine = int.from_bytes(digest.digest()[:7], "big")
+        low, high = (
+            trainer.strategy.reduce(
+                torch.tensor([mine], dtype=torch.int64, device=pl_module.device), reduce_op=op
+            ).item()
+            for op in (ReduceOp.MIN, ReduceOp.MAX)
+        )
+        self.identical = low == high == mine
+        if not self.identical:
+            raise StageError(
+                f"the {trainer.world_size} training processes ended with different weights"
+            )
+
+
+def replica() -> bool:
+    """Whether this process is one of the other processes of a data-parallel training
+    (Lightning starts them with LOCAL_RANK set; other machines' with NODE_RANK)."""
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("LOCAL_RANK", "NODE_RANK"))
+
+
+def lost_process(exc: BaseException) -> str | None:
+    """One line for a data-parallel training whose other process died (its connection gone,
+    torch's error names the peer); None for any other error."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\] ", "", first)  # the source file and line of the message
+    first = re.split(r"\. This is typically", first)[0]
+    return (
+        f"another process of the data-parallel training ({dist.get_world_size()} processes) "
+        f"stopped: {first}; nothing was kept"
+    )
+
+
+def global_batch(hp: TrainParams, trainer: pl.Trainer) -> int:
+    return hp.batch_size * trainer.world_size * hp.accumulate_grad_batches
+
+
 def resume_key(hp: TrainParams, model: ModelParams) -> str:
     what = {
         "format": CHECKPOINT_FORMAT,
@@ -229,6 +288,7 @@ def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback],
         InterruptCheckpoint(resume.dir, filename=resume.last.stem),
         StayStopped(),
         EpochLine(),
+        ReplicasInSync(),
     ]
     return callbacks, best
 
@@ -346,12 +406,38 @@ def train(
         print(f"[train] device {device}")
         mlflow.set_tag("device", device)
         callbacks, checkpoint = train_callbacks(hp, resume)
-        logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id)
+        # Asynchronous: an epoch's metrics go to the store while the next epoch trains (a
+        # request to a team server takes tens of ms); flushed once training ends.
+        logger = MLFlowLogger(
+            tracking_uri=tracking.tracking_uri(), run_id=run_id, synchronous=False
+        )
+        os.environ[CKPT_ENV] = str(ckpt_path or "")
         with nondeterministic_ops() as ops, warnings.catch_warnings():
             for message in EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
-            module, trainer = fit(hp, model, data, callbacks, logger=logger, ckpt_path=ckpt_path)
+            try:
+                module, trainer = fit(
+                    hp, model, data, callbacks, logger=logger, ckpt_path=ckpt_path, distributed=True
+                )
+            except RuntimeError as exc:
+                lost = lost_process(exc)
+                if lost is None:
+                    raise
+                raise StageError(lost) from None
+        mlflow.flush_async_logging()
         mlflow.set_tag("determinism", determinism(hp, ops))
+        # What one optimizer step saw: the per-device batch on every process, accumulated.
+        # The learning rate is train.lr as is (gradients are averaged over the processes).
+        mlflow.log_params(
+            {
+                "train.world_size": trainer.world_size,
+                "train.global_batch_size": global_batch(hp, trainer),
+                "train.effective_lr": hp.lr,
+            }
+        )
+        sync = next(c for c in callbacks if isinstance(c, ReplicasInSync))
+        if sync.identical is not None:
+            mlflow.set_tag("ddp.replicas_identical", str(sync.identical).lower())
         score = checkpoint.best_model_score
         best_score = float(score) if score is not None else math.nan
         if not checkpoint.best_model_path or not math.isfinite(best_score):
@@ -394,10 +480,29 @@ def train(
 
 
 def main() -> None:
+    if replica():
+        train_replica()
+        return
     # One training run at a time uses the checkpoints (a second one, e.g. beside a stage
     # whose dvc was killed, would resume and delete them under it): held until they are gone.
     with exclusive(LOCK, RESUME_DIR):
         train_stage()
+
+
+def train_replica() -> None:
+    """Another process of a data-parallel training (``train.devices`` > 1, or another of
+    ``train.num_nodes`` machines): the same model, data and callbacks, from the checkpoint
+    the first process chose, and nothing else. Only the first process logs to MLflow and
+    writes ``models/``, which it does once every process has finished."""
+    params = load_params()
+    hp, model = merged_params(params)
+    data = load_prepared(splits=("train", "val"))
+    ckpt = os.environ.get(CKPT_ENV) or None
+    callbacks, _ = train_callbacks(hp, Resume(resume_key(hp, model)))
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        fit(hp, model, data, callbacks, ckpt_path=Path(ckpt) if ckpt else None, distributed=True)
 
 
 def train_stage() -> None:

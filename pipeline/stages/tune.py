@@ -20,14 +20,31 @@ ends FINISHED; only a trial that raised ends FAILED. Writes ``reports/tune/best_
 ``optimization_history.png`` and ``intermediate_values.png`` (drawn by Optuna's matplotlib
 backend). ``tune.n_trials: 0`` skips tuning: best_params.json is ``{}``, train uses
 params.yaml as is, and the history plot is a placeholder.
+
+A shared study (``tune.storage`` naming an environment variable with a database URL, e.g. the
+team server's PostgreSQL, or ``tune.workers`` > 1): the stage creates the study once, starts
+``tune.workers`` worker processes (``python -m pipeline.stages.tune --worker I``), and any
+machine may add more (``runway tune-worker``, i.e. ``--join``); every worker runs trials until
+the study has ``tune.n_trials`` finished ones in total (:func:`run_until_done`). Trials send
+heartbeats: one whose worker died is failed and run again by another worker, and the stage
+ends its MLflow run KILLED (:func:`end_orphan_runs`). Trials log under the study's tune run,
+whose id the study keeps (``PARENT_RUN``).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from pipeline import tracking
@@ -44,13 +61,28 @@ from pipeline.config import (
     with_tuned,
 )
 from pipeline.data.table import PREPARED_DIR
-from pipeline.io import StageError, atomic_dir, atomic_path, run_stage, write_json
+from pipeline.io import StageError, Terminated, atomic_dir, atomic_path, run_stage, write_json
 
 REPORT_DIR = Path("reports/tune")
 # User attributes of a trial: it was stopped by ^C (Optuna fails such a trial itself) / it
 # runs the parameters of interrupted trial N again.
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
+# User attributes of the study: the tune run that trials log under, and its experiment (a worker
+# started elsewhere finds them there); of a trial: its MLflow run (ended KILLED when the trial's
+# worker died).
+PARENT_RUN = "mlflow_parent_run_id"
+EXPERIMENT = "mlflow_experiment_id"
+TRIAL_RUN = "mlflow_run_id"
+WORKER = "worker"  # host:pid of the process that ran the trial
+# Seconds between a running trial's heartbeats in a shared study (tune.storage other than local,
+# or tune.workers > 1); a trial silent for GRACE_BEATS of them is failed and retried (up to
+# RETRIES times) by the next worker that starts a trial. An environment variable: it changes
+# no result.
+HEARTBEAT_ENV = "RUNWAY_TUNE_HEARTBEAT"
+HEARTBEAT_S = 10
+GRACE_BEATS = 3
+RETRIES = 2
 # Part of a study's identity: a study whose trials name their parameters otherwise (before
 # they were named by params.yaml path, e.g. "lr" for train.lr) is not resumed.
 STUDY_FORMAT = 2
@@ -71,6 +103,10 @@ TRIAL_TRAIN_FIELDS = (
 )
 
 
+# How the train stage spreads its training (trials run on one device): no part of a study.
+PARALLEL = ("devices", "strategy", "num_nodes")
+
+
 def searched_fields(tune: TuneParams) -> dict[str, set[str]]:
     """The train and model fields each trial samples: their params.yaml values decide nothing
     in a study, so they are not part of its identity (nor dependencies of the tune stage)."""
@@ -85,11 +121,12 @@ def study_name(params: Params, data_hash: str) -> str:
     """Same inputs → same study (resumed); any change → a new study."""
     searched = searched_fields(params.tune)
     base = params.train.model_dump(
-        exclude={"max_epochs", "patience", "monitor", "accelerator", "resume"} | searched["train"]
+        exclude={"max_epochs", "patience", "monitor", "accelerator", "resume", *PARALLEL}
+        | searched["train"]
     )
     key = {
         "format": STUDY_FORMAT,
-        "tune": params.tune.model_dump(exclude={"n_trials"}),
+        "tune": params.tune.model_dump(exclude={"n_trials", "storage", "workers"}),
         "train": base,
         "model": params.model.model_dump(exclude=searched["model"]),
         "data": data_hash,
@@ -180,10 +217,12 @@ def _pruner(tune: TuneParams):
     return optuna.pruners.NopPruner()
 
 
-def requeue_interrupted(study) -> tuple[int, list[int]]:
+def requeue_interrupted(study, running: bool = True) -> tuple[int, list[int]]:
     """Mark the trials a killed process left RUNNING failed, and queue every interrupted
     trial (killed, or stopped by ^C) once more with its parameters.
 
+    In a shared study (``running=False``) a RUNNING trial may be another worker's: those are
+    left to the heartbeat (:func:`make_storage`), and only trials stopped by ^C are queued.
     Returns how many trials were marked failed and the numbers of the trials queued again.
     The queued copy keeps the trial's system attributes, as Optuna's own
     ``RetryHeartbeatStaleTrialCallback`` does: the grid sampler finds there which grid point
@@ -191,7 +230,7 @@ def requeue_interrupted(study) -> tuple[int, list[int]]:
     from optuna.trial import TrialState, create_trial
 
     trials = study.get_trials(deepcopy=False)
-    stale = [t for t in trials if t.state == TrialState.RUNNING]
+    stale = [t for t in trials if t.state == TrialState.RUNNING] if running else []
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)
     retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
@@ -221,12 +260,87 @@ def study_storage() -> str:
     return f"sqlite:///{mlruns.resolve()}/optuna.db"
 
 
-def open_study(params: Params, name: str, storage: str | None = None):
+def shared(tune: TuneParams) -> bool:
+    """Whether the study may have several workers: a database of its own (``tune.storage``)
+    or ``tune.workers`` > 1."""
+    return tune.storage != "local" or tune.workers > 1
+
+
+def storage_url(tune: TuneParams) -> str:
+    """The study database's URL: :func:`study_storage`, or the environment variable
+    ``tune.storage`` names."""
+    if tune.storage == "local":
+        return study_storage()
+    url = os.environ.get(tune.storage, "").strip()
+    if not url:
+        raise StageError(
+            f"tune.storage: the environment variable {tune.storage} is not set: set it to the "
+            "study database's URL (postgresql+psycopg://USER:PASSWORD@HOST:PORT/optuna; "
+            "`runway server start` writes one to .runway/server/client.env)"
+        )
+    return url
+
+
+def heartbeat() -> int:
+    raw = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not raw:
+        return HEARTBEAT_S
+    if not raw.isdigit() or int(raw) < 1:
+        raise StageError(f"{HEARTBEAT_ENV}={raw!r}: expected whole seconds >= 1")
+    return int(raw)
+
+
+def make_storage(tune: TuneParams, create: bool = True):
+    """Optuna's RDB storage for the study. A shared study (:func:`shared`) has heartbeats: a
+    trial whose worker died is failed once it has been silent for GRACE_BEATS heartbeats, and
+    queued again with its parameters (``RetryHeartbeatStaleTrialCallback``). ``create=False``
+    (a worker) never creates tables: the tune stage did, once."""
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    url = storage_url(tune)
+    where = tune.storage if tune.storage == "local" else f"${tune.storage}"
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        raise StageError(f"tune.storage: {where} is not a database URL") from None
+    beat = heartbeat() if shared(tune) else None
+    if url.startswith("sqlite"):
+        engine = {"connect_args": {"timeout": 60}}  # workers wait for each other's writes
+    else:
+        engine = {"pool_pre_ping": True}  # a connection the server dropped is replaced
+    # Heartbeats are marked experimental in Optuna (a warning per use).
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=beat,
+                grace_period=beat * GRACE_BEATS if beat else None,
+                heartbeat_stale_trial_callback=(
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)
+                    if beat
+                    else None
+                ),
+                skip_table_creation=not create,
+            )
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StageError(
+            f"tune.storage: cannot open the study database {shown}: {reason}"
+        ) from None
+
+
+def open_study(params: Params, name: str, storage=None):
     """Create or resume the study (in :func:`study_storage` unless ``storage`` says); return
     it, with its sampler ready, and how many trials to run. Prints one line saying what was
     found and what will run."""
     storage = storage or study_storage()
     import optuna
+    from optuna.exceptions import ExperimentalWarning
     from optuna.trial import TrialState
 
     cfg = params.tune
@@ -239,7 +353,11 @@ def open_study(params: Params, name: str, storage: str | None = None):
         sampler=optuna.samplers.RandomSampler(),
         load_if_exists=True,
     )
-    stale, queued = requeue_interrupted(study)
+    if shared(cfg):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    stale, queued = requeue_interrupted(study, running=not shared(cfg))
     trials = study.get_trials(deepcopy=False)
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     todo = max(cfg.n_trials - finished, 0)
@@ -275,19 +393,21 @@ def open_study(params: Params, name: str, storage: str | None = None):
     return study, todo
 
 
-def optimize(study, objective, n_trials: int) -> None:
+def optimize(study, objective, n_trials: int, callbacks=None) -> None:
     """Run ``n_trials`` more trials (the grid sampler stops the study once every point is
-    tried). A trial stopped by ^C is marked, so that the next run queues it again."""
+    tried). A trial stopped by ^C or SIGTERM is marked, so that the next run queues it again."""
 
     def marked(trial):
         try:
             return objective(trial)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated):
             trial.set_user_attr(INTERRUPTED, True)
             raise
 
     if n_trials:
-        study.optimize(marked, n_trials=n_trials, catch=(Exception,), gc_after_trial=False)
+        study.optimize(
+            marked, n_trials=n_trials, catch=(Exception,), gc_after_trial=False, callbacks=callbacks
+        )
 
 
 def write_plots(study, metric: str, out_dir: Path) -> None:
@@ -328,30 +448,27 @@ def write_plots(study, metric: str, out_dir: Path) -> None:
             plt.close(ax.figure)
 
 
-def tune(params: Params, out_dir: Path) -> dict:
-    """Run (or resume) the study; write its reports into ``out_dir``; return best params."""
+def quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def make_objective(params: Params, study, data, experiment_id: str, tags: dict, label: str):
+    """A trial: one short Lightning training with the sampled values, logged as a nested
+    MLflow run under the study's tune run (``PARENT_RUN``, which a worker in another process
+    reads from the study), named ``<study> · trial <n> · <state>``."""
     import mlflow
     import optuna
     from mlflow.entities import Metric
-    from optuna.trial import TrialState
+    from optuna.exceptions import ExperimentalWarning
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from pipeline import device as devices
-    from pipeline.training import MetricHistory, check_model, fit, load_prepared
+    from pipeline.training import MetricHistory, fit
 
     cfg, metric = params.tune, params.tune.metric
-    data = load_prepared(splits=("train", "val"))
-    for name in cfg.search_space.model or [params.model.name]:
-        model = params.model.model_copy(update={"name": name})
-        check_model(model, data.manifest, params.train.augment)
-    device = devices.describe(devices.resolve(params.train.accelerator))
-    print(f"[tune] device {device}")
-    data_hash = tracking.dvc_hash(PREPARED_DIR)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study, todo = open_study(params, study_name(params, data_hash))
-    experiment_id = tracking.setup(params.mlflow.experiment)
-    tags = tracking.run_tags("tune", data.manifest.source)
     client = mlflow.MlflowClient()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial: optuna.Trial) -> float:
         hp, model = suggest(trial, cfg, params.train, params.model)
@@ -359,12 +476,23 @@ def tune(params: Params, out_dir: Path) -> dict:
         start = time.perf_counter()
         state = "FAIL"
         trial_tags = {**tags, "optuna.trial": str(trial.number)}
-        if RETRY_OF in trial.user_attrs:
-            trial_tags["optuna.retry_of"] = str(trial.user_attrs[RETRY_OF])
+        retry_of = trial.user_attrs.get(RETRY_OF)
+        if retry_of is None and shared(cfg):  # queued again by the heartbeat: its worker died
+            frozen = study.get_trials(deepcopy=False)[trial.number]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+        if retry_of is not None:
+            trial_tags["optuna.retry_of"] = str(retry_of)
         # The run's name says the study, the trial and (once it ends) the trial's state.
         name = f"{study.study_name} · trial {trial.number}"
+        parent = study.user_attrs.get(PARENT_RUN)
         pruned = None
-        with tracking.run(experiment_id, f"{name} · RUNNING", trial_tags, nested=True) as run:
+        with tracking.run(
+            experiment_id, f"{name} · RUNNING", trial_tags, nested=True, parent_run_id=parent
+        ) as run:
+            trial.set_user_attr(TRIAL_RUN, run.info.run_id)
+            trial.set_user_attr(WORKER, worker)
             tracking.log_values(trial_values(params, hp, model, trial.params))
             try:
                 pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
@@ -391,10 +519,10 @@ def tune(params: Params, out_dir: Path) -> dict:
                 ]
                 if epochs:
                     client.log_batch(run.info.run_id, metrics=epochs)
-                mlflow.set_tag("optuna.trial_state", state)
+                client.set_tag(run.info.run_id, "optuna.trial_state", state)
                 client.update_run(run.info.run_id, name=f"{name} · {state}")
                 print(
-                    f"[tune] trial {trial.number}: {state:<8} after {len(history.history)} "
+                    f"{label} trial {trial.number}: {state:<8} after {len(history.history)} "
                     f"epoch(s) ({time.perf_counter() - start:.1f}s)  "
                     + ", ".join(
                         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -404,13 +532,184 @@ def tune(params: Params, out_dir: Path) -> dict:
                 )
         raise pruned
 
+    return objective
+
+
+def counts(study) -> dict[str, int]:
+    """The study's trials by state (lower-case names)."""
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return {s.name.lower(): states.count(s) for s in TrialState}
+
+
+def run_until_done(study, objective, n_trials: int) -> None:
+    """A worker of a shared study: run trials until the study has ``n_trials`` finished ones
+    (complete or pruned) in total, counting every worker's, wherever it runs.
+
+    Optuna's ``MaxTrialsCallback`` stops this worker once the finished and running trials
+    reach ``n_trials``; the worker then waits while other workers' last trials run, failing
+    stale ones (a worker that died) so that their retries, queued by the heartbeat, run here.
+    A worker runs at most ``n_trials`` trials itself: a study whose trials all fail ends."""
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    enough = MaxTrialsCallback(
+        n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    )
+    ran = 0
+    while ran < n_trials:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        now = counts(study)
+        done = now["complete"] + now["pruned"]
+        if done >= n_trials:
+            return
+        if now["waiting"] or done + now["running"] < n_trials:
+            before = len(study.get_trials(deepcopy=False))
+            optimize(study, objective, n_trials - ran, callbacks=[enough])
+            new = len(study.get_trials(deepcopy=False)) - before
+            if new == 0:  # the grid sampler stopped the study: every point is tried
+                return
+            ran += new
+        elif now["running"]:
+            time.sleep(0.5)
+        else:
+            return
+
+
+def end_orphan_runs(study) -> int:
+    """End the MLflow runs of trials whose worker died (a failed trial whose run still says
+    RUNNING) as KILLED. Returns how many."""
+    import mlflow
+    from optuna.trial import TrialState
+
+    client = mlflow.MlflowClient()
+    ended = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(TRIAL_RUN)
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "optuna.trial_state", "FAIL")
+            client.update_run(
+                run_id, status="KILLED", name=f"{study.study_name} · trial {trial.number} · FAIL"
+            )
+            client.set_terminated(run_id, "KILLED")
+            ended += 1
+    return ended
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+@contextmanager
+def more_workers(workers: int):
+    """Start workers 1 .. ``workers`` - 1 as processes (``python -m pipeline.stages.tune
+    --worker I``) with the cores shared between all; the stage's own process is worker 0. On
+    leaving, wait for them; a worker that died is reported (its trial is failed by its
+    heartbeat and retried by the others). SIGTERM or ^C here stops them all."""
+    threads = threads_per_worker(workers)
+    print(
+        f"[tune] {workers} workers (this process and {workers - 1} more), {threads} torch "
+        "thread(s) each",
+        flush=True,
+    )
+    command = [sys.executable, "-m", "pipeline.stages.tune", "--threads", str(threads)]
+    procs = [subprocess.Popen([*command, "--worker", str(i)]) for i in range(1, workers)]
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        if not done:
+            for proc in procs:
+                proc.terminate()
+        for i, proc in enumerate(procs, start=1):
+            try:
+                code = proc.wait(timeout=None if done else 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            if code and done:
+                why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+                print(
+                    f"[tune] worker {i} ended with {why}; a trial it left running is failed "
+                    "by its heartbeat and retried",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads set to ``threads`` for the block (None: as they are)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def prepare(params: Params):
+    """The train and val splits, checked against every model the study may build."""
+    from pipeline.training import check_model, load_prepared
+
+    data = load_prepared(splits=("train", "val"))
+    for name in params.tune.search_space.model or [params.model.name]:
+        model = params.model.model_copy(update={"name": name})
+        check_model(model, data.manifest, params.train.augment)
+    return data
+
+
+def tune(params: Params, out_dir: Path) -> dict:
+    """Run (or resume) the study; write its reports into ``out_dir``; return best params."""
+    import mlflow
+    from optuna.trial import TrialState
+
+    from pipeline import device as devices
+
+    cfg, metric = params.tune, params.tune.metric
+    data = prepare(params)
+    device = devices.describe(devices.resolve(params.train.accelerator))
+    print(f"[tune] device {device}")
+    data_hash = tracking.dvc_hash(PREPARED_DIR)
+    quiet_optuna()
+    storage = make_storage(cfg)
+    study, todo = open_study(params, study_name(params, data_hash), storage)
+    experiment_id = tracking.setup(params.mlflow.experiment)
+    tags = tracking.run_tags("tune", data.manifest.source)
+
     parent_tags = {**tags, "optuna.study": study.study_name, "device": device}
-    with tracking.run(experiment_id, f"tune · {study.study_name}", parent_tags):
+    with tracking.run(experiment_id, f"tune · {study.study_name}", parent_tags) as parent:
+        study.set_user_attr(PARENT_RUN, parent.info.run_id)
+        study.set_user_attr(EXPERIMENT, experiment_id)
         settings = [f for f in TuneParams.model_fields if f != "search_space"]
         rows = provenance("tune", cfg, cfg, fields=settings)
         rows += provenance("tune.search_space", cfg.search_space, cfg.search_space)
         tracking.log_values(rows)
-        optimize(study, objective, todo)
+        label = "[tune worker 0]" if cfg.workers > 1 else "[tune]"
+        objective = make_objective(params, study, data, experiment_id, tags, label)
+        if not shared(cfg):
+            optimize(study, objective, todo)
+        else:
+            many = cfg.workers > 1 and todo
+            threads = threads_per_worker(cfg.workers) if many else None
+            with more_workers(cfg.workers) if many else nullcontext(), torch_threads(threads):
+                # Until the total is reached, counting every worker's trials (and those of
+                # workers on other machines), a dead worker's retried trial included.
+                run_until_done(study, objective, cfg.n_trials)
+            if many:  # a trial of a worker that died after the others finished
+                run_until_done(study, objective, cfg.n_trials)
+            ended = end_orphan_runs(study)
+            if ended:
+                print(f"[tune] {ended} trial run(s) of a worker that died ended as KILLED")
         states = [t.state for t in study.trials]
         counts = {
             s.name.lower(): states.count(s)
@@ -440,8 +739,68 @@ def tune(params: Params, out_dir: Path) -> dict:
     return best.params
 
 
+def join(params: Params, index: int | None = None, threads: int | None = None) -> None:
+    """Work on the current study (the one the tune stage runs for these params and this
+    prepared data) until it has ``tune.n_trials`` finished trials: a worker started by the
+    tune stage (``index``) or by ``runway tune-worker`` on any machine that reaches the study
+    database and has the same params and data (``dvc pull``)."""
+    import optuna
+
+    cfg = params.tune
+    label = "[tune worker]" if index is None else f"[tune worker {index}]"
+    if cfg.n_trials == 0:
+        print(f"{label} tune.n_trials is 0: nothing to do")
+        return
+
+    def terminated(signum, frame):  # the trial ends failed, its run KILLED, and is retried
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    data = prepare(params)
+    name = study_name(params, tracking.dvc_hash(PREPARED_DIR))
+    quiet_optuna()
+    storage = make_storage(cfg, create=False)
+    try:
+        found = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        found = None
+    if found is None or PARENT_RUN not in found.user_attrs:
+        raise StageError(
+            f"study {name} is not in the study database yet: the tune stage starts it "
+            "(`dvc repro` on one machine, with the same params.yaml and data), then workers join"
+        )
+    # Each worker draws from its own random stream: workers started together would else
+    # sample the same first trials.
+    offset = len(found.get_trials(deepcopy=False)) + (
+        index + 1 if index is not None else os.getpid()
+    )
+    study = optuna.load_study(
+        study_name=name, storage=storage, sampler=_sampler(cfg, offset), pruner=_pruner(cfg)
+    )
+    tracking.setup(params.mlflow.experiment)
+    experiment_id = study.user_attrs[EXPERIMENT]
+    tags = tracking.run_tags("tune", data.manifest.source)
+    objective = make_objective(params, study, data, experiment_id, tags, label)
+    print(f"{label} joined study {name}: {counts(study)['complete']} trial(s) complete", flush=True)
+    run_until_done(study, objective, cfg.n_trials)
+    done = counts(study)
+    print(f"{label} done: the study has {done['complete'] + done['pruned']} finished trial(s)")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.tune")
+    parser.add_argument("--worker", type=int, help="run as local worker I of the tune stage")
+    parser.add_argument("--join", action="store_true", help="run as a worker (runway tune-worker)")
+    parser.add_argument("--threads", type=int, help="torch threads of a worker")
+    args = parser.parse_args()
     params = load_params()
+    if args.worker is not None or args.join:
+        join(params, args.worker, args.threads)
+        return
     with atomic_dir(REPORT_DIR) as tmp:
         if params.tune.n_trials == 0:
             print("[tune] tune.n_trials is 0: training will use params.yaml as is")

@@ -1,0 +1,63 @@
+"""A real team server (PostgreSQL + MLflow with basic auth) for tests, in a folder that
+PostgreSQL's user can reach (pytest's own tmp folders are private to root)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import run
+from tests.ui import free_port
+
+
+def read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+@dataclass
+class Team:
+    folder: Path  # the server's state folder (RUNWAY_SERVER_DIR)
+    env: dict[str, str]  # RUNWAY_SERVER_DIR, for `runway server ...`
+    started: str  # what `runway server start` printed
+    port: int
+
+    @property
+    def client(self) -> dict[str, str]:
+        """What a client sets: MLFLOW_TRACKING_URI/USERNAME/PASSWORD (and the study database)."""
+        return read_env(self.folder / "client.env")
+
+
+@contextmanager
+def team_server(*options: str) -> Iterator[Team]:
+    """``runway server start --port <free port> *options`` in a folder of its own."""
+    folder = Path(tempfile.mkdtemp(prefix="runway-server-"))
+    folder.chmod(0o755)
+    env = {"RUNWAY_SERVER_DIR": str(folder / "server")}
+    port = free_port()
+    try:
+        command = ["runway", "server", "start", "--port", str(port), *options]
+        started = run(command, Path.cwd(), env=env)
+        yield Team(folder / "server", env, started.stdout, port)
+    finally:
+        run(["runway", "server", "stop"], Path.cwd(), env=env, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def client_environ(client: dict[str, str]) -> Iterator[None]:
+    """``client`` set in this process's environment for the block."""
+    old = {k: os.environ.get(k) for k in client}
+    os.environ.update(client)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

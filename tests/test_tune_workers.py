@@ -1,0 +1,192 @@
+"""Tuning workers on one shared study in real PostgreSQL, logging to a real MLflow server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IRIS, copy_project, edit_params, project_env, run
+from tests.formats import write_iris_csv
+from tests.team import client_environ, team_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tune-workers")]
+
+SHARED = {"storage": "OPTUNA_STORAGE", "epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def team():
+    with team_server() as team:
+        yield team
+
+
+@pytest.fixture(scope="module")
+def iris(tmp_path_factory, team):
+    """An iris project validated against the team's server, heartbeats every second."""
+    project = copy_project(tmp_path_factory.mktemp("workers") / "p")
+    write_iris_csv(project / "data/external/iris.csv")
+    edit_params(project, IRIS)
+    env = {**team.client, "RUNWAY_TUNE_HEARTBEAT": "1"}
+    run(["dvc", "repro", "validate"], project, env=env)
+    return project, env
+
+
+def study(env: dict, params: Path):
+    """The study the tune stage runs for the project's params and prepared data."""
+    import optuna
+
+    from pipeline import tracking
+    from pipeline.config import load_params
+    from pipeline.stages.tune import study_name
+
+    name = study_name(load_params(path=params), tracking.dvc_hash(params.parent / "data/prepared"))
+    return optuna.load_study(study_name=name, storage=env["OPTUNA_STORAGE"])
+
+
+def start_tune(project: Path, env: dict) -> subprocess.Popen:
+    """The tune stage, started as DVC would, its output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.stages.tune"],
+        cwd=project,
+        env={**project_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def trial_runs(env: dict, experiment: str, parent_name: str):
+    import mlflow
+
+    with client_environ(env):
+        client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id], max_results=500)
+    parents = [r for r in runs if r.info.run_name == parent_name]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    parent = parents[0].info.run_id
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+
+
+def test_two_workers_finish_exactly_n_trials_each_a_nested_run(iris):
+    from optuna.trial import TrialState
+
+    project, env = iris
+    # Trials long enough (~4 s) that the second worker joins before the first ran them all.
+    tune = {**SHARED, "n_trials": 6, "workers": 2, "epochs": 150, "pruner": "none"}
+    edit_params(project, {"tune": tune})
+    out = run(["dvc", "repro", "tune"], project, env=env).stdout
+    assert "[tune] 2 workers (this process and 1 more), 1 torch thread(s) each" in out
+    assert "[tune worker 0] trial " in out and "[tune worker 1] trial " in out, out
+    assert "View run" not in out and "View experiment" not in out
+    found = study(env, project / "params.yaml")
+    states = [t.state for t in found.trials]
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 6
+    assert len(states) == 6  # none more: each worker stopped at the total
+    assert len({t.user_attrs["worker"] for t in found.trials}) == 2
+    runs = trial_runs(env, "runway-iris", f"tune · {found.study_name}")
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in runs) == list(range(6))
+    assert {r.info.run_id for r in runs} == {t.user_attrs["mlflow_run_id"] for t in found.trials}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    best = (project / "reports/tune/best_params.json").read_text()
+    assert str(found.best_trial.params["train.batch_size"]) in best
+
+
+def test_a_killed_worker_trial_fails_is_retried_and_the_study_finishes(iris):
+    """SIGKILL one of two workers in the middle of a trial: its heartbeat stops, the other
+    worker fails the trial and runs it again with its parameters."""
+    import psutil
+    from optuna.trial import TrialState
+
+    project, env = iris
+    # Long enough trials (no pruning) to be killed in the middle of one.
+    tune = {**SHARED, "n_trials": 4, "workers": 2, "epochs": 250, "pruner": "none", "seed": 7}
+    edit_params(project, {"tune": tune})
+    stage = start_tune(project, env)
+    try:
+        victim = None
+        deadline = time.monotonic() + 120
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                running = study(env, project / "params.yaml").get_trials(
+                    states=(TrialState.RUNNING,)
+                )
+            except KeyError:  # not created yet
+                continue
+            workers = {
+                c.pid
+                for c in psutil.Process(stage.pid).children()
+                if "--worker" in c.cmdline() and c.cmdline()[-1] == "1"
+            }
+            for trial in running:
+                pid = int(trial.user_attrs.get("worker", ":0").split(":")[1])
+                if pid in workers:
+                    victim = (trial.number, pid)
+        assert victim is not None, "worker 1 never ran a trial"
+        os.kill(victim[1], signal.SIGKILL)
+        out, err = stage.communicate(timeout=300)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    assert stage.returncode == 0, err
+    assert "[tune] worker 1 ended with signal SIGKILL" in err
+    assert "[tune] 1 trial run(s) of a worker that died ended as KILLED" in out
+    found = study(env, project / "params.yaml")
+    killed = found.trials[victim[0]]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in found.trials if t.system_attrs.get("failed_trial") == victim[0]]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert retries[0].state == TrialState.COMPLETE
+    states = [t.state for t in found.trials]
+    assert states.count(TrialState.COMPLETE) == 4 and states.count(TrialState.FAIL) == 1
+    runs = {r.info.run_id: r for r in trial_runs(env, "runway-iris", f"tune · {found.study_name}")}
+    assert len(runs) == 5
+    assert runs[killed.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    retry_run = runs[retries[0].user_attrs["mlflow_run_id"]]
+    assert retry_run.data.tags["optuna.retry_of"] == str(victim[0])
+
+
+def test_a_worker_on_another_machine_joins_the_study(iris, tmp_path):
+    """`runway tune-worker` in a second clone (same params and data) joins the study that
+    the tune stage runs; together they finish exactly tune.n_trials."""
+    from optuna.trial import TrialState
+
+    project, env = iris
+    tune = {**SHARED, "n_trials": 8, "workers": 1, "epochs": 80, "pruner": "none", "seed": 11}
+    edit_params(project, {"tune": tune})
+    other = tmp_path / "other"
+    shutil.copytree(project, other, ignore=shutil.ignore_patterns("mlruns", ".dvc"))
+    alone = run(["runway", "tune-worker"], other, env=env, check=False)
+    assert alone.returncode == 1
+    assert "is not in the study database yet: the tune stage starts it" in alone.stderr
+    stage = start_tune(project, env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                if study(env, project / "params.yaml").user_attrs.get("mlflow_parent_run_id"):
+                    break
+            except KeyError:
+                continue
+        joined = run(["runway", "tune-worker"], other, env=env)
+        out, err = stage.communicate(timeout=300)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    assert stage.returncode == 0, err
+    assert "[tune worker] joined study " in joined.stdout
+    found = study(env, project / "params.yaml")
+    assert [t.state for t in found.trials] == [TrialState.COMPLETE] * 8
+    by = {t.user_attrs["worker"].split(":")[1] for t in found.trials}
+    assert len(by) == 2  # the stage's process and the other clone's worker
+    runs = trial_runs(env, "runway-iris", f"tune · {found.study_name}")
+    assert len(runs) == 8
