@@ -24,6 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def tracking_uri_as_the_environment_says():
+    """After each test, MLflow's tracking URI is the environment's again: a test that points
+    this process at a project's store (``mlflow.set_tracking_uri``) must not send a later
+    test on the same worker there, whatever ``MLFLOW_TRACKING_URI`` that test sets."""
+    yield
+    mlflow = sys.modules.get("mlflow")  # only where a test has imported it
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture
 def manifest() -> Manifest:
     return Manifest(

@@ -271,13 +271,15 @@ def test_compare_two_trainings_shows_what_differs(page, ui, project, tmp_path):
         assert len(set(shown_names)) == 2
         assert compare_values(page, param) == [f"{t.lr:g}" for t in runs]
         assert sorted(t.lr for t in runs) == [before, after]
-        # "Show diff only" leaves the one param that differs.
+        # "Show diff only" leaves the params that differ.
         params = page.get_by_role("table").filter(
             has=page.get_by_role("rowheader", name=param, exact=True)
         )
         assert len(params.get_by_role("rowheader").all()) > 10
         page.get_by_role("switch", name="Parameters - Show diff only").click()
         seen(params.get_by_role("rowheader", name=param, exact=True))
-        assert params.get_by_role("rowheader").all_inner_texts() == [param]
+        # train.lr, and the rate it made at the training's batch (train.effective_lr).
+        differing = sorted(params.get_by_role("rowheader").all_inner_texts())
+        assert differing == sorted([param, "train.effective_lr"])
         for metric in HEADLINE:
             assert metric_values(page, metric) == [shown(t.metrics[metric]) for t in runs], metric
