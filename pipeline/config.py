@@ -248,7 +248,14 @@ class TrainParams(_Section):
     patience: Annotated[int, Field(ge=1)] = 8
     monitor: Monitor = "val/loss"
     batch_size: Annotated[int, Field(ge=1)] = 64
+    # The learning rate at a global batch of lr_batch_size samples. Training at another global
+    # batch B scales it (lr_scaling): linear, lr x B / lr_batch_size (Goyal et al. 2017, for
+    # SGD); sqrt, lr x sqrt(B / lr_batch_size) (Malladi et al. 2022, for Adam); auto, linear
+    # for sgd and sqrt for adam and adamw; none, lr as is. So a tuned lr carries over to
+    # larger batches and more devices.
     lr: PositiveFloat = 3e-3
+    lr_batch_size: Annotated[int, Field(ge=1)] = 64
+    lr_scaling: Literal["auto", "linear", "sqrt", "none"] = "auto"
     optimizer: Optimizer = "adamw"
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     augment: list[Augmentation] = []
@@ -267,6 +274,13 @@ class TrainParams(_Section):
     devices: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     strategy: Literal["auto", "ddp"] = "auto"
     num_nodes: Annotated[int, Field(ge=1)] = 1
+    # Lightning's precision: 32-true (float32), bf16-mixed (bfloat16 autocast: GPUs from Ampere
+    # on, and CPUs), 16-mixed (float16 autocast with loss scaling: CUDA GPUs only). The logged
+    # model is float32 whatever trained it.
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    # torch.compile the network for training and validation (a one-time compile of tens of
+    # seconds, then faster steps on a GPU); the logged model is the plain network.
+    compile: bool = False
 
 
 class EvaluateParams(_Section):

@@ -216,6 +216,10 @@ def build_module(hp: TrainParams, model: ModelParams, data: Prepared) -> Classif
         hp.max_epochs,
         hp.augment,
         n_classes=len(manifest.classes),
+        batch_size=hp.batch_size,
+        lr_batch_size=hp.lr_batch_size,
+        lr_scaling=hp.lr_scaling,
+        compile=hp.compile,
     )
 
 
@@ -233,6 +237,7 @@ def trainer_options(
         "accelerator": hp.accelerator,
         **parallel,
         "max_epochs": hp.max_epochs,
+        "precision": hp.precision,
         "deterministic": hp.deterministic,
         "gradient_clip_val": hp.gradient_clip_val,
         "accumulate_grad_batches": hp.accumulate_grad_batches,
@@ -271,6 +276,17 @@ def set_env(values: dict[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@contextlib.contextmanager
+def env_scope(values: dict[str, str | None]) -> Iterator[None]:
+    """:func:`set_env` for the duration of the block; then the previous values are back."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        set_env(values)
+        yield
+    finally:
+        set_env(saved)
 
 
 QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
@@ -413,6 +429,11 @@ def fit(
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    if hp.precision == "16-mixed" and resolve(hp.accelerator).type != "cuda":
+        raise StageError(
+            f"params.yaml: train.precision: 16-mixed needs a CUDA GPU, and this training runs "
+            f"on {resolve(hp.accelerator).type}; use bf16-mixed or 32-true"
+        )
     set_seeds(hp.seed)
     module = build_module(hp, model, data)
     signals = SignalsAtStepEnd()

@@ -27,8 +27,11 @@ def ran_stages(output: str) -> list[str]:
 def project(tmp_path_factory):
     project = copy_project(tmp_path_factory.mktemp("runway"))
     edit_params(project, TINY)
-    # Each stage records which params keys it reads (see test_dvc_yaml.py).
-    first = run(["dvc", "repro"], project, env={READS_ENV: str(project / ".params-read")})
+    # Each stage records which params keys it reads (see test_dvc_yaml.py). MLflow's pyfunc
+    # loader is set to the GPU, as it is by default on a GPU host, where it cannot load a
+    # network exported on the CPU: train's input-example check must not depend on it.
+    env = {READS_ENV: str(project / ".params-read"), "MLFLOW_DEFAULT_PREDICTION_DEVICE": "cuda"}
+    first = run(["dvc", "repro"], project, env=env)
     return project, first.stdout + first.stderr
 
 
@@ -49,6 +52,7 @@ def mlflow_client(project):
 def test_repro_writes_every_output(project):
     project, output = project
     assert ran_stages(output) == STAGES
+    assert "Failed to validate serving input example" not in output
     for path in (
         "data/raw/samples.parquet",
         "data/raw/manifest.json",
@@ -215,6 +219,14 @@ def test_champion_loads_and_predicts_raw_pixels(project):
     accuracy = (model(x).argmax(1).numpy() == test["label"].to_numpy()).mean()
     metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())
     assert accuracy == pytest.approx(metrics["test/accuracy"])
+    # Loaded as a pyfunc (what `mlflow models serve` does) on the device a GPU host would set.
+    served = mlflow.pyfunc.load_model("models:/digits-cnn@champion", model_config={"device": "cpu"})
+    scores = served.predict(x[:7].numpy())
+    assert scores.shape == (7, 10)
+    assert (scores.argmax(1) == model(x[:7]).argmax(1).numpy()).all()
+    # The exported network moves to another device whole (meta stands in for a GPU here).
+    moved = model.to("meta")(x[:3].to("meta"))
+    assert moved.device.type == "meta" and moved.shape == (3, 10)
 
 
 def test_second_repro_is_a_no_op_and_metrics_commands_work(project):

@@ -213,3 +213,25 @@ def test_augmented_training_sees_different_batches_and_still_learns(digits_prepa
     weight = "1.weight"  # the first convolution: same seed, different inputs
     assert not torch.equal(plain.net.state_dict()[weight], augmented.net.state_dict()[weight])
     assert trainer.callback_metrics["val/acc"] > 0.3  # far above chance (0.1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "macs", "pooled_early"),
+    [
+        ([1, 8, 8], 1_495_552, False),  # the digits: two layers at full resolution, as before
+        ([1, 28, 28], 4_744_192, True),  # MNIST: 18.3 M before the early pool
+        ([3, 32, 32], 6_785_536, True),  # CIFAR-10
+    ],
+)
+def test_the_cnn_costs_what_its_input_size_affords(shape, macs, pooled_early):
+    """Multiply-adds of one forward pass at the default 32 channels, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.models.cnn import build_cnn
+
+    net = build_cnn(shape, 10, [0.0, 255.0]).eval()
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, *shape))
+    assert counter.get_total_flops() // 2 == macs
+    second = net[4]  # after the first conv, batch norm and ReLU
+    assert isinstance(second, torch.nn.MaxPool2d) is pooled_early

@@ -58,3 +58,17 @@ def test_every_model_trains_on_cuda_with_the_default_determinism(name):
     assert "val/loss" in trainer.callback_metrics
     print(f"{name}: ops without a deterministic kernel: {ops or 'none'}")
     assert not torch.are_deterministic_algorithms_enabled()  # put back after the fit
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_mixed_precision_and_compiled_training_on_cuda(precision, compile):
+    data = random_data([3, 32, 32])
+    hp = TrainParams(
+        max_epochs=2, batch_size=32, accelerator="cuda", precision=precision, compile=compile
+    )
+    module, trainer = fit(hp, ModelParams(channels=8), data, [NoSyncInSteps()])
+    assert trainer.precision == precision and trainer.global_step == 2 * 4
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert trainer.callback_metrics["train/samples_per_s"] > 0
+    assert next(module.net.parameters()).dtype == torch.float32  # autocast, float32 weights

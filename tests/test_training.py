@@ -84,7 +84,9 @@ def test_automatic_optimisation_accumulates_clips_and_follows_the_cosine_schedul
     assert module.automatic_optimization
     assert trainer.global_step == 3 * math.ceil(batches / 3)  # one step per 3 batches
     assert watch.norm <= 0.05 * (1 + 1e-4)  # every step's gradients clipped
-    lr = base.lr
+    # Three batches of 64 per step: train.lr (at 64) scaled by sqrt(3) for AdamW.
+    lr = base.lr * math.sqrt(3)
+    assert module.effective_lr == pytest.approx(lr)
     assert watch.lrs == pytest.approx([lr * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
 
     unclipped = Watch()
@@ -116,9 +118,12 @@ def test_epoch_metrics_are_torchmetrics_logged_once_per_epoch(digits_prepared):
     hp = TrainParams(max_epochs=3, batch_size=64, accelerator="cpu")
     module, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [history], ListLogger())
     assert isinstance(module.train_acc, MulticlassAccuracy)
-    # One call per epoch with all four metrics, at step = epoch.
+    # One call per epoch with all four metrics and the throughput, at step = epoch.
     assert [step for step, _ in logged] == [0, 1, 2]
-    assert all(set(m) == {"train/loss", "train/acc", "val/loss", "val/acc"} for _, m in logged)
+    names = {"train/loss", "train/acc", "val/loss", "val/acc", "train/samples_per_s"}
+    assert all(set(m) == names for _, m in logged)
+    assert module.epoch_samples == len(digits_prepared.tables["train"])  # the last epoch's
+    assert all(m["train/samples_per_s"] > 0 for _, m in logged)
     assert history.history == [m for _, m in logged]
     # val/acc is the plain accuracy of the model as it ended the last epoch.
     x, y = digits_prepared.tensors["val"]
@@ -295,3 +300,58 @@ def test_no_private_attributes_of_library_objects():
                 if match[1] != "self":
                     found.append(f"{name}:{number}: {match[0]}")
     assert found == []
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scaling", "batch", "expected"),
+    [
+        ("adamw", "auto", 256, 2 * 3e-3),  # sqrt(256 / 64)
+        ("adam", "auto", 16, 3e-3 / 2),
+        ("sgd", "auto", 256, 4 * 3e-3),  # linear
+        ("adamw", "linear", 128, 2 * 3e-3),
+        ("sgd", "sqrt", 576, 3 * 3e-3),
+        ("sgd", "none", 512, 3e-3),
+        ("adamw", "auto", 64, 3e-3),
+    ],
+)
+def test_the_learning_rate_is_scaled_to_the_global_batch(optimizer, scaling, batch, expected):
+    from pipeline.models.module import scaled_lr
+
+    assert scaled_lr(3e-3, optimizer, scaling, batch, 64) == pytest.approx(expected)
+
+
+def test_precision_and_compile_are_params_and_trainer_options():
+    hp = TrainParams(accelerator="cpu", precision="bf16-mixed", compile=True)
+    assert trainer_options(hp)["precision"] == "bf16-mixed"
+    assert trainer_options(TrainParams())["precision"] == "32-true"
+    with pytest.raises(ValueError, match="train.precision"):
+        parse_params({"train": {"precision": "fp8"}})
+
+
+def test_16_mixed_on_the_cpu_is_a_params_error(digits_prepared):
+    from pipeline.io import StageError
+
+    hp = TrainParams(max_epochs=1, accelerator="cpu", precision="16-mixed")
+    with pytest.raises(StageError) as error:
+        fit(hp, ModelParams(channels=8), digits_prepared, [])
+    assert str(error.value) == (
+        "params.yaml: train.precision: 16-mixed needs a CUDA GPU, and this training runs on "
+        "cpu; use bf16-mixed or 32-true"
+    )
+
+
+@pytest.mark.slow  # compiles the network (tens of seconds on two cores)
+def test_bf16_and_compiled_training_learn_and_keep_a_plain_float32_network(digits_prepared):
+    hp = TrainParams(max_epochs=2, accelerator="cpu", precision="bf16-mixed", compile=True)
+    history = MetricHistory()
+    module, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [history])
+    assert trainer.precision == "bf16-mixed"
+    assert history.history[-1]["val/acc"] > 0.8
+    # The network itself is not compiled: its state dict and outputs are plain float32.
+    keys = list(module.state_dict())
+    assert not any("_orig_mod" in key or "forward_fn" in key for key in keys)
+    assert [k for k in keys if k.startswith("net.")] == [
+        f"net.{k}" for k in module.net.state_dict()
+    ]
+    x = digits_prepared.tensors["val"][0][:4]
+    assert module.net.eval()(x).dtype == torch.float32

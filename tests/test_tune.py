@@ -231,7 +231,7 @@ def test_no_trials_still_writes_the_declared_history_plot(tmp_path, monkeypatch)
 
     (tmp_path / "params.yaml").write_text("tune:\n  n_trials: 0\n")
     monkeypatch.chdir(tmp_path)
-    tune.main()
+    tune.main([])
     report = tmp_path / tune.REPORT_DIR
     assert (report / "optimization_history.png").read_bytes().startswith(PNG)
     assert (report / "best_params.json").read_text().strip() == "{}"

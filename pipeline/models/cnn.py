@@ -44,6 +44,12 @@ def _block(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
+# Inputs at least this many pixels high and wide are pooled after the first conv layer: the
+# costly 3×3 layers run at half resolution or less (MNIST, CIFAR), as in the classic small
+# MNIST networks; smaller inputs (the 8×8 digits) keep two layers at full resolution.
+EARLY_POOL = 16
+
+
 def build_cnn(
     image_shape: list[int],
     n_classes: int,
@@ -51,14 +57,20 @@ def build_cnn(
     channels: int = 32,
     dropout: float = 0.2,
 ) -> nn.Sequential:
-    """Two conv-conv stages (the second at half resolution and twice the channels), pooled
-    to 2×2, then dropout and a linear classifier. Works for any C×H×W with H, W ≥ 2."""
+    """Two conv stages (the second at half resolution and twice the channels), pooled to
+    2×2, then dropout and a linear classifier. Works for any C×H×W with H, W ≥ 2.
+
+    Below :data:`EARLY_POOL` pixels each stage is two 3×3 conv layers; from it on, the first
+    stage's layers are split by a 2×2 max-pool and the stage ends with another, so a 28×28
+    image costs 4.7 M multiply-adds per forward pass at 32 channels instead of 18 M."""
     if pixel_range is None:
         raise ValueError("a CNN needs images with a known pixel range")
     in_channels = image_shape[0]
+    early = min(image_shape[1:]) >= EARLY_POOL
     return nn.Sequential(
         Scale.for_range(pixel_range, in_channels),
         *_block(in_channels, channels),
+        *([nn.MaxPool2d(2)] if early else []),
         *_block(channels, channels),
         nn.MaxPool2d(2),
         *_block(channels, 2 * channels),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -16,21 +19,37 @@ class NonFiniteLoss(StageError):
     """The loss became NaN or infinite: the run stops rather than train on garbage."""
 
 
+def scaled_lr(lr: float, optimizer: str, scaling: str, batch: int, reference: int) -> float:
+    """``lr`` (the rate at a global batch of ``reference``) for a global batch of ``batch``:
+    ``linear`` × batch/reference, ``sqrt`` × √(batch/reference), ``auto`` linear for SGD and
+    sqrt for Adam/AdamW, ``none`` as is (``train.lr_scaling``)."""
+    if scaling == "auto":
+        scaling = "linear" if optimizer == "sgd" else "sqrt"
+    ratio = batch / reference
+    return lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[scaling]
+
+
 class Classifier(pl.LightningModule):
     """Wraps a network; logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` once
     per epoch, all four after validation, with ``step`` = the epoch (0-based) for the loggers.
 
     Lightning's automatic optimisation (so ``gradient_clip_val`` and
-    ``accumulate_grad_batches`` apply); the learning rate follows a cosine schedule over
-    ``max_epochs``, stepped per epoch. Only parameters that require gradients are optimised (a
-    frozen backbone stays as loaded). ``augment`` names the image augmentations applied to
-    training batches on the device.
+    ``accumulate_grad_batches`` apply). The learning rate is ``lr`` scaled to the global batch
+    (``batch_size`` × processes × accumulated batches, see :func:`scaled_lr`), then follows a
+    cosine schedule over ``max_epochs``, stepped per epoch. Only parameters that require
+    gradients are optimised (a frozen backbone stays as loaded). ``augment`` names the image
+    augmentations applied to training batches on the device.
 
     The metrics are torchmetrics accumulated on the device: no step waits for the device. A
     NaN or infinite loss makes the epoch's mean loss non-finite, which raises
     :class:`NonFiniteLoss` once per epoch. The training metrics' running sums and the random
     number generators' states are part of a checkpoint, so a run resumed mid-epoch goes on as
-    if it had not stopped."""
+    if it had not stopped.
+
+    ``compile``: training and validation call ``torch.compile(net.forward)``; the network
+    (what is checkpointed and logged) stays a plain module. Each epoch also logs
+    ``train/samples_per_s``: training samples over the time from the epoch's start to its
+    last step's end (waited for once, on a GPU), all processes together."""
 
     def __init__(
         self,
@@ -42,11 +61,21 @@ class Classifier(pl.LightningModule):
         augment: list[str] | tuple[str, ...] = (),
         *,
         n_classes: int,
+        batch_size: int = 64,
+        lr_batch_size: int = 64,
+        lr_scaling: str = "none",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.augment = tuple(augment)
         self.net = net
+        # A bound method, not a module: nothing is registered twice in the state dict.
+        self.forward_fn = torch.compile(net.forward) if compile else net.forward
         self.lr = lr
+        self.batch_size, self.lr_batch_size, self.lr_scaling = batch_size, lr_batch_size, lr_scaling
+        self.effective_lr = lr
+        self.epoch_start: float | None = None
+        self.epoch_samples, self.train_seconds = 0, None
         self.optimizer_name = optimizer
         self.weight_decay = weight_decay
         self.max_epochs = max_epochs
@@ -64,7 +93,7 @@ class Classifier(pl.LightningModule):
         return self.net(x)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, loss, acc) -> torch.Tensor:
-        logits = self.net(x)
+        logits = self.forward_fn(x)
         losses = F.cross_entropy(logits, y, reduction="none")
         loss.update(losses.detach())
         acc.update(logits.detach(), y)
@@ -78,7 +107,17 @@ class Classifier(pl.LightningModule):
             x = augment(x, self.augment)
         return self._step(x, y, self.train_loss, self.train_acc)
 
+    def on_train_epoch_start(self) -> None:
+        self.epoch_start, self.epoch_samples, self.train_seconds = time.perf_counter(), 0, None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.epoch_samples += len(batch[1])
+
     def on_validation_epoch_start(self) -> None:
+        if self.epoch_start is not None and self.train_seconds is None and self.epoch_samples:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # once per epoch: the steps are queued
+            self.train_seconds = time.perf_counter() - self.epoch_start
         self.val_loss.reset()
         self.val_acc.reset()
 
@@ -92,8 +131,8 @@ class Classifier(pl.LightningModule):
         if not torch.isfinite(train_loss):  # one check per epoch
             raise NonFiniteLoss(
                 f"training diverged: train/loss is {train_loss.item()} at epoch "
-                f"{self.current_epoch + 1} ({self.optimizer_name}, lr {self.lr:g}); lower the "
-                "learning rate (train.lr, or tune.search_space.lr) or check the data"
+                f"{self.current_epoch + 1} ({self.optimizer_name}, lr {self.effective_lr:g}); "
+                "lower the learning rate (train.lr, or tune.search_space.lr) or check the data"
             )
         metrics = {
             "train/loss": train_loss,
@@ -102,6 +141,9 @@ class Classifier(pl.LightningModule):
             "val/acc": self.val_acc.compute(),
             "step": float(self.current_epoch),  # the loggers' step: one point per epoch
         }
+        if self.train_seconds:
+            world = self.trainer.world_size
+            metrics["train/samples_per_s"] = self.epoch_samples * world / self.train_seconds
         # sync_dist: the values are the same in every process of a data-parallel training
         # (torchmetrics' compute() gathers them); Lightning asks for it all the same.
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
@@ -122,14 +164,23 @@ class Classifier(pl.LightningModule):
             torch.cuda.set_rng_state(rng["cuda"])  # the current device: the one training uses
 
     def configure_optimizers(self):
+        trainer = self.trainer
+        batch = self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        self.effective_lr = scaled_lr(
+            self.lr, self.optimizer_name, self.lr_scaling, batch, self.lr_batch_size
+        )
         params = [p for p in self.net.parameters() if p.requires_grad]
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(
-                params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
+                params,
+                lr=self.effective_lr,
+                momentum=0.9,
+                nesterov=True,
+                weight_decay=self.weight_decay,
             )
         elif self.optimizer_name == "adam":
-            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+            opt = torch.optim.Adam(params, lr=self.effective_lr, weight_decay=self.weight_decay)
         else:
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            opt = torch.optim.AdamW(params, lr=self.effective_lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.max_epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

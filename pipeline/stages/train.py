@@ -70,6 +70,7 @@ from pipeline.models import MODELS_DIR, class_names, model_spec
 from pipeline.training import (
     EpochLine,
     Prepared,
+    env_scope,
     fit,
     load_prepared,
     nondeterministic_ops,
@@ -79,6 +80,8 @@ BEST_PARAMS = Path("reports/tune/best_params.json")
 # Data-parallel training: the checkpoint every process starts from (the first process decides
 # and puts it in the environment the others are started with).
 CKPT_ENV = "RUNWAY_TRAIN_CKPT"
+# MLflow's setting of the device its pyfunc loader puts a PyTorch model on.
+PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
 RESUME_DIR = Path(".runway/train")
 LOCK = Path(".runway/train.lock")  # beside RESUME_DIR, which is deleted and made again
 # Part of the resume key: a checkpoint written by an older layout is never resumed.
@@ -426,13 +429,13 @@ def train(
                 raise StageError(lost) from None
         mlflow.flush_async_logging()
         mlflow.set_tag("determinism", determinism(hp, ops))
-        # What one optimizer step saw: the per-device batch on every process, accumulated.
-        # The learning rate is train.lr as is (gradients are averaged over the processes).
+        # What one optimizer step saw: the per-device batch on every process, accumulated,
+        # and train.lr scaled to that batch (train.lr_scaling).
         mlflow.log_params(
             {
                 "train.world_size": trainer.world_size,
                 "train.global_batch_size": global_batch(hp, trainer),
-                "train.effective_lr": hp.lr,
+                "train.effective_lr": module.effective_lr,
             }
         )
         sync = next(c for c in callbacks if isinstance(c, ReplicasInSync))
@@ -460,14 +463,22 @@ def train(
         names = class_names(data.manifest)
         with torch.no_grad():
             output = pd.DataFrame(net(torch.from_numpy(example)).numpy(), columns=names)
-        info = mlflow.pytorch.log_model(
-            net,
-            name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            metadata={"class_names": names},
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        # MLflow exports the network with torch.export (weights on the CPU), and its pyfunc
+        # loader refuses to put an exported program on another device than the one it was
+        # exported on, while it defaults to the GPU where there is one: the input-example
+        # check at logging loads it on the CPU (MLflow's documented prediction-device setting),
+        # as does every host that loads it with MLFLOW_DEFAULT_PREDICTION_DEVICE=cpu or
+        # model_config={"device": "cpu"}; mlflow.pytorch.load_model loads it anywhere, and
+        # .to("cuda") moves it (README: The model).
+        with env_scope({PREDICTION_DEVICE: "cpu"}):
+            info = mlflow.pytorch.log_model(
+                net,
+                name="model",
+                signature=infer_signature(example, output),
+                input_example=example,
+                metadata={"class_names": names},
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
         mlflow.log_dict(spec, "model_spec.json")
         return {
             "run_id": run_id,

@@ -93,6 +93,8 @@ TRIAL_TRAIN_FIELDS = (
     "max_epochs",
     "batch_size",
     "lr",
+    "lr_batch_size",
+    "lr_scaling",
     "optimizer",
     "weight_decay",
     "augment",
@@ -100,11 +102,15 @@ TRIAL_TRAIN_FIELDS = (
     "accumulate_grad_batches",
     "accelerator",
     "deterministic",
+    "precision",
+    "compile",
 )
 
 
 # How the train stage spreads its training (trials run on one device): no part of a study.
 PARALLEL = ("devices", "strategy", "num_nodes")
+# How fast, not what, a trial trains: no part of a study either.
+SPEED = ("compile",)
 
 
 def searched_fields(tune: TuneParams) -> dict[str, set[str]]:
@@ -121,7 +127,7 @@ def study_name(params: Params, data_hash: str) -> str:
     """Same inputs → same study (resumed); any change → a new study."""
     searched = searched_fields(params.tune)
     base = params.train.model_dump(
-        exclude={"max_epochs", "patience", "monitor", "accelerator", "resume", *PARALLEL}
+        exclude={"max_epochs", "patience", "monitor", "accelerator", "resume", *PARALLEL, *SPEED}
         | searched["train"]
     )
     key = {
@@ -791,12 +797,14 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
     print(f"{label} done: the study has {done['complete'] + done['pruned']} finished trial(s)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The stage (no arguments), or a worker of its study (``--worker I`` / ``--join``);
+    ``argv``: the arguments (None: the command line's)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.stages.tune")
     parser.add_argument("--worker", type=int, help="run as local worker I of the tune stage")
     parser.add_argument("--join", action="store_true", help="run as a worker (runway tune-worker)")
     parser.add_argument("--threads", type=int, help="torch threads of a worker")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     params = load_params()
     if args.worker is not None or args.join:
         join(params, args.worker, args.threads)
