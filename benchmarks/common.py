@@ -26,6 +26,7 @@ class Context:
 
     scratch: Path
     reps: int = 5
+    accelerator: str = "cpu"  # where the training comparisons train (--accelerator)
     cache: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
 

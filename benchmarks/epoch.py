@@ -46,12 +46,13 @@ class Workload:
     epochs: int
     train_batches: int | None = None  # None: whole epochs
     val_batches: int | None = None
+    accelerator: str = "cpu"  # train.accelerator: auto, cpu or cuda (make bench --accelerator)
 
     def hp(self, **changes):
         from pipeline.config import TrainParams
 
         values = {"batch_size": self.batch_size, "max_epochs": self.epochs}
-        values |= {"patience": self.epochs, "accelerator": "cpu", **changes}
+        values |= {"patience": self.epochs, "accelerator": self.accelerator, **changes}
         return TrainParams(**values)
 
     def limits(self) -> list:
@@ -171,9 +172,10 @@ def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], l
     """What you would write by hand, in plain PyTorch: seconds per epoch, and val/loss per
     epoch.
 
-    Shuffles with a seeded generator and indexes each batch from the in-memory tensors, steps
-    AdamW and, once per epoch, the cosine schedule; checks the epoch's loss is finite;
-    validates in batches of ``max(batch_size, 512)``, as ours does, and prints a line. With
+    Moves the data to the device once, shuffles with a seeded generator and indexes each batch
+    from the tensors there, steps AdamW at train.lr scaled to the batch by the same rule
+    (``train.lr_scaling``) and, once per epoch, the cosine schedule; checks the epoch's loss is
+    finite; validates in batches of ``max(batch_size, 512)``, as ours does, and prints a line. With
     ``store`` it also does what the train stage does each epoch: logs the epoch's metrics with
     ``mlflow.log_metrics`` and keeps a copy of the best weights by val/loss, counting epochs
     without improvement for early stopping."""
@@ -181,14 +183,20 @@ def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], l
     from torch.nn import functional as F
 
     from pipeline.config import ModelParams
+    from pipeline.device import resolve
     from pipeline.models import build_net, model_spec
+    from pipeline.models.module import scaled_lr
 
     hp, mp = work.hp(), ModelParams()
-    (x, y), (xv, yv) = work.data.tensors["train"], work.data.tensors["val"]
+    device = resolve(hp.accelerator)
+    (x, y), (xv, yv) = (
+        tuple(t.to(device) for t in work.data.tensors[split]) for split in ("train", "val")
+    )
     torch.manual_seed(hp.seed)
     torch.use_deterministic_algorithms(bool(hp.deterministic), warn_only=hp.deterministic == "warn")
-    net = build_net(model_spec(mp.name, work.data.manifest, mp.channels, mp.dropout))
-    opt = torch.optim.AdamW(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    net = build_net(model_spec(mp.name, work.data.manifest, mp.channels, mp.dropout)).to(device)
+    lr = scaled_lr(hp.lr, "adamw", hp.lr_scaling, hp.batch_size, hp.lr_batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=hp.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp.max_epochs)
     generator = torch.Generator().manual_seed(hp.seed)
     bs, val_bs = hp.batch_size, max(hp.batch_size, 512)
@@ -210,8 +218,9 @@ def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], l
         for epoch in range(hp.max_epochs):
             start = time.perf_counter()
             net.train()
-            order = torch.randperm(len(x), generator=generator)
-            loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+            order = torch.randperm(len(x), generator=generator).to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
             for i in range(0, min(train_stop, len(x)), bs):
                 batch = order[i : i + bs]
                 xb, yb = x[batch], y[batch]
@@ -228,7 +237,8 @@ def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], l
             if not math.isfinite(metrics["train/loss"]):
                 raise RuntimeError(f"training diverged: train/loss is {metrics['train/loss']}")
             net.eval()
-            loss_sum, correct, seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+            loss_sum = torch.zeros((), device=device)
+            correct, seen = torch.zeros((), dtype=torch.long, device=device), 0
             with torch.no_grad():
                 for i in range(0, min(val_stop, len(xv)), val_bs):
                     logits, yb = net(xv[i : i + val_bs]), yv[i : i + val_bs]
@@ -298,15 +308,24 @@ def cuda_check(nvml: bool, calls: int = 2000):
 
 
 def workloads(ctx: Context) -> list[Workload]:
+    where = "" if ctx.accelerator == "cpu" else f", {ctx.accelerator}"
     return [
-        Workload("digits 1,257×8×8, batch 64", ctx.once("digits", digits_prepared), 64, 8),
         Workload(
-            f"MNIST-sized 60,000×1×28×28, batch 128, {TRAIN_BATCHES}+{VAL_BATCHES} batches/epoch",
+            f"digits 1,257×8×8, batch 64{where}",
+            ctx.once("digits", digits_prepared),
+            64,
+            8,
+            accelerator=ctx.accelerator,
+        ),
+        Workload(
+            f"MNIST-sized 60,000×1×28×28, batch 128, {TRAIN_BATCHES}+{VAL_BATCHES} "
+            f"batches/epoch{where}",
             ctx.once("mnist-sized", mnist_sized),
             128,
             4,
             TRAIN_BATCHES,
             VAL_BATCHES,
+            accelerator=ctx.accelerator,
         ),
     ]
 

@@ -9,6 +9,7 @@ met.
     python -m benchmarks.run                      # everything (about 15 minutes on 2 idle cores)
     python -m benchmarks.run --only loader,epoch --reps 3 --out /tmp/bench.json
     python -m benchmarks.run --threads 1          # on a machine others are using
+    python -m benchmarks.run --accelerator cuda   # the training comparisons on the GPU
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ COMPARISONS = [
     "accuracy",
     "pruning",
     "team",
+    "scale",
 ]
 
 
@@ -68,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine others use, fewer threads than cores keep torch from waiting on them",
     )
     parser.add_argument(
+        "--accelerator",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the training comparisons train, both sides (default auto: a CUDA GPU when "
+        "there is one, else the CPU)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "reports" / "bench.json", help="the JSON report"
     )
     args = parser.parse_args(argv)
@@ -84,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     rows, load = [], {}
     with tempfile.TemporaryDirectory(prefix="runway-bench-") as scratch:
-        ctx = Context(Path(scratch), args.reps)
+        from pipeline.device import resolve
+
+        accelerator = resolve(args.accelerator).type  # the comparison rows name it
+        ctx = Context(Path(scratch), args.reps, accelerator=accelerator)
         for name in [c for c in COMPARISONS if c in chosen]:
             print(f"[bench] {name} …", flush=True)
             start, before = time.perf_counter(), os.getloadavg()[0]
@@ -103,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "python": sys.version.split()[0],
+            "accelerator": accelerator,
         },
         "repetitions": args.reps,
         # 1-minute load average before and after each comparison: well above the number of

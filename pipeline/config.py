@@ -207,6 +207,10 @@ class TuneParams(_Section):
     seed: int = 42
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
+    # Trials train on at most this many samples of the training split (the same random ones,
+    # drawn with tune.seed, for every trial); validation and the train stage use every
+    # sample. null: the whole split. Below it (the digits) nothing changes.
+    train_samples: Annotated[int, Field(ge=1)] | None = 10_000
     # local: mlruns/optuna.db; else the name of an environment variable that holds the study
     # database's URL (a password never goes in params.yaml)
     storage: str = "local"
@@ -278,6 +282,11 @@ class TrainParams(_Section):
     # on, and CPUs), 16-mixed (float16 autocast with loss scaling: CUDA GPUs only). The logged
     # model is float32 whatever trained it.
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    # Where the train and val splits live while training: device (moved once; batches are
+    # slices there), host (batches gathered in pinned host memory and copied as they are
+    # needed: data larger than the GPU), or auto: device when they take at most half of the
+    # GPU's free memory (always on a CPU).
+    data_placement: Literal["auto", "device", "host"] = "auto"
     # torch.compile the network for training and validation (a one-time compile of tens of
     # seconds, then faster steps on a GPU); the logged model is the plain network.
     compile: bool = False

@@ -72,6 +72,25 @@ def set_seeds(seed: int) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
 
 
+# Data is moved to the GPU when it takes at most this share of the GPU's free memory: the rest
+# is for the network, its activations and the optimiser.
+DEVICE_SHARE = 0.5
+
+
+def placement(asked: str, nbytes: int, device: torch.device) -> tuple[str, str]:
+    """Where the splits live while training (``train.data_placement``) and why, in words."""
+    size = f"{nbytes / 2**20:.0f} MB"
+    if asked != "auto":
+        return asked, f"{size}, train.data_placement: {asked}"
+    if device.type != "cuda":
+        return "device", f"{size} in {device.type} memory"
+    free, _ = torch.cuda.mem_get_info(device)
+    share = f"{size}, {free / 2**30:.1f} GB free on {device}"
+    if nbytes <= DEVICE_SHARE * free:
+        return "device", share
+    return "host", f"{share}: more than {DEVICE_SHARE:.0%} of it"
+
+
 class InMemoryData(pl.LightningDataModule):
     """Train/val tensors moved to the training device once; batches are slices.
 
@@ -81,19 +100,22 @@ class InMemoryData(pl.LightningDataModule):
     epoch; from a checkpoint written at an epoch end it would start the next epoch with a
     fresh generator, i.e. the first epoch's order."""
 
-    def __init__(self, data: Prepared, batch_size: int, seed: int) -> None:
+    def __init__(self, data: Prepared, batch_size: int, seed: int, asked: str = "auto") -> None:
         super().__init__()
-        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.data, self.batch_size, self.seed, self.asked = data, batch_size, seed, asked
+        self.placement, self.placement_reason = "device", ""
         self.train_batches: TensorBatches | None = None
         self.restored: dict | None = None
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device
-        self.on_device = {
-            split: (x.to(device), y.to(device))
-            for split, (x, y) in self.data.tensors.items()
-            if split in ("train", "val")
-        }
+        splits = {k: v for k, v in self.data.tensors.items() if k in ("train", "val")}
+        nbytes = sum(t.nbytes for pair in splits.values() for t in pair)
+        self.placement, self.placement_reason = placement(self.asked, nbytes, device)
+        if self.placement == "host":
+            self.on_device = splits  # batches are gathered and copied as they are needed
+        else:
+            self.on_device = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
 
     def train_dataloader(self) -> TensorBatches:
         x, y = self.on_device["train"]
@@ -108,6 +130,7 @@ class InMemoryData(pl.LightningDataModule):
             seed=self.seed,
             rank=self.trainer.global_rank,
             world=self.trainer.world_size,
+            **self.streaming(),
         )
         if self.restored is not None:
             self.train_batches.load_state_dict(self.restored)
@@ -123,9 +146,16 @@ class InMemoryData(pl.LightningDataModule):
 
     def val_dataloader(self) -> TensorBatches:
         x, y = self.on_device["val"]
-        return TensorBatches(x, y, max(self.batch_size, 512))
+        return TensorBatches(x, y, max(self.batch_size, 512), **self.streaming())
+
+    def streaming(self) -> dict:
+        host = self.placement == "host"
+        pinned = host and self.trainer.strategy.root_device.type == "cuda"
+        return {"stream": host, "pin": pinned}
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        if self.placement == "host":  # pinned: the copy overlaps the work queued before it
+            return tuple(t.to(device, non_blocking=True) for t in batch)
         return batch  # slices of tensors already on the device: nothing to move per step
 
 
@@ -450,7 +480,7 @@ def fit(
         try:
             trainer.fit(
                 module,
-                datamodule=InMemoryData(data, hp.batch_size, hp.seed),
+                datamodule=InMemoryData(data, hp.batch_size, hp.seed, hp.data_placement),
                 ckpt_path=ckpt_path,
                 weights_only=True,
             )

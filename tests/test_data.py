@@ -78,3 +78,32 @@ def test_data_parallel_ranks_split_each_pass_evenly():
         assert len(seen[0]) == len(seen[1]) == 6
         assert seen[0].tolist() == order[0::2].tolist()
         assert seen[1].tolist() == order[1::2].tolist() + [order[0].item()]
+
+
+@pytest.mark.parametrize(("shuffle", "world"), [(True, 1), (False, 1), (True, 2)])
+def test_streamed_batches_are_the_batches_sliced_from_the_whole_pass(shuffle, world):
+    """Gathered batch by batch (data kept in host memory) or sliced from one gathered pass
+    (data on the device): the same samples in the same order, resumable the same way."""
+    x = torch.arange(103 * 4).reshape(103, 4)
+    y = torch.arange(103)
+    for rank in range(world):
+        options = {"shuffle": shuffle, "seed": 3, "rank": rank, "world": world}
+        sliced = TensorBatches(x, y, 10, **options)
+        streamed = TensorBatches(x, y, 10, stream=True, **options)
+        for _ in range(2):  # two passes: the generator moves on alike
+            pairs = list(zip(sliced, streamed, strict=True))
+            assert len(pairs) == len(sliced)
+            for (xa, ya), (xb, yb) in pairs:
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        # Resumed after 3 batches of the third pass: the same 4th batch onwards.
+        state = None
+        for i, _ in enumerate(streamed):
+            if i == 2:
+                state = streamed.state_dict()
+                break
+        resumed = TensorBatches(x, y, 10, stream=True, **options)
+        resumed.load_state_dict(state)
+        rest = [b for b in resumed]
+        expected = list(sliced)[3:]
+        assert len(rest) == len(expected)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, expected, strict=True))

@@ -194,4 +194,5 @@ def test_a_section_read_records_the_keys_read(monkeypatch, tmp_path):
         "model.dropout",
         *(f"tune.{k}" for k in ("metric", "epochs", "seed", "sampler", "pruner", "storage")),
         "tune.workers",
+        "tune.train_samples",
     }

@@ -226,3 +226,31 @@ def test_csv_with_an_ambiguous_delimiter_asks_for_data_delimiter(project):
         "';' (2 columns) each split the first 41 line(s) evenly; set data.delimiter to the "
         "right one"
     )
+
+
+def test_a_large_image_folder_is_decoded_in_threads_in_order_with_progress(tmp_path, capsys):
+    """1,200 images of three sizes: each lands in its own row, as decoding it alone gives, with
+    a progress bar (on stderr) and the thread count in the summary line."""
+    from pipeline.data import image_folder
+
+    rng = np.random.default_rng(0)
+    expected = []
+    for i in range(1200):
+        name = ("a", "b", "c")[i % 3]
+        side = (12, 16, 24)[i % 3]
+        path = tmp_path / "images" / name / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8)).save(path)
+    params = DataParams(source="image_folder", path=str(tmp_path / "images"), image_size=16)
+    _, files = image_folder.list_images(tmp_path / "images")
+    expected = [image_folder.decode(path, 16, "L")[0].reshape(-1) for path, _ in files]
+    loaded = image_folder.load(params)
+    table = loaded["table"]
+    assert loaded["class_names"] == ["a", "b", "c"]
+    assert table["label"].tolist() == [label for _, label in files]
+    pixels = table[[c for c in table.columns if c.startswith("px_")]].to_numpy()
+    assert np.array_equal(pixels, np.stack(expected))
+    out, err = capsys.readouterr()
+    assert "[ingest] decoding: 100%" in err and "1200/1200" in err
+    threads = image_folder.decoders()
+    assert "[ingest] decoded 1200 images in 3 classes (" in out and f"{threads} threads)" in out

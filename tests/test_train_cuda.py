@@ -72,3 +72,13 @@ def test_mixed_precision_and_compiled_training_on_cuda(precision, compile):
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
     assert trainer.callback_metrics["train/samples_per_s"] > 0
     assert next(module.net.parameters()).dtype == torch.float32  # autocast, float32 weights
+
+
+@pytest.mark.parametrize("where", ["auto", "host"])
+def test_data_on_the_gpu_or_streamed_from_pinned_memory(where):
+    data = random_data([3, 32, 32])
+    hp = TrainParams(max_epochs=2, batch_size=32, accelerator="cuda", data_placement=where)
+    _, trainer = fit(hp, ModelParams(channels=8), data, [NoSyncInSteps()])
+    expected = "device" if where == "auto" else "host"  # a few kB: far below half the GPU
+    assert trainer.datamodule.placement == expected
+    assert trainer.global_step == 2 * 4

@@ -355,3 +355,27 @@ def test_bf16_and_compiled_training_learn_and_keep_a_plain_float32_network(digit
     ]
     x = digits_prepared.tensors["val"][0][:4]
     assert module.net.eval()(x).dtype == torch.float32
+
+
+def test_data_placement_is_chosen_by_size_and_named(digits_prepared):
+    from pipeline.training import placement
+
+    cpu = torch.device("cpu")
+    assert placement("auto", 80 * 2**20, cpu) == ("device", "80 MB in cpu memory")
+    assert placement("host", 3 * 2**20, cpu) == ("host", "3 MB, train.data_placement: host")
+    with pytest.raises(ValueError, match="train.data_placement"):
+        parse_params({"train": {"data_placement": "disk"}})
+
+
+@pytest.mark.slow  # trains twice
+def test_data_streamed_from_host_memory_trains_exactly_as_data_on_the_device(digits_prepared):
+    histories = []
+    for where in ("device", "host"):
+        hp = TrainParams(max_epochs=2, accelerator="cpu", data_placement=where)
+        history = MetricHistory()
+        _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [history])
+        assert trainer.datamodule.placement == where
+        histories.append(
+            [{k: v for k, v in h.items() if "samples_per_s" not in k} for h in history.history]
+        )
+    assert histories[0] == histories[1]

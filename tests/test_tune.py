@@ -280,6 +280,45 @@ def test_tune_prints_and_tags_its_device_and_writes_its_reports(
     assert [run.data.tags["device"] for run in parent] == [expected]
 
 
+def test_trials_train_on_tune_train_samples_of_the_training_split(
+    mlflow_store, digits_prepared, monkeypatch, capsys
+):
+    import mlflow
+
+    from pipeline import tracking, training
+    from pipeline.stages import tune
+
+    monkeypatch.setattr(training, "load_prepared", lambda **_: digits_prepared)
+    monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
+    space = {**GRID, "lr": [0.003], "batch_size": [64], "channels": [8]}
+    tune_section = {"n_trials": 1, "epochs": 1, "sampler": "grid", "search_space": space}
+    params = parse_params({"tune": {**tune_section, "train_samples": 300}})
+    (mlflow_store / "reports").mkdir()
+    tune.tune(params, mlflow_store / "reports")
+    stdout = capsys.readouterr().out
+    assert "[tune] trials train on 300 of the 1252 training samples (tune.train_samples)" in stdout
+    assert len(digits_prepared.tables["train"]) == 1252  # the data itself is not cut
+    (parent,) = mlflow.search_runs(
+        experiment_names=[params.mlflow.experiment],
+        filter_string="tags.mlflow.parentRunId IS NULL",
+        output_format="list",
+    )
+    assert parent.data.params["tune.train_samples"] == "300"
+    # The default (10,000) keeps every one of the digits: no line.
+    assert tune.subset(1252, 10_000, 42) is None
+    assert tune.subset(1252, None, 42) is None
+
+
+def test_the_training_subset_is_the_same_for_every_worker_and_sorted():
+    from pipeline.stages.tune import subset
+
+    first = subset(1000, 100, seed=7)
+    assert first.tolist() == subset(1000, 100, seed=7).tolist()
+    assert first.tolist() == sorted(set(first.tolist())) and len(first) == 100
+    assert first.tolist() != subset(1000, 100, seed=8).tolist()
+    assert first.min() >= 0 and first.max() < 1000
+
+
 def _prune_first_trial():
     """A pruner that prunes trial 0 at its second (last) epoch, step 1, and no other trial."""
     import optuna

@@ -18,6 +18,7 @@ a link is listed like any other; links to folders below a class folder are not d
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -83,8 +84,43 @@ def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def load(params: DataParams) -> dict:
+def decode(path: Path, size: int, mode: str) -> tuple[np.ndarray | None, str | None, str | None]:
+    """One image as uint8 size×size×channels, or None and why it cannot be decoded; and its
+    size (``W×H``) when it is over Pillow's decompression-bomb warning size (decoded all the
+    same)."""
     from PIL import Image, UnidentifiedImageError
+
+    channels = 1 if mode == "L" else 3
+    large = None
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                large = f"{width}×{height}"
+            image = image.convert(mode)  # forces a full decode: truncation raises here
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8).reshape(size, size, channels), None, large
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        ValueError,
+        SyntaxError,
+    ) as exc:
+        return None, f"{type(exc).__name__}: {exc}", large
+
+
+def decoders() -> int:
+    """Threads that decode images: Pillow releases the GIL while it decodes and resizes."""
+    return min(16, os.cpu_count() or 1)
+
+
+def load(params: DataParams) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+    from tqdm import tqdm
 
     root = params.location()
     classes, files = list_images(root)
@@ -94,32 +130,33 @@ def load(params: DataParams) -> dict:
     labels = np.fromiter((label for _, label in files), dtype=np.int64, count=len(files))
     bad: list[str] = []
     large: list[str] = []
-    start, shown = time.monotonic(), time.monotonic()
-    with warnings.catch_warnings():
+    start = time.monotonic()
+    threads = decoders()
+    with (
+        warnings.catch_warnings(),
+        ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool,
+        tqdm(
+            total=len(files),
+            desc="[ingest] decoding",
+            unit=" images",
+            mininterval=1 if sys.stderr.isatty() else 5,  # a log gets a line every 5 s
+            disable=len(files) < 1000,
+        ) as progress,
+    ):
         # Pillow warns, without naming the file, for images between 1x and 2x its limit;
         # they are named below in one line instead. Over 2x, Image.open raises.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for i, (path, _) in enumerate(files):
-            try:
-                with Image.open(path) as image:
-                    width, height = image.size
-                    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-                        large.append(f"{path} ({width}×{height})")
-                    image = image.convert(mode)  # forces a full decode: truncation raises here
-                    if image.size != (size, size):
-                        image = image.resize((size, size), Image.Resampling.BILINEAR)
-                    pixels[i] = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
-            except (
-                UnidentifiedImageError,
-                Image.DecompressionBombError,
-                OSError,
-                ValueError,
-                SyntaxError,
-            ) as exc:
-                bad.append(f"{path} ({type(exc).__name__}: {exc})")
-            if time.monotonic() - shown > 5:
-                shown = time.monotonic()
-                print(f"[ingest] decoded {i + 1} of {len(files)} images", flush=True)
+        paths = [path for path, _ in files]
+        results = pool.map(decode, paths, [size] * len(paths), [mode] * len(paths))
+        for i, (array, error, over) in enumerate(results):
+            path = paths[i]
+            if over:
+                large.append(f"{path} ({over})")
+            if error is None:
+                pixels[i] = array
+            else:
+                bad.append(f"{path} ({error})")
+            progress.update()
     if bad:
         raise StageError(
             f"{len(bad)} of {len(files)} image file(s) under {root} cannot be decoded: "
@@ -132,7 +169,7 @@ def load(params: DataParams) -> dict:
         )
     print(
         f"[ingest] decoded {len(files)} images in {len(classes)} classes "
-        f"({time.monotonic() - start:.1f}s)"
+        f"({time.monotonic() - start:.1f}s, {threads} threads)"
     )
     chw = pixels.transpose(0, 3, 1, 2).reshape(len(files), -1)
     return {

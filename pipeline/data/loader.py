@@ -34,11 +34,17 @@ class TensorBatches:
         drop_last: bool = False,
         rank: int = 0,
         world: int = 1,
+        stream: bool = False,
+        pin: bool = False,
     ) -> None:
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
         self.x, self.y = x, y
         self.rank, self.world = rank, world
+        # Streaming from host memory: each batch is gathered on its own (not the whole pass at
+        # once), and with ``pin`` into page-locked memory, so that its copy to the GPU can
+        # overlap computation.
+        self.stream, self.pin = stream, pin
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -69,14 +75,22 @@ class TensorBatches:
             order = torch.cat([order, order[: n * self.world - len(order)]])[
                 self.rank :: self.world
             ]
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        stop = len(self) * self.batch_size
+        starts = range(skip * self.batch_size, min(stop, n), self.batch_size)
+        if self.stream:
+            for start in starts:
+                self._served += 1
+                batch = order[start : start + self.batch_size]
+                x, y = self.x[batch], self.y[batch]
+                yield (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+            return
         if self.shuffle or self.world > 1:
             x, y = self.x[order], self.y[order]
         else:
             x, y = self.x, self.y
-        skip, self._skip = self._skip, 0
-        self._served = skip
-        stop = len(self) * self.batch_size
-        for start in range(skip * self.batch_size, min(stop, n), self.batch_size):
+        for start in starts:
             self._served += 1
             yield x[start : start + self.batch_size], y[start : start + self.batch_size]
 

@@ -429,6 +429,10 @@ def train(
                 raise StageError(lost) from None
         mlflow.flush_async_logging()
         mlflow.set_tag("determinism", determinism(hp, ops))
+        held = trainer.datamodule
+        where = "on the device" if held.placement == "device" else "streamed from host memory"
+        print(f"[train] data {where} ({held.placement_reason})")
+        mlflow.set_tag("data.placement", held.placement)
         # What one optimizer step saw: the per-device batch on every process, accumulated,
         # and train.lr scaled to that batch (train.lr_scaling).
         mlflow.log_params(

@@ -104,13 +104,14 @@ TRIAL_TRAIN_FIELDS = (
     "deterministic",
     "precision",
     "compile",
+    "data_placement",
 )
 
 
 # How the train stage spreads its training (trials run on one device): no part of a study.
 PARALLEL = ("devices", "strategy", "num_nodes")
 # How fast, not what, a trial trains: no part of a study either.
-SPEED = ("compile",)
+SPEED = ("compile", "data_placement")
 
 
 def searched_fields(tune: TuneParams) -> dict[str, set[str]]:
@@ -664,14 +665,39 @@ def torch_threads(threads: int | None):
 
 
 def prepare(params: Params):
-    """The train and val splits, checked against every model the study may build."""
-    from pipeline.training import check_model, load_prepared
+    """The train and val splits, checked against every model the study may build; the train
+    split cut to ``tune.train_samples`` (see :func:`subset`)."""
+    from pipeline.training import Prepared, check_model, load_prepared
 
     data = load_prepared(splits=("train", "val"))
     for name in params.tune.search_space.model or [params.model.name]:
         model = params.model.model_copy(update={"name": name})
         check_model(model, data.manifest, params.train.augment)
+    keep = subset(len(data.tables["train"]), params.tune.train_samples, params.tune.seed)
+    if keep is not None:
+        x, y = data.tensors["train"]
+        print(
+            f"[tune] trials train on {len(keep)} of the {len(x)} training samples "
+            "(tune.train_samples); the train stage uses them all"
+        )
+        table = data.tables["train"].iloc[keep.numpy()].reset_index(drop=True)
+        data = Prepared(
+            data.manifest,
+            {**data.tables, "train": table},
+            {**data.tensors, "train": (x[keep], y[keep])},
+        )
     return data
+
+
+def subset(n: int, most: int | None, seed: int):
+    """Sorted indices of ``most`` of ``n`` samples drawn with ``seed`` (the same in every
+    worker), or None when all are kept."""
+    import torch
+
+    if most is None or n <= most:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:most].sort().values
 
 
 def tune(params: Params, out_dir: Path) -> dict:

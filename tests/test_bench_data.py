@@ -1,0 +1,51 @@
+"""The generated MNIST- and CIFAR-scale sets of `make bench` (benchmarks/scale.py), written
+small: the sources' own readers take them, with the images and labels as generated."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.scale import synthetic_digits, write_cifar_scale, write_mnist_scale
+from pipeline.config import DataParams
+from pipeline.data.sources import SOURCES
+from pipeline.data.table import features_of
+
+
+def test_synthetic_digits_are_reproducible_varied_images():
+    x, y = synthetic_digits(300, 28)
+    again, labels = synthetic_digits(300, 28)
+    assert x.dtype == np.uint8 and x.shape == (300, 1, 28, 28)
+    assert np.array_equal(x, again) and np.array_equal(y, labels)
+    assert set(y.tolist()) == set(range(10))
+    assert len({image.tobytes() for image in x}) == 300  # never two alike
+    rgb, _ = synthetic_digits(50, 32, channels=3, seed=1)
+    assert rgb.shape == (50, 3, 32, 32)
+    assert not np.array_equal(rgb[:, 0], rgb[:, 1])  # tinted: not grey
+
+
+def test_the_mnist_reader_takes_the_generated_files(tmp_path):
+    pixels = write_mnist_scale(tmp_path / "mnist", train=120, test=30)
+    assert pixels == 150 * 28 * 28
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == [
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    ]
+    loaded = SOURCES["mnist"](DataParams(source="mnist", path=str(tmp_path / "mnist")))
+    table = loaded["table"]
+    x, y = synthetic_digits(150, 28)
+    assert loaded["image_shape"] == [1, 28, 28]
+    assert np.array_equal(table[features_of(table)].to_numpy(), x.reshape(150, -1))
+    assert np.array_equal(table["label"].to_numpy(), y)
+
+
+def test_the_cifar_reader_takes_the_generated_archive(tmp_path):
+    archive = tmp_path / "cifar10" / "cifar-10-binary.tar.gz"
+    assert write_cifar_scale(archive, per_batch=20) == 120 * 3 * 32 * 32
+    loaded = SOURCES["cifar10"](DataParams(source="cifar10", path=str(archive)))
+    table = loaded["table"]
+    x, y = synthetic_digits(120, 32, channels=3, seed=1)
+    assert loaded["image_shape"] == [3, 32, 32]
+    assert np.array_equal(table[features_of(table)].to_numpy(), x.reshape(120, -1))
+    assert np.array_equal(table["label"].to_numpy(), y)
