@@ -79,7 +79,8 @@ DEVICE_SHARE = 0.5
 
 def placement(asked: str, nbytes: int, device: torch.device) -> tuple[str, str]:
     """Where the splits live while training (``train.data_placement``) and why, in words."""
-    size = f"{nbytes / 2**20:.0f} MB"
+    mb = nbytes / 2**20
+    size = f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
     if asked != "auto":
         return asked, f"{size}, train.data_placement: {asked}"
     if device.type != "cuda":

@@ -486,7 +486,8 @@ def test_15_20_corrupt_or_malicious_checkpoints_are_refused_by_name(pipeline_pro
 def test_17_sigkill_mid_study_resumes_the_same_study(pipeline_project):
     project = pipeline_project
     with params_restored(project):
-        edit_params(project, {"tune": {"n_trials": 4, "epochs": 2, "pruner": "none"}})
+        # Trials of several seconds: trial 2 is still running a second after trial 1 ends.
+        edit_params(project, {"tune": {"n_trials": 4, "epochs": 20, "pruner": "none"}})
         proc = _start(project, "tune", "[tune] trial 1:")
         time.sleep(1.0)  # trial 2 is under way
         proc.kill()  # SIGKILL: trial 2 stays RUNNING in the study

@@ -360,3 +360,28 @@ def test_a_params_value_that_tuning_replaces_is_named_with_how_to_keep_it():
         "train.batch_size": "params",
         "model.channels": "params",
     }
+
+
+def test_a_resumed_run_sends_mlflow_the_epochs_it_lost(mlflow_store, digits_prepared):
+    """Metrics that never reached MLflow before the process died (sent asynchronously) are
+    in the checkpoint, and the resumed run sends them at their steps."""
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from pipeline.training import fit
+
+    resume = Resume("lost", mlflow_store / "ckpt")
+    hp = HP.model_copy(update={"max_epochs": 2, "patience": 2})
+    callbacks, _ = stage.train_callbacks(hp, resume)
+    fit(hp, MODEL, digits_prepared, callbacks, logger=False)  # two epochs, nothing sent
+    mlflow.set_experiment("lost")
+    with mlflow.start_run() as run:
+        pass
+    logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
+    more = hp.model_copy(update={"max_epochs": 3, "patience": 3})
+    callbacks, _ = stage.train_callbacks(more, resume)
+    fit(more, MODEL, digits_prepared, callbacks, logger=logger, ckpt_path=resume.last)
+    client = mlflow.MlflowClient()
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "train/samples_per_s"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == [0, 1, 2], key

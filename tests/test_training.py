@@ -362,7 +362,7 @@ def test_data_placement_is_chosen_by_size_and_named(digits_prepared):
 
     cpu = torch.device("cpu")
     assert placement("auto", 80 * 2**20, cpu) == ("device", "80 MB in cpu memory")
-    assert placement("host", 3 * 2**20, cpu) == ("host", "3 MB, train.data_placement: host")
+    assert placement("host", 3 * 2**20, cpu) == ("host", "3.0 MB, train.data_placement: host")
     with pytest.raises(ValueError, match="train.data_placement"):
         parse_params({"train": {"data_placement": "disk"}})
 

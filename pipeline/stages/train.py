@@ -188,6 +188,45 @@ class StayStopped(pl.Callback):
             trainer.should_stop = True
 
 
+class LoggedEpochs(pl.Callback):
+    """Every epoch's logged metrics, kept in every checkpoint (a callback's state). The train
+    stage's MLflow logger sends them asynchronously, so a process killed just after a
+    checkpoint may take its last epochs' metrics with it; a run resumed from that checkpoint
+    sends MLflow, at the steps they had, the ones its history lacks."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics
+            self.epochs.append({k: v.item() for k, v in metrics.items() if k != "step"})
+
+    def state_dict(self) -> dict:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epochs = list(state_dict["epochs"])
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        logger = trainer.logger
+        if not self.epochs or not isinstance(logger, MLFlowLogger) or not trainer.is_global_zero:
+            return
+        from mlflow.entities import Metric
+
+        client, run_id, now = logger.experiment, logger.run_id, int(time.time() * 1000)
+        missing = []
+        for key in sorted({k for epoch in self.epochs for k in epoch}):
+            logged = {m.step for m in client.get_metric_history(run_id, key)}
+            missing += [
+                Metric(key, epoch[key], now, step)
+                for step, epoch in enumerate(self.epochs)
+                if key in epoch and step not in logged
+            ]
+        if missing:
+            client.log_batch(run_id, metrics=missing)
+
+
 class ReplicasInSync(pl.Callback):
     """Data-parallel training: at the end, every process's weights are compared with the
     first process's (a sha256 of the parameters, gathered from all processes). Replicas that
@@ -290,6 +329,7 @@ def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback],
         last,
         InterruptCheckpoint(resume.dir, filename=resume.last.stem),
         StayStopped(),
+        LoggedEpochs(),
         EpochLine(),
         ReplicasInSync(),
     ]
