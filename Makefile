@@ -49,8 +49,10 @@ test-fast: $(STAMP)
 	python -m pytest -m "not slow" -q -n $(TEST_WORKERS)
 
 ## bench: compare against a hand-written PyTorch loop and friends; writes reports/bench.json
+## (options: make bench BENCH="--accelerator cuda --only epoch,scale")
+BENCH ?=
 bench: $(STAMP) $(POSTGRES)
-	python -m benchmarks.run
+	python -m benchmarks.run $(BENCH)
 
 ## ui: the MLflow UI on http://127.0.0.1:5000 (local only, no authentication)
 ui: $(STAMP)

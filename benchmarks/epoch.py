@@ -186,6 +186,7 @@ def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], l
     from pipeline.device import resolve
     from pipeline.models import build_net, model_spec
     from pipeline.models.module import scaled_lr
+    from pipeline.training import fit_environment, fit_scope
 
     hp, mp = work.hp(), ModelParams()
     device = resolve(hp.accelerator)
@@ -193,7 +194,6 @@ def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], l
         tuple(t.to(device) for t in work.data.tensors[split]) for split in ("train", "val")
     )
     torch.manual_seed(hp.seed)
-    torch.use_deterministic_algorithms(bool(hp.deterministic), warn_only=hp.deterministic == "warn")
     net = build_net(model_spec(mp.name, work.data.manifest, mp.channels, mp.dropout)).to(device)
     lr = scaled_lr(hp.lr, "adamw", hp.lr_scaling, hp.batch_size, hp.lr_batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=hp.weight_decay)
@@ -205,10 +205,13 @@ def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], l
     times, val_losses, best, best_weights, waited = [], [], float("inf"), None, 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(quiet())
-        # As in a process that never imported Lightning, which sets this variable; with it,
-        # every AdamW step asks NVML whether CUDA is there (tens of µs).
-        stack.enter_context(mock.patch.dict(os.environ))
-        os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+        # The environment and determinism flags a fit has (deterministic cuBLAS on a GPU,
+        # and no PYTORCH_NVML_BASED_CUDA_CHECK, as in a process that never imported
+        # Lightning, which sets it), put back afterwards.
+        stack.enter_context(fit_scope(fit_environment(hp)))
+        torch.use_deterministic_algorithms(
+            bool(hp.deterministic), warn_only=hp.deterministic == "warn"
+        )
         if store is not None:
             import mlflow
 

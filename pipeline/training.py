@@ -28,7 +28,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
-from pipeline.data.table import PREPARED_DIR, Manifest
+from pipeline.data.table import PREPARED_DIR, Manifest, read_table
 from pipeline.device import resolve
 from pipeline.io import StageError, atomic_path, read_json, require
 from pipeline.models import build_net, incompatibility, model_spec
@@ -61,7 +61,7 @@ def load_prepared(prepared_dir: Path = PREPARED_DIR, splits=("train", "val", "te
     manifest = Manifest.from_dict(read_json(require(prepared_dir / "manifest.json", "validate")))
     tables, tensors = {}, {}
     for split in splits:
-        tables[split] = pd.read_parquet(require(prepared_dir / f"{split}.parquet", "validate"))
+        tables[split] = read_table(require(prepared_dir / f"{split}.parquet", "validate"))
         tensors[split] = to_tensors(tables[split], manifest.image_shape)
     return Prepared(manifest, tables, tensors)
 
@@ -112,7 +112,11 @@ class InMemoryData(pl.LightningDataModule):
         device = self.trainer.strategy.root_device
         splits = {k: v for k, v in self.data.tensors.items() if k in ("train", "val")}
         nbytes = sum(t.nbytes for pair in splits.values() for t in pair)
-        self.placement, self.placement_reason = placement(self.asked, nbytes, device)
+        # The first process decides for all: data-parallel processes step together, at the
+        # pace of the slowest.
+        self.placement, self.placement_reason = self.trainer.strategy.broadcast(
+            placement(self.asked, nbytes, device), src=0
+        )
         if self.placement == "host":
             self.on_device = splits  # batches are gathered and copied as they are needed
         else:
@@ -156,7 +160,7 @@ class InMemoryData(pl.LightningDataModule):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         if self.placement == "host":  # pinned: the copy overlaps the work queued before it
-            return tuple(t.to(device, non_blocking=True) for t in batch)
+            return tuple(t.to(device, non_blocking=t.is_pinned()) for t in batch)
         return batch  # slices of tensors already on the device: nothing to move per step
 
 

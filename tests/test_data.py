@@ -107,3 +107,49 @@ def test_streamed_batches_are_the_batches_sliced_from_the_whole_pass(shuffle, wo
         expected = list(sliced)[3:]
         assert len(rest) == len(expected)
         assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, expected, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float32", "nulls", "mixed", "no_features"])
+def test_read_table_reads_what_pandas_reads(tmp_path, kind, monkeypatch):
+    """The column-group reader gives exactly pd.read_parquet's frame, and falls back to it for
+    tables it does not handle (nulls, mixed feature types, no features)."""
+    import pandas as pd
+
+    from pipeline.data import table as table_module
+    from pipeline.data.table import read_table
+
+    rng = np.random.default_rng(0)
+    features = rng.integers(0, 256, (300, 150)).astype(np.uint8)
+    frame = make_table(features if kind != "float32" else features / 7, np.arange(300) % 3)
+    if kind == "nulls":
+        frame["px_3"] = frame["px_3"].astype("float32")
+        frame = frame.astype({c: "float32" for c in frame.columns if c.startswith("px_")})
+        frame.loc[5, "px_9"] = np.nan
+    if kind == "mixed":
+        frame["px_3"] = frame["px_3"].astype("float32")
+    if kind == "no_features":
+        frame = frame[["sample_id", "label"]]
+    path = tmp_path / "t.parquet"
+    frame.to_parquet(path, index=False, row_group_size=128)  # several row groups
+    monkeypatch.setattr(table_module, "READ_COLUMNS", 16)  # several column groups
+    pd.testing.assert_frame_equal(read_table(path), pd.read_parquet(path))
+
+
+def test_prepared_splits_are_written_a_row_group_at_a_time(tmp_path, monkeypatch, manifest):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipeline.data.table import read_table
+    from pipeline.stages import validate
+
+    rng = np.random.default_rng(1)
+    kept = make_table(rng.integers(0, 17, (500, 64)).astype(np.uint8), np.arange(500) % 10)
+    kept.insert(2, "split", np.array(["train", "val", "test", "train"])[np.arange(500) % 4])
+    monkeypatch.setattr(validate, "WRITE_ROWS", 100)
+    validate.write_prepared(kept, manifest, tmp_path / "prepared")
+    for split in ("train", "val", "test"):
+        path = tmp_path / "prepared" / f"{split}.parquet"
+        expected = kept[kept["split"] == split].drop(columns="split").reset_index(drop=True)
+        pd.testing.assert_frame_equal(read_table(path), expected)
+        rows = len(expected)
+        assert pq.ParquetFile(path).num_row_groups == -(-rows // 100)

@@ -385,3 +385,10 @@ def test_a_resumed_run_sends_mlflow_the_epochs_it_lost(mlflow_store, digits_prep
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "train/samples_per_s"):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == [0, 1, 2], key
+
+
+def test_where_the_data_lives_is_no_reason_to_start_afresh():
+    """train.data_placement changes how fast, not what, a run trains: same resume key."""
+    key = stage.resume_key(HP, MODEL)
+    assert stage.resume_key(HP.model_copy(update={"data_placement": "host"}), MODEL) == key
+    assert stage.resume_key(HP.model_copy(update={"lr": 0.01}), MODEL) != key

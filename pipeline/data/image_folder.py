@@ -113,7 +113,7 @@ def decode(path: Path, size: int, mode: str) -> tuple[np.ndarray | None, str | N
 
 def decoders() -> int:
     """Threads that decode images: Pillow releases the GIL while it decodes and resizes."""
-    return min(16, os.cpu_count() or 1)
+    return min(16, len(os.sched_getaffinity(0)))  # the cores this process may run on
 
 
 def load(params: DataParams) -> dict:

@@ -111,3 +111,47 @@ def file_sha256(path: Path | str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Feature columns read per call: a few MB of a wide table in flight at a time.
+READ_COLUMNS = 64
+
+
+def read_table(path: Path | str) -> pd.DataFrame:
+    """A table the pipeline wrote with ``to_parquet``, as ``pd.read_parquet`` reads it, in about
+    half the memory: when the features are the last columns, share one type and hold no
+    null, they are read ``READ_COLUMNS`` at a time into one 2-D array that becomes the frame's
+    single block (``pd.read_parquet`` holds Arrow's copy and pandas' per-column copies before
+    it consolidates them: 180 MB at the peak for 55 MB of MNIST pixels). Otherwise it is
+    ``pd.read_parquet``."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    names = schema.names
+    features = [n for n in names if n.startswith("px_")]
+    others = names[: len(names) - len(features)]
+    types = {schema.field(n).type for n in features}
+    if not features or names[len(others) :] != features or len(types) != 1:
+        return pd.read_parquet(path)
+    (arrow_type,) = types
+    try:
+        dtype = np.dtype(arrow_type.to_pandas_dtype())
+    except NotImplementedError:
+        return pd.read_parquet(path)
+    if dtype.kind not in "uif":
+        return pd.read_parquet(path)
+    values = np.empty((parquet.metadata.num_rows, len(features)), dtype=dtype)
+    for start in range(0, len(features), READ_COLUMNS):
+        group = parquet.read(columns=features[start : start + READ_COLUMNS])
+        for offset, column in enumerate(group.columns):
+            if column.null_count:  # pandas would make the column float with NaN
+                return pd.read_parquet(path)
+            values[:, start + offset] = column.to_numpy()
+    table = pd.DataFrame(values, columns=features, copy=False)
+    front = parquet.read(columns=others).to_pandas() if others else None
+    if front is None:
+        return table
+    for position, name in enumerate(others):
+        table.insert(position, name, front[name].to_numpy())
+    return table

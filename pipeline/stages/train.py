@@ -284,7 +284,7 @@ def global_batch(hp: TrainParams, trainer: pl.Trainer) -> int:
 def resume_key(hp: TrainParams, model: ModelParams) -> str:
     what = {
         "format": CHECKPOINT_FORMAT,
-        "train": hp.model_dump(exclude={"resume", "accelerator"}),
+        "train": hp.model_dump(exclude={"resume", "accelerator", "data_placement"}),
         "model": model.model_dump(),
         "data": tracking.dvc_hash(PREPARED_DIR) if PREPARED_DIR.exists() else None,
     }

@@ -29,6 +29,7 @@ from pipeline.data.table import (
     SPLIT_COLUMN,
     SPLITS,
     Manifest,
+    read_table,
 )
 from pipeline.io import StageError, atomic_dir, read_json, require, run_stage, write_json
 from pipeline.validation import summary as summary_page
@@ -47,7 +48,7 @@ def read_raw(raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, Manifest]:
     for path in (samples, manifest):
         require(path, "ingest")
     try:
-        table = pd.read_parquet(samples)
+        table = read_table(samples)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise StageError(f"{samples}: cannot read as parquet: {exc}") from None
     return table, Manifest.from_dict(read_json(manifest))
@@ -114,11 +115,26 @@ def per_class_checks(counts: pd.DataFrame | None, names: list[str], min_per_clas
     return rows
 
 
+# Rows written per Parquet row group: a few MB of a wide table copied at a time.
+WRITE_ROWS = 8192
+
+
 def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPARED_DIR) -> None:
+    """One Parquet file per split (without the split column) and the manifest, each split
+    written ``WRITE_ROWS`` rows at a time, so that no copy of a whole split is made."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = [i for i, c in enumerate(kept.columns) if c != SPLIT_COLUMN]
+    schema = pa.Schema.from_pandas(kept.iloc[:0, columns], preserve_index=False)
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
-            part = kept[kept[SPLIT_COLUMN] == split].drop(columns=SPLIT_COLUMN)
-            part.reset_index(drop=True).to_parquet(tmp / f"{split}.parquet", index=False)
+            rows = np.flatnonzero((kept[SPLIT_COLUMN] == split).to_numpy())
+            with pq.ParquetWriter(tmp / f"{split}.parquet", schema) as out:
+                for start in range(0, max(len(rows), 1), WRITE_ROWS):
+                    part = kept.iloc[rows[start : start + WRITE_ROWS], columns]
+                    out.write_table(pa.Table.from_pandas(part, schema, preserve_index=False))
         write_json(tmp / "manifest.json", manifest.to_dict())
 
 
@@ -184,6 +200,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix=".validate.", dir=FAILED_DIR.parent) as staging:
         staged = Path(staging)
         kept, quarantine, summary = validate(table, manifest, params, staged / "data_docs")
+        del table  # kept holds what is needed (the same data, unless rows were dropped)
         quarantine.to_csv(staged / "quarantine.csv", index=False)
         results = summary.pop("validation_results")
         write_json(staged / "summary.json", summary)

@@ -28,6 +28,17 @@ def _show(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+# Feature columns checked at a time: a few MB in flight, not a copy of the whole table.
+CHUNK_COLUMNS = 64
+
+
+def feature_chunks(table: pd.DataFrame, columns: list[str]):
+    """``(first column's position, values)`` for ``CHUNK_COLUMNS`` feature columns at a time
+    (see :func:`feature_values`)."""
+    for start in range(0, len(columns), CHUNK_COLUMNS):
+        yield start, feature_values(table, columns[start : start + CHUNK_COLUMNS])
+
+
 def feature_values(table: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """The feature block as one array in its stored dtype (uint8 or float32, no copy to float64);
     columns that are not numeric (a damaged table) are coerced, so bad cells become NaN."""
@@ -57,26 +68,34 @@ def find_bad_rows(table: pd.DataFrame, manifest: Manifest) -> pd.Series:
             _mark(reasons, mask, lambda i, what=what: f"{what}: {_show(raw.iloc[i])}")
 
     columns = features_of(table)
+    checks = []
     if columns:
-        values = feature_values(table, columns)
-        checks = []
-        if values.dtype.kind == "f":  # integers cannot be NaN or infinite
-            checks.append((~np.isfinite(values), "non-finite feature"))
+        dtypes = set(table.dtypes[columns])
+        integers = all(pd.api.types.is_integer_dtype(t) for t in dtypes)
+        if not integers:  # integers cannot be NaN or infinite
+            checks.append((lambda v: ~np.isfinite(v), "non-finite feature"))
         if manifest.pixel_range is not None:
             low, high = manifest.pixel_range
-            info = np.iinfo(values.dtype) if values.dtype.kind in "iu" else None
-            if info is None or low > info.min or high < info.max:
+            infos = [np.iinfo(t) for t in dtypes] if integers else []
+            if not infos or low > min(i.min for i in infos) or high < max(i.max for i in infos):
                 checks.append(
-                    ((values < low) | (values > high), f"feature outside [{low:g}, {high:g}]")
+                    (lambda v: (v < low) | (v > high), f"feature outside [{low:g}, {high:g}]")
                 )
-        for bad, what in checks:
-            rows = bad.any(axis=1)
-            first = bad.argmax(axis=1)
+    if checks:  # the first offending column of each row, per check, a chunk of columns at a time
+        first = {what: np.full(len(table), -1, dtype=np.int64) for _, what in checks}
+        for start, values in feature_chunks(table, columns):
+            for test, what in checks:
+                bad = test(values)
+                new = bad.any(axis=1) & (first[what] < 0)
+                first[what][new] = start + bad[new].argmax(axis=1)
+        for _, what in checks:
+            where = first[what]
             _mark(
                 reasons,
-                rows,
-                lambda i, what=what, first=first: (
-                    f"{what}: {manifest.feature_name(columns[first[i]])}={values[i, first[i]]:g}"
+                where >= 0,
+                lambda i, what=what, where=where: (
+                    f"{what}: {manifest.feature_name(columns[where[i]])}="
+                    f"{float(feature_values(table.iloc[[i]], [columns[where[i]]])[0, 0]):g}"
                 ),
             )
 
@@ -102,9 +121,15 @@ def clean(table: pd.DataFrame, manifest: Manifest) -> tuple[pd.DataFrame, pd.Dat
             "reason": reasons.to_numpy(dtype=str),
         }
     )
-    kept = table.drop(index=reasons.index)
-    if LABEL_COLUMN in kept:
+    # No copy of the data when every row is kept (the usual case: a copy is as large as the
+    # data): a shallow copy shares it, and columns set or added later leave ``table`` alone.
+    kept = (
+        table.drop(index=reasons.index).reset_index(drop=True)
+        if len(reasons)
+        else table.copy(deep=False).reset_index(drop=True)
+    )
+    if LABEL_COLUMN in kept and kept[LABEL_COLUMN].dtype != np.int64:
         labels = pd.to_numeric(kept[LABEL_COLUMN], errors="coerce")
         if labels.notna().all():
-            kept = kept.assign(**{LABEL_COLUMN: labels.astype(np.int64)})
-    return kept.reset_index(drop=True), quarantine
+            kept[LABEL_COLUMN] = labels.astype(np.int64).to_numpy()
+    return kept, quarantine

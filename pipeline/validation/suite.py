@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.table import ID_COLUMN, LABEL_COLUMN, SPLIT_COLUMN, SPLITS, Manifest
-from pipeline.validation.cleaning import feature_values
+from pipeline.validation.cleaning import feature_chunks
 
 
 @dataclass
@@ -66,23 +66,22 @@ def class_count_problems(counts: pd.DataFrame, names: list[str], min_per_class: 
 def feature_stats(table: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
     """One row per expected feature column present: dtype and counts of bad values."""
     columns = [f"px_{i}" for i in range(manifest.n_features) if f"px_{i}" in table]
-    values = feature_values(table, columns) if columns else np.empty((0, 0))
-    if values.dtype.kind == "f":
-        nonfinite = (~np.isfinite(values)).sum(axis=0)
-    else:
-        nonfinite = np.zeros(len(columns), dtype=np.int64)
-    if manifest.pixel_range is not None and len(values):
-        low, high = manifest.pixel_range
-        outside = ((values < low) | (values > high)).sum(axis=0)
-    else:
-        outside = np.zeros(len(columns), dtype=np.int64)
+    nulls, nonfinite, outside = (np.zeros(len(columns), dtype=np.int64) for _ in range(3))
+    for start, values in feature_chunks(table, columns):  # a few columns at a time
+        part = slice(start, start + values.shape[1])
+        nulls[part] = table[columns[part]].isna().sum().to_numpy(dtype=np.int64)
+        if values.dtype.kind == "f":
+            nonfinite[part] = (~np.isfinite(values)).sum(axis=0)
+        if manifest.pixel_range is not None and len(values):
+            low, high = manifest.pixel_range
+            outside[part] = ((values < low) | (values > high)).sum(axis=0)
     return pd.DataFrame(
         {
             "feature": [manifest.feature_name(c) for c in columns],
             "dtype": [str(table[c].dtype) for c in columns],
-            "nulls": table[columns].isna().sum().to_numpy(dtype=np.int64),
-            "non_finite": np.asarray(nonfinite, dtype=np.int64),
-            "out_of_range": np.asarray(outside, dtype=np.int64),
+            "nulls": nulls,
+            "non_finite": nonfinite,
+            "out_of_range": outside,
         }
     )
 
