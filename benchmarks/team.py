@@ -18,7 +18,6 @@ basic auth) in a scratch folder, and three comparisons on the digits.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -42,6 +41,7 @@ from benchmarks.common import (
     timed,
 )
 from benchmarks.epoch import Workload, stage_fit
+from pipeline.io import env_scope
 
 TRIALS, EPOCHS = 12, 4
 THROUGHPUT_GOAL = 1.6
@@ -199,21 +199,14 @@ def logging_overhead(ctx: Context, client: dict) -> dict:
 
     hp = TrainParams()
     work = Workload("digits", ctx.once("digits", digits_prepared), hp.batch_size, hp.max_epochs)
-    saved = {k: os.environ.get(k) for k in client}
-    os.environ.update(client)  # the server's credentials, for MLflow's client in this process
-    try:
+    # The server's credentials, for MLflow's client in this process.
+    with env_scope(client):
         early = {"patience": hp.patience}
         server, local = interleaved(
             lambda: stage_fit(work, ctx.scratch, True, early, client["MLFLOW_TRACKING_URI"])[2],
             lambda: stage_fit(work, ctx.scratch, True, early)[2],
             max(2, min(ctx.reps, 3)),
         )
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return ratio_row(
         "default training run, MLflow logging to the team server vs the local sqlite store",
         server,

@@ -319,3 +319,23 @@ def load_error(exc: BaseException) -> str:
             return f"refused: it needs pickle to load ({line.rstrip('.')})"
     first = lines[0] if lines else type(exc).__name__
     return f"{type(exc).__name__}: {first[:200]}"
+
+
+def set_env(values: dict[str, str | None]) -> None:
+    """Set each variable; ``None`` removes it."""
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@contextmanager
+def env_scope(values: dict[str, str | None]) -> Iterator[None]:
+    """:func:`set_env` for the duration of the block; then the previous values are back."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        set_env(values)
+        yield
+    finally:
+        set_env(saved)

@@ -30,7 +30,7 @@ from pipeline.config import ModelParams, TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
 from pipeline.data.table import PREPARED_DIR, Manifest, read_table
 from pipeline.device import resolve
-from pipeline.io import StageError, atomic_path, read_json, require
+from pipeline.io import StageError, atomic_path, read_json, require, set_env
 from pipeline.models import build_net, incompatibility, model_spec
 from pipeline.models.cnn import Scale
 from pipeline.models.module import Classifier
@@ -302,26 +302,6 @@ def fit_environment(hp: TrainParams, plain_cuda_check: bool | None = None) -> di
     if plain_cuda_check:
         env["PYTORCH_NVML_BASED_CUDA_CHECK"] = None
     return env
-
-
-def set_env(values: dict[str, str | None]) -> None:
-    """Set each variable; ``None`` removes it."""
-    for key, value in values.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@contextlib.contextmanager
-def env_scope(values: dict[str, str | None]) -> Iterator[None]:
-    """:func:`set_env` for the duration of the block; then the previous values are back."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        set_env(values)
-        yield
-    finally:
-        set_env(saved)
 
 
 QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")

@@ -3,7 +3,6 @@ PostgreSQL's user can reach (pytest's own tmp folders are private to root)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.io import env_scope
 from tests.conftest import run
 from tests.ui import free_port
 
@@ -48,16 +48,6 @@ def team_server(*options: str) -> Iterator[Team]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextmanager
-def client_environ(client: dict[str, str]) -> Iterator[None]:
+def client_environ(client: dict[str, str]):
     """``client`` set in this process's environment for the block."""
-    old = {k: os.environ.get(k) for k in client}
-    os.environ.update(client)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return env_scope(client)

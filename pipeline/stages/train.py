@@ -60,6 +60,7 @@ from pipeline.io import (
     StageError,
     Terminated,
     atomic_dir,
+    env_scope,
     exclusive,
     load_error,
     read_json,
@@ -70,7 +71,6 @@ from pipeline.models import MODELS_DIR, class_names, model_spec
 from pipeline.training import (
     EpochLine,
     Prepared,
-    env_scope,
     fit,
     load_prepared,
     nondeterministic_ops,
