@@ -19,16 +19,21 @@ def run(ctx: Context) -> list[dict]:
     project = pipeline_project(ctx)
     ours = json.loads((project / "reports/evaluate/metrics.json").read_text())["test/accuracy"]
     svc = svc_baseline(C_GRID, GAMMA_GRID, project / "data/prepared")
+    metric = "test accuracy, default pipeline vs RBF SVC (C, gamma tuned on val)"
+    return [svc_row(metric, ours, svc)]
+
+
+def svc_row(metric: str, ours: float, svc: dict) -> dict:
+    """Our test accuracy beside the SVC's (``pipeline.baseline.svc_baseline``); goal: at
+    least the SVC's."""
     ref = svc["test_accuracy"]
-    return [
-        result(
-            "test accuracy, default pipeline vs RBF SVC (C, gamma tuned on val)",
-            round(ours, 4),
-            round(ref, 4),
-            round(ours / ref, 4),
-            ">= SVC",
-            ours >= ref,
-            "",
-            svc={"C": svc["C"], "gamma": svc["gamma"]},
-        )
-    ]
+    return result(
+        metric,
+        round(ours, 4),
+        round(ref, 4),
+        round(ours / ref, 4),
+        ">= SVC",
+        ours >= ref,
+        "",
+        svc={"C": svc["C"], "gamma": svc["gamma"]},
+    )

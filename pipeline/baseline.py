@@ -32,11 +32,21 @@ def _xy(split: str, prepared_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return table[features_of(table)].to_numpy(np.float64), table[LABEL_COLUMN].to_numpy()
 
 
-def svc_baseline(c_grid: list[float], gamma_grid: list, prepared_dir: Path = PREPARED_DIR) -> dict:
-    """Fit on train for each (C, gamma), keep the best on val, score it on test."""
+def svc_baseline(
+    c_grid: list[float],
+    gamma_grid: list,
+    prepared_dir: Path = PREPARED_DIR,
+    train_samples: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Fit on train (or ``train_samples`` of it, drawn with ``seed``) for each (C, gamma),
+    keep the best on val, score it on test."""
     from sklearn.svm import SVC
 
     x_train, y_train = _xy("train", prepared_dir)
+    if train_samples is not None and train_samples < len(y_train):
+        keep = np.random.default_rng(seed).choice(len(y_train), train_samples, replace=False)
+        x_train, y_train = x_train[keep], y_train[keep]
     x_val, y_val = _xy("val", prepared_dir)
     x_test, y_test = _xy("test", prepared_dir)
     best = None
@@ -52,6 +62,7 @@ def svc_baseline(c_grid: list[float], gamma_grid: list, prepared_dir: Path = PRE
         "gamma": gamma,
         "val_accuracy": acc,
         "test_accuracy": float((model.predict(x_test) == y_test).mean()),
+        "train_rows": len(y_train),
         "test_rows": len(y_test),
     }
 

@@ -203,14 +203,16 @@ class SearchSpace(_Section):
 class TuneParams(_Section):
     n_trials: Annotated[int, Field(ge=0)] = 12
     metric: Monitor = "val/loss"
-    epochs: Annotated[int, Field(ge=1)] = 15
+    epochs: Annotated[int, Field(ge=1)] = 10
     seed: int = 42
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
-    # Trials train on at most this many samples of the training split (the same random ones,
-    # drawn with tune.seed, for every trial); validation and the train stage use every
-    # sample. null: the whole split. Below it (the digits) nothing changes.
-    train_samples: Annotated[int, Field(ge=1)] | None = 10_000
+    # Trials train on at most train_samples of the training split and are judged on at most
+    # val_samples of the val split (the same random ones, drawn with tune.seed, for every
+    # trial and worker); the train stage uses every sample. null: the whole split. Below
+    # them (the digits) nothing changes.
+    train_samples: Annotated[int, Field(ge=1)] | None = 5_000
+    val_samples: Annotated[int, Field(ge=1)] | None = 2_500
     # local: mlruns/optuna.db; else the name of an environment variable that holds the study
     # database's URL (a password never goes in params.yaml)
     storage: str = "local"
@@ -248,8 +250,8 @@ class TuneParams(_Section):
 
 class TrainParams(_Section):
     seed: int = 42
-    max_epochs: Annotated[int, Field(ge=1)] = 40
-    patience: Annotated[int, Field(ge=1)] = 8
+    max_epochs: Annotated[int, Field(ge=1)] = 10
+    patience: Annotated[int, Field(ge=1)] = 5
     monitor: Monitor = "val/loss"
     batch_size: Annotated[int, Field(ge=1)] = 64
     # The learning rate at a global batch of lr_batch_size samples. Training at another global

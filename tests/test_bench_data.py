@@ -49,3 +49,34 @@ def test_the_cifar_reader_takes_the_generated_archive(tmp_path):
     assert loaded["image_shape"] == [3, 32, 32]
     assert np.array_equal(table[features_of(table)].to_numpy(), x.reshape(120, -1))
     assert np.array_equal(table["label"].to_numpy(), y)
+
+
+def test_the_repro_rows_read_the_train_stages_epoch_lines_and_the_trials_table(
+    digits_prepared, tmp_path, capsys
+):
+    import pandas as pd
+
+    from benchmarks.scale_repro import EPOCH_LINE, study_seconds
+    from pipeline.config import ModelParams, TrainParams
+    from pipeline.training import EpochLine, fit
+
+    hp = TrainParams(max_epochs=2, batch_size=256, accelerator="cpu")
+    fit(hp, ModelParams(channels=4), digits_prepared, [EpochLine()])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[train] epoch ")]
+    assert len(lines) == 2
+    assert EPOCH_LINE.findall(out) == [line.rsplit("(", 1)[1].rstrip("s)") for line in lines]
+
+    trials = pd.DataFrame(
+        {
+            "number": [0, 1, 2],
+            "datetime_start": ["2026-01-01 10:00:00", "2026-01-01 10:00:30", "2026-01-01 10:01:00"],
+            "datetime_complete": [
+                "2026-01-01 10:00:30",
+                "2026-01-01 10:03:15.5",
+                "2026-01-01 10:02:00",
+            ],
+        }
+    )
+    trials.to_csv(tmp_path / "trials.csv", index=False)
+    assert study_seconds(tmp_path / "trials.csv") == 195.5

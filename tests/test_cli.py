@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 from typer.testing import CliRunner
@@ -158,7 +159,13 @@ def test_summary_and_baseline_after_new_data_and_a_failed_run(project):
     accuracy = results(project)[0].split()[-1]
     out = run(["runway", "baseline"], project).stdout.splitlines()
     assert out[0].startswith("RBF SVC (C=") and out[0].endswith("on 18 samples")
+    train_rows = len(pd.read_parquet(project / "data/prepared/train.parquet"))
+    assert f", fitted on {train_rows} training samples): test accuracy " in out[0]
     assert out[1:] == [f"pipeline model: test accuracy {accuracy}"]  # the same test split
+    # Large data: the SVC fits on a sample of the training split (same sample each time).
+    few = [run(["runway", "baseline", "--train-samples", "30"], project).stdout for _ in "ab"]
+    assert ", fitted on 30 training samples): test accuracy " in few[0]
+    assert few[0] == few[1]
 
     lock = (project / "dvc.lock").read_text()
     csv = project / "data/external/iris.csv"

@@ -195,4 +195,5 @@ def test_a_section_read_records_the_keys_read(monkeypatch, tmp_path):
         *(f"tune.{k}" for k in ("metric", "epochs", "seed", "sampler", "pruner", "storage")),
         "tune.workers",
         "tune.train_samples",
+        "tune.val_samples",
     }

@@ -280,10 +280,11 @@ def test_tune_prints_and_tags_its_device_and_writes_its_reports(
     assert [run.data.tags["device"] for run in parent] == [expected]
 
 
-def test_trials_train_on_tune_train_samples_of_the_training_split(
+def test_trials_train_and_are_judged_on_tune_samples_of_the_splits(
     mlflow_store, digits_prepared, monkeypatch, capsys
 ):
     import mlflow
+    import torch
 
     from pipeline import tracking, training
     from pipeline.stages import tune
@@ -292,18 +293,30 @@ def test_trials_train_on_tune_train_samples_of_the_training_split(
     monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
     space = {**GRID, "lr": [0.003], "batch_size": [64], "channels": [8]}
     tune_section = {"n_trials": 1, "epochs": 1, "sampler": "grid", "search_space": space}
-    params = parse_params({"tune": {**tune_section, "train_samples": 300}})
+    params = parse_params({"tune": {**tune_section, "train_samples": 300, "val_samples": 100}})
     (mlflow_store / "reports").mkdir()
     tune.tune(params, mlflow_store / "reports")
     stdout = capsys.readouterr().out
-    assert "[tune] trials train on 300 of the 1252 training samples (tune.train_samples)" in stdout
+    assert "[tune] trials train on 300 of the 1252 train samples (tune.train_samples)" in stdout
+    assert "[tune] trials are judged on 100 of the 277 val samples (tune.val_samples)" in stdout
     assert len(digits_prepared.tables["train"]) == 1252  # the data itself is not cut
+    # What the trials get: the same rows in the table and the tensors, every run alike.
+    cut = tune.prepare(params)
+    for split, n in (("train", 300), ("val", 100)):
+        x, y = cut.tensors[split]
+        table = cut.tables[split]
+        assert (len(x), len(y), len(table)) == (n, n, n)
+        keep = tune.subset(len(digits_prepared.tables[split]), n, params.tune.seed)
+        assert torch.equal(x, digits_prepared.tensors[split][0][keep])
+        assert table.equals(digits_prepared.tables[split].iloc[keep.numpy()].reset_index(drop=True))
+    assert torch.equal(tune.prepare(params).tensors["val"][1], cut.tensors["val"][1])
     (parent,) = mlflow.search_runs(
         experiment_names=[params.mlflow.experiment],
         filter_string="tags.mlflow.parentRunId IS NULL",
         output_format="list",
     )
     assert parent.data.params["tune.train_samples"] == "300"
+    assert parent.data.params["tune.val_samples"] == "100"
     # The default (10,000) keeps every one of the digits: no line.
     assert tune.subset(1252, 10_000, 42) is None
     assert tune.subset(1252, None, 42) is None

@@ -665,28 +665,31 @@ def torch_threads(threads: int | None):
 
 
 def prepare(params: Params):
-    """The train and val splits, checked against every model the study may build; the train
-    split cut to ``tune.train_samples`` (see :func:`subset`)."""
+    """The train and val splits, checked against every model the study may build, cut to
+    ``tune.train_samples`` and ``tune.val_samples`` (see :func:`subset`)."""
     from pipeline.training import Prepared, check_model, load_prepared
 
     data = load_prepared(splits=("train", "val"))
     for name in params.tune.search_space.model or [params.model.name]:
         model = params.model.model_copy(update={"name": name})
         check_model(model, data.manifest, params.train.augment)
-    keep = subset(len(data.tables["train"]), params.tune.train_samples, params.tune.seed)
-    if keep is not None:
-        x, y = data.tensors["train"]
+    cfg = params.tune
+    tables, tensors = dict(data.tables), dict(data.tensors)
+    for split, most, role, key in (
+        ("train", cfg.train_samples, "train on", "train_samples"),
+        ("val", cfg.val_samples, "are judged on", "val_samples"),
+    ):
+        keep = subset(len(tables[split]), most, cfg.seed)
+        if keep is None:
+            continue
+        x, y = tensors[split]
         print(
-            f"[tune] trials train on {len(keep)} of the {len(x)} training samples "
-            "(tune.train_samples); the train stage uses them all"
+            f"[tune] trials {role} {len(keep)} of the {len(x)} {split} samples "
+            f"(tune.{key}); the train stage uses them all"
         )
-        table = data.tables["train"].iloc[keep.numpy()].reset_index(drop=True)
-        data = Prepared(
-            data.manifest,
-            {**data.tables, "train": table},
-            {**data.tensors, "train": (x[keep], y[keep])},
-        )
-    return data
+        tables[split] = tables[split].iloc[keep.numpy()].reset_index(drop=True)
+        tensors[split] = (x[keep], y[keep])
+    return Prepared(data.manifest, tables, tensors)
 
 
 def subset(n: int, most: int | None, seed: int):
