@@ -299,8 +299,9 @@ def baseline(
         None,
         min=1,
         help="Fit on at most this many training samples (drawn at random, the same each "
-        "time). An SVC's fit time grows with the square of the samples: on MNIST-sized "
-        "data, 5000 takes seconds and all of them most of an hour.",
+        "time). An SVC's fit time grows at least with the square of the samples: on "
+        "MNIST-sized data 5000 take about 30 s per (C, gamma), ten times as many at least "
+        "a hundred times as long.",
     ),
 ) -> None:
     """Score an RBF SVC (C and gamma chosen on val) on the pipeline's test split."""
