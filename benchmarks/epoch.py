@@ -117,6 +117,7 @@ def stage_fit(
     ``uri``: the tracking URI (default: a sqlite store in ``store``)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
+    from pipeline import tracking
     from pipeline.config import ModelParams
     from pipeline.stages.train import Resume, train_callbacks
     from pipeline.training import fit
@@ -132,7 +133,8 @@ def stage_fit(
             experiment_name="bench", tracking_uri=uri, run_name="bench", synchronous=False
         )
     start = time.perf_counter()
-    with quiet():
+    # As the train stage logs: asynchronously, every metric stored when the fit ends.
+    with quiet(), tracking.async_metrics() if logging else contextlib.nullcontext():
         fit(
             hp,
             ModelParams(),
@@ -142,10 +144,6 @@ def stage_fit(
             default_root_dir=str(store),
             **fit_options,
         )
-        if logging:
-            import mlflow
-
-            mlflow.flush_async_logging()  # as the train stage does: every metric stored
     seconds = time.perf_counter() - start
     resume.finished()  # removes its checkpoints
     return clock.epochs(), clock.val_losses, seconds

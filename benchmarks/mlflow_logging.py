@@ -1,5 +1,5 @@
 """The cost of MLflow logging: the default training run (the train section's defaults: up to
-40 epochs with early stopping, on the digits) with the train stage's MLflow logger and without
+10 epochs with early stopping, on the digits) with the train stage's MLflow logger and without
 it. Rounds alternate the two; the ratio is the median of the rounds' ratios. Goal ≤ 1.05×."""
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from pipeline.data.table import PREPARED_DIR
-from pipeline.io import StageError, Terminated
+from pipeline.io import StageError, Terminated, env_scope
 
 MLRUNS_DIR = Path("mlruns")
 # Where DVC makes the temporary copies of a repository that queued experiments run in
@@ -537,6 +537,25 @@ def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     if bad:
         raise ValueError(f"refusing to log non-finite metrics: {bad}")
     return {k: float(v) for k, v in metrics.items()}
+
+
+# MLflow's setting (whole seconds) for how long its asynchronous logging gathers metrics.
+ASYNC_BUFFERING = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
+
+
+@contextmanager
+def async_metrics() -> Iterator[None]:
+    """A block that logs asynchronously (``MLFlowLogger(synchronous=False)``), with every
+    metric stored when it ends. MLflow's logging thread otherwise waits on its queue for up
+    to a second at a time, and the flush waits for that wait to end: about half a second
+    more for every training. With ``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS`` (1 unless the
+    environment sets it) the thread waits on the flag the flush raises instead, and each
+    second's metrics go to the store in one request."""
+    import mlflow
+
+    with env_scope({} if os.environ.get(ASYNC_BUFFERING) else {ASYNC_BUFFERING: "1"}):
+        yield
+        mlflow.flush_async_logging()
 
 
 @contextmanager

@@ -64,3 +64,28 @@ def test_git_info_outside_a_repository(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert tracking.git_info() == {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+@pytest.mark.parametrize("preset", [None, "3"])
+def test_async_metrics_buffer_while_logging_and_are_all_stored_when_it_ends(
+    mlflow_store, monkeypatch, preset
+):
+    import mlflow
+
+    if preset is None:
+        monkeypatch.delenv(tracking.ASYNC_BUFFERING, raising=False)
+    else:
+        monkeypatch.setenv(tracking.ASYNC_BUFFERING, preset)
+    experiment = tracking.setup("unit")
+    with tracking.run(experiment, "async", {}) as active:
+        run_id = active.info.run_id
+        with tracking.async_metrics():
+            # MLflow's buffering interval, or the one the environment chose.
+            assert os.environ[tracking.ASYNC_BUFFERING] == (preset or "1")
+            for step in range(5):
+                mlflow.log_metric("loss", 1.0 / (step + 1), step=step, synchronous=False)
+        assert os.environ.get(tracking.ASYNC_BUFFERING) == preset  # put back
+        history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+        assert sorted((m.step, m.value) for m in history) == [
+            (step, 1.0 / (step + 1)) for step in range(5)
+        ]

@@ -455,19 +455,24 @@ def train(
             tracking_uri=tracking.tracking_uri(), run_id=run_id, synchronous=False
         )
         os.environ[CKPT_ENV] = str(ckpt_path or "")
-        with nondeterministic_ops() as ops, warnings.catch_warnings():
+        with tracking.async_metrics(), nondeterministic_ops() as ops, warnings.catch_warnings():
             for message in EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             try:
                 module, trainer = fit(
-                    hp, model, data, callbacks, logger=logger, ckpt_path=ckpt_path, distributed=True
+                    hp,
+                    model,
+                    data,
+                    callbacks,
+                    logger=logger,
+                    ckpt_path=ckpt_path,
+                    distributed=True,
                 )
             except RuntimeError as exc:
                 lost = lost_process(exc)
                 if lost is None:
                     raise
                 raise StageError(lost) from None
-        mlflow.flush_async_logging()
         mlflow.set_tag("determinism", determinism(hp, ops))
         held = trainer.datamodule
         where = "on the device" if held.placement == "device" else "streamed from host memory"
