@@ -32,14 +32,14 @@ C_GRID = [1, 10, 100]
 EPOCH_LINE = re.compile(r"^\[train\] epoch \d+/\d+ .*\((\d+(?:\.\d+)?)s\)$", re.MULTILINE)
 
 
-def study_seconds(trials_csv) -> float:
-    """First trial start to last trial end."""
+def study_seconds(trials_csv) -> tuple[float, int]:
+    """First trial start to last trial end, and the number of trials."""
     trials = pd.read_csv(trials_csv)
     # A time on a whole second is written without its fraction: formats mix.
     start, end = (
         pd.to_datetime(trials[c], format="mixed") for c in ("datetime_start", "datetime_complete")
     )
-    return (end.max() - start.min()).total_seconds()
+    return (end.max() - start.min()).total_seconds(), len(trials)
 
 
 def run(ctx: Context) -> list[dict]:
@@ -53,7 +53,7 @@ def run(ctx: Context) -> list[dict]:
     wall, out = timed(["dvc", "repro"], project)
     epochs = [float(s) for s in EPOCH_LINE.findall(out)]
     epoch = statistics.median(epochs)
-    study = study_seconds(project / "reports/tune/trials.csv")
+    study, trials = study_seconds(project / "reports/tune/trials.csv")
     metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())
     best = json.loads((project / "reports/tune/best_params.json").read_text())
     ours = metrics["test/accuracy"]
@@ -83,8 +83,7 @@ def run(ctx: Context) -> list[dict]:
             "s",
         ),
         result(
-            f"{label}: the default study ({len(pd.read_csv(project / 'reports/tune/trials.csv'))}"
-            " trials)",
+            f"{label}: the default study ({trials} trials)",
             round(study),
             None,
             None,

@@ -79,4 +79,4 @@ def test_the_repro_rows_read_the_train_stages_epoch_lines_and_the_trials_table(
         }
     )
     trials.to_csv(tmp_path / "trials.csv", index=False)
-    assert study_seconds(tmp_path / "trials.csv") == 195.5
+    assert study_seconds(tmp_path / "trials.csv") == (195.5, 3)
