@@ -1,8 +1,9 @@
 """Epoch time: the train stage's training against a hand-written PyTorch loop.
 
 Both sides train the same network from the same seed on the same data with the same batch
-size, optimiser (AdamW) and cosine schedule; both validate every epoch, log the epoch's
-metrics to MLflow (a SQLite store) and keep a copy of the best weights. Ours is
+size, optimiser (fused AdamW, built by the same function) and cosine schedule; both validate
+every epoch, log the epoch's metrics to MLflow (a SQLite store) and keep a copy of the best
+weights. Ours is
 ``pipeline.training.fit`` with the train stage's callbacks and MLflow logger.
 
 Two workloads: the digits (1,257 training images of 8×8, batch 64, whole epochs) and an
@@ -171,19 +172,19 @@ def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], l
     epoch.
 
     Moves the data to the device once, shuffles with a seeded generator and indexes each batch
-    from the tensors there, steps AdamW at train.lr scaled to the batch by the same rule
-    (``train.lr_scaling``) and, once per epoch, the cosine schedule; checks the epoch's loss is
-    finite; validates in batches of ``max(batch_size, 512)``, as ours does, and prints a line. With
-    ``store`` it also does what the train stage does each epoch: logs the epoch's metrics with
-    ``mlflow.log_metrics`` and keeps a copy of the best weights by val/loss, counting epochs
-    without improvement for early stopping."""
+    from the tensors there, steps the optimizer ours builds (fused AdamW) at train.lr scaled to
+    the batch by the same rule (``train.lr_scaling``) and, once per epoch, the cosine schedule;
+    checks the epoch's loss is finite; validates in batches of ``max(batch_size, 512)``, as
+    ours does, and prints a line. With ``store`` it also does what the train stage does each
+    epoch: logs the epoch's metrics with ``mlflow.log_metrics`` and keeps a copy of the best
+    weights by val/loss, counting epochs without improvement for early stopping."""
     import torch
     from torch.nn import functional as F
 
     from pipeline.config import ModelParams
     from pipeline.device import resolve
     from pipeline.models import build_net, model_spec
-    from pipeline.models.module import scaled_lr
+    from pipeline.models.module import build_optimizer, scaled_lr
     from pipeline.training import fit_environment, fit_scope
 
     hp, mp = work.hp(), ModelParams()
@@ -193,8 +194,8 @@ def hand_loop(work: Workload, store: Path | None = None) -> tuple[list[float], l
     )
     torch.manual_seed(hp.seed)
     net = build_net(model_spec(mp.name, work.data.manifest, mp.channels, mp.dropout)).to(device)
-    lr = scaled_lr(hp.lr, "adamw", hp.lr_scaling, hp.batch_size, hp.lr_batch_size)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=hp.weight_decay)
+    lr = scaled_lr(hp.lr, hp.optimizer, hp.lr_scaling, hp.batch_size, hp.lr_batch_size)
+    opt = build_optimizer(hp.optimizer, list(net.parameters()), lr, hp.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=hp.max_epochs)
     generator = torch.Generator().manual_seed(hp.seed)
     bs, val_bs = hp.batch_size, max(hp.batch_size, 512)

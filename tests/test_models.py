@@ -235,3 +235,29 @@ def test_the_cnn_costs_what_its_input_size_affords(shape, macs, pooled_early):
     assert counter.get_total_flops() // 2 == macs
     second = net[4]  # after the first conv, batch norm and ReLU
     assert isinstance(second, torch.nn.MaxPool2d) is pooled_early
+
+
+def test_a_model_of_another_layout_version_is_refused_by_name(tmp_path):
+    import json
+
+    from pipeline.models import ARCHITECTURE_VERSIONS
+    from pipeline.stages.evaluate import load_model
+
+    manifest = Manifest("t", 0, "x", list(range(10)), [1, 8, 8], [0.0, 16.0])
+    spec = model_spec("cnn", manifest, channels=8, dropout=0.1)
+    assert spec["architecture_version"] == ARCHITECTURE_VERSIONS["cnn"] == 2
+    torch.save(build_net(spec).state_dict(), tmp_path / "model.pt")
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "model.json").write_text(json.dumps(spec))
+    net, loaded = load_model(tmp_path)
+    assert loaded == spec and not net.training
+
+    # Written before model.json had a version: the cnn's first layout.
+    del spec["architecture_version"]
+    (tmp_path / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(StageError) as error:
+        load_model(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path}/model.json: the model is a cnn of layout version 1, and this Runway builds "
+        "version 2; retrain it (dvc repro train)"
+    )

@@ -320,6 +320,44 @@ def test_the_learning_rate_is_scaled_to_the_global_batch(optimizer, scaling, bat
     assert scaled_lr(3e-3, optimizer, scaling, batch, 64) == pytest.approx(expected)
 
 
+@pytest.mark.slow  # trains four models for an epoch
+def test_optimizers_use_fused_kernels_but_where_mixed_precision_clips(digits_prepared):
+    from pipeline.models.module import build_optimizer
+
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    for name, kind in kinds.items():
+        hp = TrainParams(max_epochs=1, accelerator="cpu", optimizer=name)
+        _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [])
+        (optimizer,) = trainer.optimizers
+        assert type(optimizer) is kind
+        assert optimizer.defaults["fused"] is True
+        assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(hp.lr)
+
+    # Lightning cannot clip a fused optimizer's gradients under mixed precision: not fused.
+    hp = TrainParams(
+        max_epochs=1, accelerator="cpu", precision="bf16-mixed", gradient_clip_val=0.05
+    )
+    history = MetricHistory()
+    _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [history])
+    assert not trainer.optimizers[0].defaults["fused"]
+    assert len(history.history) == 1
+
+    # The same update as torch's for-loop implementation.
+    torch.manual_seed(0)
+    weights, grad = torch.randn(5, 3), torch.randn(5, 3)
+    steps = []
+    for fused in (True, False):
+        param = torch.nn.Parameter(weights.clone())
+        optimizer = build_optimizer("adamw", [param], 1e-2, 1e-4, fused=fused)
+        for _ in range(3):
+            param.grad = grad.clone()
+            optimizer.step()
+        steps.append(param.detach())
+    assert optimizer.defaults["fused"] is None
+    torch.testing.assert_close(steps[0], steps[1])
+    assert not torch.equal(steps[1], weights)
+
+
 def test_precision_and_compile_are_params_and_trainer_options():
     hp = TrainParams(accelerator="cpu", precision="bf16-mixed", compile=True)
     assert trainer_options(hp)["precision"] == "bf16-mixed"

@@ -14,6 +14,10 @@ from pipeline.models.mlp import build_mlp
 from pipeline.models.resnet import build_resnet18
 
 MODELS = {"cnn": build_cnn, "resnet18": build_resnet18, "mlp": build_mlp}
+# The layout of each network's layers, recorded in model.json: raised when a builder changes
+# the layers, so that weights trained by another layout are refused by name (cnn 2: pooled
+# before the first full-width block).
+ARCHITECTURE_VERSIONS = {"cnn": 2, "resnet18": 1, "mlp": 1}
 IMAGE_MODELS = ("cnn", "resnet18")
 
 # Where train writes the model and evaluate/register read it.
@@ -42,6 +46,7 @@ def model_spec(name: str, manifest, channels: int, dropout: float) -> dict:
     """Everything needed to rebuild the network (weights come from the state dict)."""
     return {
         "architecture": name,
+        "architecture_version": ARCHITECTURE_VERSIONS[name],
         "image_shape": manifest.image_shape,
         "n_classes": len(manifest.classes),
         "classes": manifest.classes,

