@@ -83,7 +83,11 @@ def test_two_workers_finish_exactly_n_trials_each_a_nested_run(iris):
     tune = {**SHARED, "n_trials": 6, "workers": 2, "epochs": 150, "pruner": "none"}
     edit_params(project, {"tune": tune})
     out = run(["dvc", "repro", "tune"], project, env=env).stdout
-    assert "[tune] 2 workers (this process and 1 more), 1 torch thread(s) each" in out
+    started = "[tune] 2 workers (this process and 1 more), 1 torch thread(s) each"
+    # The second worker starts before this process loads the data and opens the study (its
+    # start-up overlaps this one's), and waits for the study.
+    assert out.index(started) < out.index("[tune] device ")
+    assert "[tune worker 1] joined study " in out
     assert "[tune worker 0] trial " in out and "[tune worker 1] trial " in out, out
     assert "View run" not in out and "View experiment" not in out
     found = study(env, project / "params.yaml")
@@ -190,3 +194,47 @@ def test_a_worker_on_another_machine_joins_the_study(iris, tmp_path):
     assert len(by) == 2  # the stage's process and the other clone's worker
     runs = trial_runs(env, "runway-iris", f"tune · {found.study_name}")
     assert len(runs) == 8
+
+
+WAITING_WORKER = """
+from pipeline.config import TuneParams
+from pipeline.stages.tune import PARENT_RUN, wait_for_study
+
+_, found = wait_for_study(TuneParams(storage="OPTUNA_STORAGE"), "waited-for")
+print(found.study_name, found.user_attrs[PARENT_RUN])
+"""
+
+
+def test_a_worker_the_stage_started_waits_for_the_tables_and_the_study(tmp_path):
+    """A worker the tune stage starts is usually ready before the stage has made the study
+    database's tables and opened the study: it waits for both while the stage runs."""
+    import optuna
+
+    from pipeline.stages.tune import PARENT_RUN
+
+    database = tmp_path / "optuna.db"
+    url = f"sqlite:///{database}"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WAITING_WORKER],
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "OPTUNA_STORAGE": url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not database.exists() and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # the worker opened the empty database: no tables yet
+        assert database.exists() and worker.poll() is None
+        time.sleep(1)
+        study = optuna.create_study(study_name="waited-for", storage=url)  # makes the tables
+        time.sleep(1)
+        assert worker.poll() is None  # the study has no MLflow run yet
+        study.set_user_attr(PARENT_RUN, "run-of-the-stage")
+        out, err = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, err
+    assert out == "waited-for run-of-the-stage\n"

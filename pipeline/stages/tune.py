@@ -22,13 +22,14 @@ backend). ``tune.n_trials: 0`` skips tuning: best_params.json is ``{}``, train u
 params.yaml as is, and the history plot is a placeholder.
 
 A shared study (``tune.storage`` naming an environment variable with a database URL, e.g. the
-team server's PostgreSQL, or ``tune.workers`` > 1): the stage creates the study once, starts
-``tune.workers`` worker processes (``python -m pipeline.stages.tune --worker I``), and any
-machine may add more (``runway tune-worker``, i.e. ``--join``); every worker runs trials until
-the study has ``tune.n_trials`` finished ones in total (:func:`run_until_done`). Trials send
-heartbeats: one whose worker died is failed and run again by another worker, and the stage
-ends its MLflow run KILLED (:func:`end_orphan_runs`). Trials log under the study's tune run,
-whose id the study keeps (``PARENT_RUN``).
+team server's PostgreSQL, or ``tune.workers`` > 1): the stage starts ``tune.workers`` - 1
+worker processes first (``python -m pipeline.stages.tune --worker I``, which wait for the
+study), creates the study once and is worker 0 itself; any machine may add more (``runway
+tune-worker``, i.e. ``--join``). Every worker runs trials until the study has
+``tune.n_trials`` finished ones in total (:func:`run_until_done`). Trials send heartbeats: one
+whose worker died is failed and run again by another worker, and the stage ends its MLflow run
+KILLED (:func:`end_orphan_runs`). Trials log under the study's tune run, whose id the study
+keeps (``PARENT_RUN``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from pipeline import tracking
@@ -705,6 +706,20 @@ def subset(n: int, most: int | None, seed: int):
 
 def tune(params: Params, out_dir: Path) -> dict:
     """Run (or resume) the study; write its reports into ``out_dir``; return best params."""
+    cfg = params.tune
+    # Local workers start first, so that their imports and data loading (about 5 s) overlap
+    # this process's instead of following them while this process already runs trials. They
+    # wait for the study this process is about to open.
+    workers = ExitStack()
+    if cfg.workers > 1:
+        workers.enter_context(more_workers(cfg.workers))
+    with workers:
+        return run_study(params, out_dir, workers)
+
+
+def run_study(params: Params, out_dir: Path, workers: ExitStack) -> dict:
+    """:func:`tune` once the local workers (``workers``) are started: closing ``workers``
+    waits for them."""
     import mlflow
     from optuna.trial import TrialState
 
@@ -735,11 +750,12 @@ def tune(params: Params, out_dir: Path) -> dict:
             optimize(study, objective, todo)
         else:
             many = cfg.workers > 1 and todo
-            threads = threads_per_worker(cfg.workers) if many else None
-            with more_workers(cfg.workers) if many else nullcontext(), torch_threads(threads):
+            threads = threads_per_worker(cfg.workers) if cfg.workers > 1 else None
+            with torch_threads(threads):
                 # Until the total is reached, counting every worker's trials (and those of
                 # workers on other machines), a dead worker's retried trial included.
                 run_until_done(study, objective, cfg.n_trials)
+            workers.close()  # waits for the local workers
             if many:  # a trial of a worker that died after the others finished
                 run_until_done(study, objective, cfg.n_trials)
             ended = end_orphan_runs(study)
@@ -774,6 +790,40 @@ def tune(params: Params, out_dir: Path) -> dict:
     return best.params
 
 
+def opened_study(name: str, storage):
+    """The study ``name`` once the tune stage has opened it (its MLflow run is set); else None."""
+    import optuna
+
+    try:
+        found = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    return found if PARENT_RUN in found.user_attrs else None
+
+
+def wait_for_study(cfg: TuneParams, name: str):
+    """(storage, study) for a worker the tune stage started: such a worker is usually ready
+    before the stage has opened the study (or made the database's tables), so it waits while
+    the stage runs. The study is None if the stage ended first."""
+    from optuna.exceptions import OptunaError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    stage = os.getppid()
+    while True:
+        try:
+            storage = make_storage(cfg, create=False)
+            found = opened_study(name, storage)
+        # No tables yet (Optuna's StorageInternalError), or tables being made (its schema
+        # version check raises RuntimeError).
+        except (StageError, SQLAlchemyError, OptunaError, RuntimeError):
+            if os.getppid() != stage:
+                raise
+            found = None
+        if found is not None or os.getppid() != stage:
+            return storage, found
+        time.sleep(0.2)
+
+
 def join(params: Params, index: int | None = None, threads: int | None = None) -> None:
     """Work on the current study (the one the tune stage runs for these params and this
     prepared data) until it has ``tune.n_trials`` finished trials: a worker started by the
@@ -798,12 +848,12 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
     data = prepare(params)
     name = study_name(params, tracking.dvc_hash(PREPARED_DIR))
     quiet_optuna()
-    storage = make_storage(cfg, create=False)
-    try:
-        found = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        found = None
-    if found is None or PARENT_RUN not in found.user_attrs:
+    if index is None:
+        storage = make_storage(cfg, create=False)
+        found = opened_study(name, storage)
+    else:
+        storage, found = wait_for_study(cfg, name)
+    if found is None:
         raise StageError(
             f"study {name} is not in the study database yet: the tune stage starts it "
             "(`dvc repro` on one machine, with the same params.yaml and data), then workers join"
