@@ -808,17 +808,17 @@ def wait_for_study(cfg: TuneParams, name: str):
     from optuna.exceptions import OptunaError
     from sqlalchemy.exc import SQLAlchemyError
 
-    stage = os.getppid()
+    stage, storage = os.getppid(), None
     while True:
         try:
-            storage = make_storage(cfg, create=False)
+            storage = storage or make_storage(cfg, create=False)
             found = opened_study(name, storage)
         # No tables yet (Optuna's StorageInternalError), or tables being made (its schema
-        # version check raises RuntimeError).
+        # version check raises RuntimeError): the storage is made again on the next try.
         except (StageError, SQLAlchemyError, OptunaError, RuntimeError):
             if os.getppid() != stage:
                 raise
-            found = None
+            storage, found = None, None
         if found is not None or os.getppid() != stage:
             return storage, found
         time.sleep(0.2)
