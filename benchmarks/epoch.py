@@ -112,15 +112,13 @@ def stage_fit(
     uri: str | None = None,
     **fit_options,
 ):
-    """The train stage's training: its callbacks and Lightning's MLFlowLogger (as the stage
-    builds them) around ``pipeline.training.fit``. Returns seconds per epoch, val/loss per
-    epoch, and seconds of the whole fit. ``hp``: changes to the workload's train section;
-    ``uri``: the tracking URI (default: a sqlite store in ``store``)."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
+    """The train stage's training: its callbacks and MLflow logger (as the stage builds them)
+    around ``pipeline.training.fit``. Returns seconds per epoch, val/loss per epoch, and
+    seconds of the whole fit. ``hp``: changes to the workload's train section; ``uri``: the
+    tracking URI (default: a sqlite store in ``store``)."""
     from pipeline import tracking
     from pipeline.config import ModelParams
-    from pipeline.stages.train import Resume, train_callbacks
+    from pipeline.stages.train import CheckpointedLogger, Resume, train_callbacks
     from pipeline.training import fit
 
     hp = work.hp(**(hp or {}))
@@ -130,7 +128,7 @@ def stage_fit(
     logger = False
     if logging:
         uri = uri or f"sqlite:///{store}/mlflow.db"
-        logger = MLFlowLogger(
+        logger = CheckpointedLogger(
             experiment_name="bench", tracking_uri=uri, run_name="bench", synchronous=False
         )
     start = time.perf_counter()

@@ -387,6 +387,42 @@ def test_a_resumed_run_sends_mlflow_the_epochs_it_lost(mlflow_store, digits_prep
         assert steps == [0, 1, 2], key
 
 
+def test_an_epochs_metrics_reach_mlflow_only_after_its_checkpoint(mlflow_store, digits_prepared):
+    """Lightning hands the logger an epoch's metrics before the epoch's checkpoints are
+    written. Sent then, a process killed before ``last.ckpt`` would resume from the epoch
+    before, train the epoch again and give MLflow a second point at its step. The stage's
+    logger sends them once ``last.ckpt`` is written: a callback that runs between the two
+    (Lightning runs checkpoint callbacks last) finds only the earlier epochs in MLflow."""
+    import mlflow
+
+    from pipeline.training import fit
+
+    mlflow.set_experiment("order")
+    with mlflow.start_run() as run:
+        pass
+    client = mlflow.MlflowClient()
+    seen: list[list[int]] = []
+
+    class BeforeTheCheckpoints(pl.Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            mlflow.flush_async_logging()
+            history = client.get_metric_history(run.info.run_id, "val/loss")
+            seen.append(sorted(m.step for m in history))
+
+    hp = HP.model_copy(update={"max_epochs": 3, "patience": 3})
+    callbacks, _ = stage.train_callbacks(hp, Resume("order", mlflow_store / "ckpt"))
+    logger = stage.CheckpointedLogger(
+        tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id, synchronous=False
+    )
+    fit(hp, MODEL, digits_prepared, [*callbacks, BeforeTheCheckpoints()], logger=logger)
+    mlflow.flush_async_logging()
+    assert seen == [[], [0], [0, 1]]
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "train/samples_per_s"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == [0, 1, 2], key
+    assert logger.held == []
+
+
 def test_where_the_data_lives_is_no_reason_to_start_afresh():
     """train.data_placement changes how fast, not what, a run trains: same resume key."""
     key = stage.resume_key(HP, MODEL)

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.distributed import ReduceOp
 
@@ -225,6 +226,40 @@ class LoggedEpochs(pl.Callback):
             ]
         if missing:
             client.log_batch(run_id, metrics=missing)
+
+
+class CheckpointedLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger, sending an epoch's metrics once that epoch's ``last.ckpt`` is
+    written (after the ModelCheckpoint without a monitor saves), and whatever is still held
+    when the fit ends, fails or is interrupted. Lightning hands the logger an epoch's metrics
+    before its checkpoints are written; a process killed in between would resume from the
+    previous epoch's checkpoint and train that epoch again, and MLflow would hold two points
+    at its step. Sent only after the checkpoint, they are either in MLflow and in the
+    checkpoint, or (killed before they reached the store) sent again from the checkpoint by
+    :class:`LoggedEpochs`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: list[tuple[dict, int | None]] = []
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        self.held.append((dict(metrics), step))
+
+    def send(self) -> None:
+        held, self.held = self.held, []
+        for metrics, step in held:
+            super().log_metrics(metrics, step)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        super().after_save_checkpoint(checkpoint_callback)
+        if checkpoint_callback.monitor is None:  # last.ckpt, written every epoch end
+            self.send()
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        self.send()
+        super().finalize(status)
 
 
 class ReplicasInSync(pl.Callback):
@@ -451,7 +486,7 @@ def train(
         callbacks, checkpoint = train_callbacks(hp, resume)
         # Asynchronous: an epoch's metrics go to the store while the next epoch trains (a
         # request to a team server takes tens of ms); flushed once training ends.
-        logger = MLFlowLogger(
+        logger = CheckpointedLogger(
             tracking_uri=tracking.tracking_uri(), run_id=run_id, synchronous=False
         )
         os.environ[CKPT_ENV] = str(ckpt_path or "")
