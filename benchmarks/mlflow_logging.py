@@ -3,8 +3,8 @@
 it. Rounds alternate the two; the ratio is the median of the rounds' ratios. Goal ≤ 1.05×.
 
 At least ``ROUNDS`` rounds, whatever ``--reps`` says: a run takes about 2 s, and on a 2-core
-machine one round's ratio ranges from 0.85× to 1.35× (the logging thread and the store's
-writes cost about 20 ms of CPU in all, the spread is the machine's), so the median of five
+machine one round's ratio ranges from 0.85× to 1.35× (the logger's calls and the store's
+writes take 15–40 ms of CPU per run; the spread is the machine's), so the median of five
 rounds moved between 0.98× and 1.09× from one benchmark run to the next."""
 
 from __future__ import annotations

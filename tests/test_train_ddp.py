@@ -21,10 +21,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]
 DIGITS = {"tune": {"n_trials": 0}, "train": {"max_epochs": 8, "patience": 8}}
 
 
-def train_runs(project: Path, experiment: str):
+def store(project: Path):
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{project}/mlruns/mlflow.db")
+    return mlflow.MlflowClient(f"sqlite:///{project}/mlruns/mlflow.db")
+
+
+def train_runs(project: Path, experiment: str):
+    client = store(project)
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], max_results=100)
     return [r for r in runs if r.info.run_name.startswith("train")]
@@ -58,6 +62,9 @@ def test_two_processes_train_one_run_with_identical_replicas(tmp_path):
     assert two.data.params["train.global_batch_size"] == "64"
     assert two.data.params["train.effective_lr"] == two.data.params["train.lr"]
     assert two.data.tags["ddp.replicas_identical"] == "true"
+    # Sent by the first process once each epoch's checkpoint is written: one point per epoch.
+    history = store(project).get_metric_history(two.info.run_id, "val/loss")
+    assert sorted(m.step for m in history) == list(range(DIGITS["train"]["max_epochs"]))
     assert json.loads((project / "models/run.json").read_text())["run_id"] == two.info.run_id
     assert abs(accuracy(project) - alone) <= 0.01, (alone, accuracy(project))
 

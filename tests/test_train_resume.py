@@ -148,6 +148,17 @@ def metric_histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     }
 
 
+EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "train/samples_per_s")
+EVERY_EPOCH_ONCE = {key: [0, 1, 2] for key in EPOCH_METRICS}  # a 3-epoch run
+
+
+def logged_steps(client, run_id: str) -> dict[str, list[int]]:
+    """The steps of each per-epoch metric in MLflow, a repeated step as often as it is there."""
+    return {
+        key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in EPOCH_METRICS
+    }
+
+
 @pytest.mark.slow  # trains three times
 @pytest.mark.parametrize(
     ("hp", "epoch", "resumed_epochs"),
@@ -381,10 +392,7 @@ def test_a_resumed_run_sends_mlflow_the_epochs_it_lost(mlflow_store, digits_prep
     more = hp.model_copy(update={"max_epochs": 3, "patience": 3})
     callbacks, _ = stage.train_callbacks(more, resume)
     fit(more, MODEL, digits_prepared, callbacks, logger=logger, ckpt_path=resume.last)
-    client = mlflow.MlflowClient()
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "train/samples_per_s"):
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-        assert steps == [0, 1, 2], key
+    assert logged_steps(mlflow.MlflowClient(), run.info.run_id) == EVERY_EPOCH_ONCE
 
 
 def test_an_epochs_metrics_reach_mlflow_only_after_its_checkpoint(mlflow_store, digits_prepared):
@@ -417,9 +425,7 @@ def test_an_epochs_metrics_reach_mlflow_only_after_its_checkpoint(mlflow_store, 
     fit(hp, MODEL, digits_prepared, [*callbacks, BeforeTheCheckpoints()], logger=logger)
     mlflow.flush_async_logging()
     assert seen == [[], [0], [0, 1]]
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "train/samples_per_s"):
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-        assert steps == [0, 1, 2], key
+    assert logged_steps(client, run.info.run_id) == EVERY_EPOCH_ONCE
     assert logger.held == []
 
 
