@@ -6,7 +6,7 @@ ratios of interleaved runs are what survives the noise. Prints the table (metric
 reference, ratio, goal, result), writes ``reports/bench.json`` and exits 1 when a goal is not
 met.
 
-    python -m benchmarks.run                      # everything (about 40 minutes on 2 idle cores)
+    python -m benchmarks.run                      # everything (about 30 minutes on 2 idle cores)
     python -m benchmarks.run --only loader,epoch --reps 3 --out /tmp/bench.json
     python -m benchmarks.run --threads 1          # on a machine others are using
     python -m benchmarks.run --accelerator cuda   # the training comparisons on the GPU
