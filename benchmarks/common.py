@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Rounds, at least, of a comparison of runs that take about 2 s (a digits fit), whatever
+# --reps says: on 2 shared cores one such round's ratio ranges over 0.85-1.45x, so the median
+# of five moved by up to 0.1x from one benchmark run to the next.
+SHORT_RUN_ROUNDS = 15
 
 
 @dataclass

@@ -17,7 +17,7 @@ and ``limit_val_batches``; the hand loop stops at the same counts).
 Each round trains each side once, alternating which goes first; an epoch's time runs from one
 epoch's start to the next's (so whatever Lightning does between epochs counts), and the first
 epoch (warm-up) is dropped. The ratio is the median of the rounds' ratios; the digits rows run
-at least ``DIGITS_ROUNDS`` rounds, whatever ``--reps`` says. For information, the
+at least ``SHORT_RUN_ROUNDS`` rounds (``benchmarks.common``). For information, the
 digits also get the Lightning loop alone against a bare hand loop (no logging, no callbacks),
 and the train stage with and without ``fit(..., plain_cuda_check=...)`` while that option
 exists: the lifting of ``PYTORCH_NVML_BASED_CUDA_CHECK`` (set by importing Lightning) during
@@ -36,13 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from benchmarks.common import Context, digits_prepared, interleaved, mnist_sized, quiet, ratio_row
+from benchmarks.common import (
+    SHORT_RUN_ROUNDS,
+    Context,
+    digits_prepared,
+    interleaved,
+    mnist_sized,
+    quiet,
+    ratio_row,
+)
 
 GOAL = 1.10
 TRAIN_BATCHES, VAL_BATCHES = 20, 2  # per epoch, MNIST-sized set
-# Rounds of the digits rows, at least, whatever --reps says: a digits fit takes about 2 s and
-# a single round's ratio ranges over 0.9-1.5x on 2 shared cores.
-DIGITS_ROUNDS = 15
 
 
 @dataclass
@@ -366,7 +371,7 @@ def run(ctx: Context) -> list[dict]:
 
     store, rows = ctx.scratch, []
     digits, mnist = workloads(ctx)
-    many = max(ctx.reps, DIGITS_ROUNDS)
+    many = max(ctx.reps, SHORT_RUN_ROUNDS)
     for work, rounds in ((digits, many), (mnist, ctx.reps)):
         rows.append(
             compare(

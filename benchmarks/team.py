@@ -17,7 +17,7 @@ basic auth) in a scratch folder, and three comparisons on the digits.
   evaluate. For information (2 processes on 2 cores share them).
 - Logging to the server against the local sqlite store: the default training run (the train
   section's defaults, early stopping) with the train stage's MLflow logger pointed at each,
-  in at least ``ROUNDS`` rounds (see ``benchmarks.mlflow_logging``). Goal ≤ 1.10×.
+  in at least ``SHORT_RUN_ROUNDS`` rounds (``benchmarks.common``). Goal ≤ 1.10×.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import (
+    SHORT_RUN_ROUNDS,
     Context,
     child_env,
     digits_prepared,
@@ -46,7 +47,6 @@ from benchmarks.common import (
     timed,
 )
 from benchmarks.epoch import Workload, stage_fit
-from benchmarks.mlflow_logging import ROUNDS
 from pipeline.io import env_scope
 
 TRIALS, EPOCHS = 12, 4
@@ -83,9 +83,13 @@ def team_server():
 
 
 def edit(project: Path, section: str, **values) -> None:
+    """Set keys of one params.yaml section; a mapping value (``search_space``) is merged into
+    the mapping there, key by key."""
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params[section].update(values)
+    for key, value in values.items():
+        old = params[section].get(key)
+        params[section][key] = old | value if isinstance(value, dict) and old else value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -105,7 +109,6 @@ def throughput(ctx: Context, client: dict) -> list[dict]:
     from pipeline.stages.tune import study_name
 
     project = digits_project(ctx, "team-tune")
-    space = yaml.safe_load((project / "params.yaml").read_text())["tune"]["search_space"]
     edit(
         project,
         "tune",
@@ -113,7 +116,7 @@ def throughput(ctx: Context, client: dict) -> list[dict]:
         epochs=EPOCHS,
         pruner="none",
         storage="OPTUNA_STORAGE",
-        search_space=space | FIXED,
+        search_space=FIXED,
     )
     data_hash = tracking.dvc_hash(project / "data/prepared")
     seed = iter(range(1000, 2000))
@@ -221,7 +224,7 @@ def logging_overhead(ctx: Context, client: dict) -> dict:
         server, local = interleaved(
             lambda: stage_fit(work, ctx.scratch, True, early, client["MLFLOW_TRACKING_URI"])[2],
             lambda: stage_fit(work, ctx.scratch, True, early)[2],
-            max(ctx.reps, ROUNDS),
+            max(ctx.reps, SHORT_RUN_ROUNDS),
         )
     return ratio_row(
         "default training run, MLflow logging to the team server vs the local sqlite store",
