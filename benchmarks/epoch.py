@@ -19,7 +19,9 @@ epoch's start to the next's (so whatever Lightning does between epochs counts), 
 epoch (warm-up) is dropped. The ratio is the median of the rounds' ratios; the digits rows run
 at least ``SHORT_RUN_ROUNDS`` rounds (``benchmarks.common``). For information, the
 digits also get the Lightning loop alone against a bare hand loop (no logging, no callbacks),
-and the train stage with and without ``fit(..., plain_cuda_check=...)`` while that option
+the same with the mlp in ms per optimizer step (its steps take so little compute that the
+difference is what Lightning's loop costs per step, which no model change removes), and the
+train stage with and without ``fit(..., plain_cuda_check=...)`` while that option
 exists: the lifting of ``PYTORCH_NVML_BASED_CUDA_CHECK`` (set by importing Lightning) during
 a fit. The hand loop always runs without that variable, as in a process without Lightning.
 """
@@ -27,6 +29,7 @@ a fit. The hand loop always runs without that variable, as in a process without 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -59,6 +62,12 @@ class Workload:
     train_batches: int | None = None  # None: whole epochs
     val_batches: int | None = None
     accelerator: str = "cpu"  # train.accelerator: auto, cpu or cuda (make bench --accelerator)
+    model: str = "cnn"  # model.name
+
+    def mp(self):
+        from pipeline.config import ModelParams
+
+        return ModelParams(name=self.model)
 
     def hp(self, **changes):
         from pipeline.config import TrainParams
@@ -66,6 +75,11 @@ class Workload:
         values = {"batch_size": self.batch_size, "max_epochs": self.epochs}
         values |= {"patience": self.epochs, "accelerator": self.accelerator, **changes}
         return TrainParams(**values)
+
+    def steps(self) -> int:
+        """Optimizer steps per epoch."""
+        whole = math.ceil(len(self.data.tensors["train"][0]) / self.batch_size)
+        return whole if self.train_batches is None else min(whole, self.train_batches)
 
     def limits(self) -> list:
         """The callbacks that make Lightning stop at the workload's batch counts."""
@@ -128,7 +142,6 @@ def stage_fit(
     seconds of the whole fit. ``hp``: changes to the workload's train section; ``uri``: the
     tracking URI (default: a sqlite store in ``store``)."""
     from pipeline import tracking
-    from pipeline.config import ModelParams
     from pipeline.stages.train import CheckpointedLogger, Resume, train_callbacks
     from pipeline.training import fit
 
@@ -147,7 +160,7 @@ def stage_fit(
     with quiet(), tracking.async_metrics() if logging else contextlib.nullcontext():
         fit(
             hp,
-            ModelParams(),
+            work.mp(),
             work.data,
             [*callbacks, clock, *work.limits()],
             logger=logger,
@@ -161,14 +174,13 @@ def stage_fit(
 
 def bare_fit(work: Workload, store: Path) -> tuple[list[float], list[float]]:
     """``pipeline.training.fit`` with no logger and no callbacks but the clock."""
-    from pipeline.config import ModelParams
     from pipeline.training import fit
 
     clock = epoch_clock()
     with quiet():
         fit(
             work.hp(),
-            ModelParams(),
+            work.mp(),
             work.data,
             [clock, *work.limits()],
             default_root_dir=str(store),
@@ -196,7 +208,6 @@ def hand_loop(
     import torch
     from torch.nn import functional as F
 
-    from pipeline.config import ModelParams
     from pipeline.device import resolve
     from pipeline.io import atomic_path
     from pipeline.models import build_net, model_spec
@@ -207,7 +218,7 @@ def hand_loop(
         with atomic_path(path) as tmp:
             torch.save(obj, tmp)
 
-    hp, mp = work.hp(), ModelParams()
+    hp, mp = work.hp(), work.mp()
     device = resolve(hp.accelerator)
     (x, y), (xv, yv) = (
         tuple(t.to(device) for t in work.data.tensors[split]) for split in ("train", "val")
@@ -301,22 +312,30 @@ def same(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all(close)
 
 
-def compare(metric: str, ours, reference, rounds: int, goal: float | None) -> dict:
+def compare(
+    metric: str, ours, reference, rounds: int, goal: float | None, per_step: Workload | None = None
+) -> dict:
     """Interleaved rounds of two training functions that return (seconds per epoch, val/loss
-    per epoch). A run counts its median epoch, the first (warm-up) epoch left out. The row
-    fails if the runs did not all compute the same val losses: then they did different work."""
+    per epoch). A run counts its median epoch, the first (warm-up) epoch left out; with
+    ``per_step``, that epoch over the workload's optimizer steps, in ms. The row fails if the
+    runs did not all compute the same val losses: then they did different work."""
     losses = []
+    steps = 1 if per_step is None else per_step.steps()
 
     def median_epoch(train):
         def measure() -> float:
             times, val_losses = train()
             losses.append(val_losses)
-            return statistics.median(times[1:])
+            return statistics.median(times[1:]) / steps
 
         return measure
 
     o, r = interleaved(median_epoch(ours), median_epoch(reference), rounds)
-    row = ratio_row(metric, o, r, goal)
+    if per_step is None:
+        row = ratio_row(metric, o, r, goal)
+    else:
+        row = ratio_row(metric, o, r, goal, unit="ms", scale=1e3)
+        row["extra_ms_per_step"] = round((statistics.median(o) - statistics.median(r)) * 1e3, 3)
     row["same_val_losses"] = all(same(losses[0], other) for other in losses)
     row["pass"] = row["pass"] and row["same_val_losses"]
     return row
@@ -398,6 +417,21 @@ def run(ctx: Context) -> list[dict]:
             lambda: hand_loop(digits),
             many,
             None,
+        )
+    )
+    # The mlp's steps take little compute, so the difference is what Lightning's loop costs
+    # per optimizer step whatever the model: over 10 % of an epoch whose steps take under
+    # ten times that.
+    small = dataclasses.replace(digits, model="mlp")
+    rows.append(
+        compare(
+            "  (digits, mlp: time per optimizer step, Lightning loop alone vs bare hand loop; "
+            "the difference is Lightning's cost per step)",
+            lambda: bare_fit(small, store),
+            lambda: hand_loop(small),
+            many,
+            None,
+            per_step=small,
         )
     )
     if "plain_cuda_check" in inspect.signature(fit).parameters:

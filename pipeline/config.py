@@ -285,7 +285,7 @@ class TrainParams(_Section):
     # model is float32 whatever trained it.
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     # Where the train and val splits live while training: device (moved once; batches are
-    # slices there), host (batches gathered in pinned host memory and copied as they are
+    # gathered there), host (batches gathered in pinned host memory and copied as they are
     # needed: data larger than the GPU), or auto: device when they take at most half of the
     # GPU's free memory (always on a CPU).
     data_placement: Literal["auto", "device", "host"] = "auto"

@@ -1,7 +1,7 @@
 """What tune and train share: the prepared data as tensors, seeding, and one Lightning fit.
 
 The splits are loaded once into memory and moved to the training device once; batches are
-slices of those tensors (see :class:`pipeline.data.loader.TensorBatches`).
+gathered from those tensors there (see :class:`pipeline.data.loader.TensorBatches`).
 :func:`trainer_options` says what the Trainer is built with; :func:`fit` trains inside a
 scope that puts back what a fit changes in the process (environment variables, torch's
 determinism flags, Lightning's logger levels, warning filters, signal handlers).
@@ -93,7 +93,7 @@ def placement(asked: str, nbytes: int, device: torch.device) -> tuple[str, str]:
 
 
 class InMemoryData(pl.LightningDataModule):
-    """Train/val tensors moved to the training device once; batches are slices.
+    """Train/val tensors moved to the training device once; batches are gathered there.
 
     Its state (in every checkpoint, restored before the loaders are made) is where the
     training batches stand: the shuffle generator's state and the batches served of an
@@ -135,7 +135,7 @@ class InMemoryData(pl.LightningDataModule):
             seed=self.seed,
             rank=self.trainer.global_rank,
             world=self.trainer.world_size,
-            **self.streaming(),
+            pin=self.pinned(),
         )
         if self.restored is not None:
             self.train_batches.load_state_dict(self.restored)
@@ -151,17 +151,17 @@ class InMemoryData(pl.LightningDataModule):
 
     def val_dataloader(self) -> TensorBatches:
         x, y = self.on_device["val"]
-        return TensorBatches(x, y, max(self.batch_size, 512), **self.streaming())
+        return TensorBatches(x, y, max(self.batch_size, 512), pin=self.pinned())
 
-    def streaming(self) -> dict:
-        host = self.placement == "host"
-        pinned = host and self.trainer.strategy.root_device.type == "cuda"
-        return {"stream": host, "pin": pinned}
+    def pinned(self) -> bool:
+        """Whether batches go through page-locked memory: data in host memory, training on
+        a GPU."""
+        return self.placement == "host" and self.trainer.strategy.root_device.type == "cuda"
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         if self.placement == "host":  # pinned: the copy overlaps the work queued before it
             return tuple(t.to(device, non_blocking=t.is_pinned()) for t in batch)
-        return batch  # slices of tensors already on the device: nothing to move per step
+        return batch  # gathered from tensors already on the device: nothing to move per step
 
 
 class WholeCheckpoints(TorchCheckpointIO):
@@ -293,7 +293,7 @@ def fit_environment(hp: TrainParams, plain_cuda_check: bool | None = None) -> di
     to keep forked workers CUDA-safe: with it set, ``torch.cuda.is_available()`` asks NVML on
     every call until CUDA is initialised, and Adam/AdamW call it on every ``step()`` (40-85 µs
     per step when training on the CPU, more where an NVIDIA driver is installed; nothing once
-    CUDA is in use). Nothing forks during a fit: batches are slices of in-memory tensors."""
+    CUDA is in use). Nothing forks during a fit: batches come from in-memory tensors."""
     if plain_cuda_check is None:
         plain_cuda_check = PLAIN_CUDA_CHECK
     env: dict[str, str | None] = {}

@@ -3,12 +3,13 @@ the train stage against does the same work, files included."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from benchmarks.common import digits_prepared
-from benchmarks.epoch import Workload, hand_loop, same, stage_fit
+from benchmarks.epoch import Workload, bare_fit, compare, hand_loop, same, stage_fit
 
 EPOCHS = 3
 
@@ -40,3 +41,29 @@ def test_without_files_the_hand_loop_writes_none(tmp_path):
     work = Workload("digits", digits_prepared(), 64, 2)
     hand_loop(work, tmp_path, files=False)
     assert not list(tmp_path.glob("*.pt"))
+
+
+def test_both_sides_train_the_workloads_model(tmp_path):
+    mlp = Workload("digits", digits_prepared(), 64, 2, model="mlp")
+    _, hand = hand_loop(mlp)
+    _, lightning = bare_fit(mlp, tmp_path)
+    assert same(hand, lightning)
+    _, cnn = hand_loop(dataclasses.replace(mlp, model="cnn"))
+    assert not same(hand, cnn)
+
+
+def test_a_per_step_row_gives_ms_per_optimizer_step():
+    work = Workload("digits", digits_prepared(), 64, 3)
+    assert work.steps() == 20  # 1,257 training images in batches of 64
+    assert dataclasses.replace(work, train_batches=5).steps() == 5
+
+    row = compare(
+        "per step",
+        lambda: ([9.0, 0.04, 0.05, 0.04], [0.5, 0.4, 0.3]),  # median after the first: 0.04 s
+        lambda: ([9.0, 0.03, 0.03, 0.02], [0.5, 0.4, 0.3]),  # 0.03 s
+        3,
+        None,
+        per_step=work,
+    )
+    assert (row["unit"], row["ours"], row["reference"]) == ("ms", 2.0, 1.5)
+    assert (row["extra_ms_per_step"], row["ratio"], row["same_val_losses"]) == (0.5, 1.333, True)

@@ -81,32 +81,41 @@ def test_data_parallel_ranks_split_each_pass_evenly():
 
 
 @pytest.mark.parametrize(("shuffle", "world"), [(True, 1), (False, 1), (True, 2)])
-def test_streamed_batches_are_the_batches_sliced_from_the_whole_pass(shuffle, world):
-    """Gathered batch by batch (data kept in host memory) or sliced from one gathered pass
-    (data on the device): the same samples in the same order, resumable the same way."""
+def test_a_resumed_pass_serves_the_batches_that_were_left(shuffle, world):
     x = torch.arange(103 * 4).reshape(103, 4)
     y = torch.arange(103)
     for rank in range(world):
         options = {"shuffle": shuffle, "seed": 3, "rank": rank, "world": world}
-        sliced = TensorBatches(x, y, 10, **options)
-        streamed = TensorBatches(x, y, 10, stream=True, **options)
-        for _ in range(2):  # two passes: the generator moves on alike
-            pairs = list(zip(sliced, streamed, strict=True))
-            assert len(pairs) == len(sliced)
-            for (xa, ya), (xb, yb) in pairs:
-                assert torch.equal(xa, xb) and torch.equal(ya, yb)
-        # Resumed after 3 batches of the third pass: the same 4th batch onwards.
+        batches = TensorBatches(x, y, 10, **options)
+        for _ in range(2):  # two whole passes: the generator moves on
+            list(batches)
         state = None
-        for i, _ in enumerate(streamed):
+        for i, _ in enumerate(batches):  # 3 batches of the third pass
             if i == 2:
-                state = streamed.state_dict()
+                state = batches.state_dict()
                 break
-        resumed = TensorBatches(x, y, 10, stream=True, **options)
+        resumed = TensorBatches(x, y, 10, **options)
         resumed.load_state_dict(state)
-        rest = [b for b in resumed]
-        expected = list(sliced)[3:]
-        assert len(rest) == len(expected)
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, expected, strict=True))
+        rest = list(resumed)
+        uninterrupted = TensorBatches(x, y, 10, **options)
+        for _ in range(2):
+            list(uninterrupted)
+        expected = list(uninterrupted)[3:]  # its third pass from the 4th batch
+        assert len(rest) == len(expected) == len(batches) - 3
+        for (xa, ya), (xb, yb) in zip(rest, expected, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_shuffled_batches_are_gathered_one_at_a_time_and_in_order_ones_are_views():
+    """No copy of a whole pass: a shuffled batch is a tensor of its own samples only, an
+    unshuffled one a view of the data."""
+    x, y = torch.randn(1000, 3), torch.arange(1000)
+    first_x, first_y = next(iter(TensorBatches(x, y, 64, shuffle=True)))
+    assert first_x.untyped_storage().nbytes() == 64 * 3 * 4
+    assert first_y.untyped_storage().nbytes() == 64 * 8
+    in_order_x, _ = next(iter(TensorBatches(x, y, 64)))
+    assert in_order_x.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert torch.equal(in_order_x, x[:64])
 
 
 @pytest.mark.parametrize("kind", ["uint8", "float32", "nulls", "mixed", "no_features"])

@@ -1,4 +1,4 @@
-"""Batches from tensors held in memory, by slicing: no per-sample Dataset or collate.
+"""Batches from tensors held in memory, one index per batch: no per-sample Dataset or collate.
 
 For data sets that fit in memory this is several times faster than
 ``DataLoader(TensorDataset(...))``, which indexes and stacks one sample at a time.
@@ -17,7 +17,12 @@ class TensorBatches:
     """An iterable of ``(x, y)`` batches over in-memory tensors.
 
     With ``shuffle=True`` each pass draws a new permutation from a generator seeded with
-    ``seed``, so the order is reproducible run to run and differs epoch to epoch.
+    ``seed``, so the order is reproducible run to run and differs epoch to epoch, and each
+    batch is gathered on its own when it is asked for: no copy of the whole pass, so a pass
+    cut short (Lightning's ``limit_train_batches``) costs only its batches, and data moved to
+    a GPU never needs room for a second copy. In order (no shuffle, one process) batches are
+    views of the tensors. With ``pin`` each batch is copied into page-locked memory, so that
+    its copy to a GPU can overlap computation (data kept in host memory).
 
     It is stateful in Lightning's sense (``state_dict``/``load_state_dict``): the state is the
     generator's and how many batches of the current pass were served, so Lightning saves it in
@@ -34,17 +39,13 @@ class TensorBatches:
         drop_last: bool = False,
         rank: int = 0,
         world: int = 1,
-        stream: bool = False,
         pin: bool = False,
     ) -> None:
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
         self.x, self.y = x, y
         self.rank, self.world = rank, world
-        # Streaming from host memory: each batch is gathered on its own (not the whole pass at
-        # once), and with ``pin`` into page-locked memory, so that its copy to the GPU can
-        # overlap computation.
-        self.stream, self.pin = stream, pin
+        self.pin = pin
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -64,9 +65,10 @@ class TensorBatches:
     def __iter__(self):
         n = self._per_rank()
         self._pass_start = self._generator.get_state()
+        order = None  # in order: slices
         if self.shuffle:
             order = torch.randperm(len(self.x), generator=self._generator).to(self.x.device)
-        else:
+        elif self.world > 1:
             order = torch.arange(len(self.x), device=self.x.device)
         if self.world > 1:
             # One permutation on every rank (same generator); rank r takes every world-th
@@ -79,20 +81,12 @@ class TensorBatches:
         self._served = skip
         stop = len(self) * self.batch_size
         starts = range(skip * self.batch_size, min(stop, n), self.batch_size)
-        if self.stream:
-            for start in starts:
-                self._served += 1
-                batch = order[start : start + self.batch_size]
-                x, y = self.x[batch], self.y[batch]
-                yield (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
-            return
-        if self.shuffle or self.world > 1:
-            x, y = self.x[order], self.y[order]
-        else:
-            x, y = self.x, self.y
         for start in starts:
             self._served += 1
-            yield x[start : start + self.batch_size], y[start : start + self.batch_size]
+            end = start + self.batch_size
+            batch = slice(start, end) if order is None else order[start:end]
+            x, y = self.x[batch], self.y[batch]
+            yield (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
     def state_dict(self) -> dict:
         """Where the batches stand: the generator, and the batches of an unfinished pass."""
