@@ -125,11 +125,14 @@ def test_a_killed_worker_trial_fails_is_retried_and_the_study_finishes(iris):
                 )
             except KeyError:  # not created yet
                 continue
-            workers = {
-                c.pid
-                for c in psutil.Process(stage.pid).children()
-                if "--worker" in c.cmdline() and c.cmdline()[-1] == "1"
-            }
+            workers = set()
+            for child in psutil.Process(stage.pid).children():
+                try:
+                    command = child.cmdline()
+                except psutil.Error:  # ended since it was listed (e.g. a git run by MLflow)
+                    continue
+                if "--worker" in command and command[-1] == "1":
+                    workers.add(child.pid)
             for trial in running:
                 pid = int(trial.user_attrs.get("worker", ":0").split(":")[1])
                 if pid in workers:

@@ -101,8 +101,11 @@ class UiProcess:
     def kill(self) -> None:
         """Whatever is left of it, its server's process group included."""
         if self.proc.poll() is None:
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-            for group in {self.proc.pid, *(os.getpgid(c.pid) for c in children)}:
+            groups = {self.proc.pid}
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                with contextlib.suppress(ProcessLookupError):  # ended since it was listed
+                    groups.add(os.getpgid(child.pid))
+            for group in groups:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(group, signal.SIGKILL)
         self.proc.wait(timeout=30)
