@@ -208,30 +208,28 @@ print(found.study_name, found.user_attrs[PARENT_RUN])
 """
 
 
-def test_a_worker_the_stage_started_waits_for_the_tables_and_the_study(tmp_path):
-    """A worker the tune stage starts is usually ready before the stage has made the study
-    database's tables and opened the study: it waits for both while the stage runs."""
+def test_a_worker_the_stage_started_waits_for_the_study(tmp_path, monkeypatch):
+    """A worker the tune stage starts is usually ready before the stage has opened the study:
+    it waits for it (and for the study's MLflow run) while the stage runs."""
     import optuna
 
-    from pipeline.stages.tune import PARENT_RUN
+    from pipeline.config import TuneParams
+    from pipeline.stages.tune import PARENT_RUN, make_storage
 
-    database = tmp_path / "optuna.db"
-    url = f"sqlite:///{database}"
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setenv("OPTUNA_STORAGE", url)
+    storage = make_storage(TuneParams(storage="OPTUNA_STORAGE"))  # as the stage, first
     worker = subprocess.Popen(
         [sys.executable, "-c", WAITING_WORKER],
         cwd=Path(__file__).parent.parent,
-        env={**os.environ, "OPTUNA_STORAGE": url},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not database.exists() and worker.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # the worker opened the empty database: no tables yet
-        assert database.exists() and worker.poll() is None
-        time.sleep(1)
-        study = optuna.create_study(study_name="waited-for", storage=url)  # makes the tables
+        time.sleep(3)
+        assert worker.poll() is None  # no study yet
+        study = optuna.create_study(study_name="waited-for", storage=storage)
         time.sleep(1)
         assert worker.poll() is None  # the study has no MLflow run yet
         study.set_user_attr(PARENT_RUN, "run-of-the-stage")
@@ -241,3 +239,35 @@ def test_a_worker_the_stage_started_waits_for_the_tables_and_the_study(tmp_path)
             worker.kill()
     assert worker.returncode == 0, err
     assert out == "waited-for run-of-the-stage\n"
+
+
+def test_the_stage_makes_the_study_database_before_it_starts_workers(tmp_path, monkeypatch):
+    """Optuna's storage writes its schema version rows wherever they are missing: a worker
+    opening the database while the stage makes it would write them too, and one of the two
+    writes fails. So the workers find the database made (tables and version) when they
+    start, and open it without making anything."""
+    import contextlib
+
+    import optuna
+
+    from pipeline.config import Params
+    from pipeline.stages import tune as stage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setenv("OPTUNA_STORAGE", url)
+    base = Params()
+    tune = base.tune.model_copy(update={"storage": "OPTUNA_STORAGE", "workers": 2})
+    params = base.model_copy(update={"tune": tune})
+    found = {}
+
+    @contextlib.contextmanager
+    def workers_starting(workers: int):
+        opened = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        found["version"] = opened.get_current_version()
+        found["head"] = opened.get_head_version()
+        yield
+
+    monkeypatch.setattr(stage, "more_workers", workers_starting)
+    monkeypatch.setattr(stage, "run_study", lambda params, out_dir, workers, storage: {})
+    assert stage.tune(params, tmp_path) == {}
+    assert found["version"] == found["head"]

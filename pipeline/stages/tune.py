@@ -707,19 +707,25 @@ def subset(n: int, most: int | None, seed: int):
 def tune(params: Params, out_dir: Path) -> dict:
     """Run (or resume) the study; write its reports into ``out_dir``; return best params."""
     cfg = params.tune
-    # Local workers start first, so that their imports and data loading (about 5 s) overlap
+    quiet_optuna()
+    # The study database's tables and Optuna's schema version are made before any worker
+    # starts: Optuna's storage writes the version rows wherever it finds them missing, so a
+    # worker opening the database while this process makes it would write them too, and one
+    # of the two writes would fail.
+    storage = make_storage(cfg)
+    # Local workers start next, so that their imports and data loading (about 5 s) overlap
     # this process's instead of following them while this process already runs trials. They
     # wait for the study this process is about to open.
     workers = ExitStack()
     if cfg.workers > 1:
         workers.enter_context(more_workers(cfg.workers))
     with workers:
-        return run_study(params, out_dir, workers)
+        return run_study(params, out_dir, workers, storage)
 
 
-def run_study(params: Params, out_dir: Path, workers: ExitStack) -> dict:
-    """:func:`tune` once the local workers (``workers``) are started: closing ``workers``
-    waits for them."""
+def run_study(params: Params, out_dir: Path, workers: ExitStack, storage) -> dict:
+    """:func:`tune` once the study database (Optuna's ``storage``) is made and the local
+    workers (``workers``) are started: closing ``workers`` waits for them."""
     import mlflow
     from optuna.trial import TrialState
 
@@ -730,8 +736,6 @@ def run_study(params: Params, out_dir: Path, workers: ExitStack) -> dict:
     device = devices.describe(devices.resolve(params.train.accelerator))
     print(f"[tune] device {device}")
     data_hash = tracking.dvc_hash(PREPARED_DIR)
-    quiet_optuna()
-    storage = make_storage(cfg)
     study, todo = open_study(params, study_name(params, data_hash), storage)
     experiment_id = tracking.setup(params.mlflow.experiment)
     tags = tracking.run_tags("tune", data.manifest.source)
@@ -802,9 +806,9 @@ def opened_study(name: str, storage):
 
 
 def wait_for_study(cfg: TuneParams, name: str):
-    """(storage, study) for a worker the tune stage started: such a worker is usually ready
-    before the stage has opened the study (or made the database's tables), so it waits while
-    the stage runs. The study is None if the stage ended first."""
+    """(storage, study) for a worker the tune stage started: the stage made the database
+    before starting it, but such a worker is usually ready before the stage has opened the
+    study, so it waits while the stage runs. The study is None if the stage ended first."""
     from optuna.exceptions import OptunaError
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -813,8 +817,9 @@ def wait_for_study(cfg: TuneParams, name: str):
         try:
             storage = storage or make_storage(cfg, create=False)
             found = opened_study(name, storage)
-        # No tables yet (Optuna's StorageInternalError), or tables being made (its schema
-        # version check raises RuntimeError): the storage is made again on the next try.
+        # The database not reachable for a moment (a busy SQLite file, a server restarting),
+        # or not made (Optuna's StorageInternalError, or RuntimeError from its schema version
+        # check): the storage is made again on the next try.
         except (StageError, SQLAlchemyError, OptunaError, RuntimeError):
             if os.getppid() != stage:
                 raise
