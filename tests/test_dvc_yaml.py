@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 STAGES = DVC_YAML["stages"]
@@ -91,6 +91,19 @@ def test_the_closure_check_sees_imports_inside_functions_and_indirect_ones():
     assert "pipeline/models/resnet.py" in closure and "pipeline/data/cifar.py" not in closure
     deps = [d for d in code_deps("register") if d != "pipeline/training.py"]
     assert not covered("pipeline/training.py", deps)
+
+
+def test_byte_code_beside_the_code_is_no_dependency():
+    # Where Python writes byte code (its default), importing the package writes
+    # pipeline/models/__pycache__/*.pyc: were that part of the directory's hash, every stage
+    # depending on pipeline/models would look changed after any import, differently on each
+    # machine and Python version.
+    def ignored(path: str) -> bool:
+        return run(["dvc", "check-ignore", "-q", path], ROOT, check=False).returncode == 0
+
+    assert ignored("pipeline/models/__pycache__/cnn.cpython-311.pyc")
+    assert ignored("pipeline/__pycache__/training.cpython-312.pyc")
+    assert not ignored("pipeline/models/cnn.py")
 
 
 def data_paths() -> dict[str, tuple[set[str], set[str]]]:
