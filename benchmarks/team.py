@@ -106,7 +106,7 @@ def throughput(ctx: Context, client: dict) -> list[dict]:
 
     from pipeline import tracking
     from pipeline.config import load_params
-    from pipeline.stages.tune import study_name
+    from pipeline.stages.tune import code_hash, study_name
 
     project = digits_project(ctx, "team-tune")
     edit(
@@ -119,6 +119,7 @@ def throughput(ctx: Context, client: dict) -> list[dict]:
         search_space=FIXED,
     )
     data_hash = tracking.dvc_hash(project / "data/prepared")
+    code = code_hash(project / "dvc.yaml")
     seed = iter(range(1000, 2000))
 
     def stage(workers: int) -> tuple[float, float]:
@@ -128,7 +129,7 @@ def throughput(ctx: Context, client: dict) -> list[dict]:
         wall, _ = timed(
             [sys.executable, "-m", "pipeline.stages.tune"], project, OMP_NUM_THREADS="1", **client
         )
-        name = study_name(load_params(path=project / "params.yaml"), data_hash)
+        name = study_name(load_params(path=project / "params.yaml"), data_hash, code)
         trials = optuna.load_study(study_name=name, storage=client["OPTUNA_STORAGE"]).trials
         span = max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)
         return TRIALS / (span.total_seconds() / 60), TRIALS / (wall / 60)

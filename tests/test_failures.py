@@ -188,3 +188,26 @@ def test_a_value_tuning_searches_is_not_a_dependency_of_tune(project):
     with changed(project, {"tune": {"epochs": 3}}):
         status = json.loads(run(["dvc", "status", "--json"], project).stdout)
     assert "tune" in status
+
+
+def test_a_code_change_tune_depends_on_runs_new_trials(project):
+    """DVC reruns tune when code it depends on changes; the study then starts afresh instead
+    of resuming the trials the old code ran, and the old code's study is resumed again once
+    the code is back."""
+    import csv
+
+    def trial_runs() -> set[str]:
+        with open(project / "reports/tune/trials.csv", newline="") as f:
+            return {row["user_attrs_mlflow_run_id"] for row in csv.DictReader(f)}
+
+    cnn = project / "pipeline/models/cnn.py"
+    source, first = cnn.read_text(), trial_runs()
+    try:
+        cnn.write_text(source + "# changed\n")
+        run(["dvc", "repro", "tune"], project)
+        changed_code = trial_runs()
+    finally:
+        cnn.write_text(source)
+        run(["dvc", "repro", "tune"], project)
+    assert len(first) == len(changed_code) == 2 and not first & changed_code
+    assert trial_runs() == first

@@ -3,25 +3,53 @@
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import Params, parse_params
-from pipeline.stages.tune import open_study, optimize, study_name, suggest
+from pipeline.stages.tune import code_hash, open_study, optimize, study_name, suggest
+from tests.conftest import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_study_name_changes_with_what_makes_trials_comparable():
     base = Params()
-    assert study_name(base, "abc.dir") == study_name(Params(), "abc.dir")
-    assert study_name(base, "abc.dir") != study_name(base, "def.dir")
+    assert study_name(base, "abc.dir", "c1") == study_name(Params(), "abc.dir", "c1")
+    assert study_name(base, "abc.dir", "c1") != study_name(base, "def.dir", "c1")
+    assert study_name(base, "abc.dir", "c1") != study_name(base, "abc.dir", "c2")  # other code
     wider = parse_params({"tune": {"search_space": {"lr": [0.0001, 0.1]}}})
-    assert study_name(wider, "abc.dir") != study_name(base, "abc.dir")
+    assert study_name(wider, "abc.dir", "c1") != study_name(base, "abc.dir", "c1")
     more = parse_params({"tune": {"n_trials": 50}})
-    assert study_name(more, "abc.dir") == study_name(base, "abc.dir")  # resume with more
+    assert study_name(more, "abc.dir", "c1") == study_name(base, "abc.dir", "c1")  # resume
+
+
+def test_the_code_hash_follows_the_code_the_tune_stage_depends_on(tmp_path):
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline")
+    project = tmp_path / "dvc.yaml"
+    before = code_hash(project)
+    assert before == code_hash(ROOT / "dvc.yaml") == code_hash()  # the same code elsewhere
+    # Byte code, and code tune does not depend on, change nothing.
+    (tmp_path / "pipeline/models/__pycache__").mkdir(exist_ok=True)
+    (tmp_path / "pipeline/models/__pycache__/cnn.cpython-311.pyc").write_bytes(b"byte code")
+    with open(tmp_path / "pipeline/server.py", "a") as server:
+        server.write("# not imported by the tune stage\n")
+    assert code_hash(project) == before
+    for module in ("pipeline/models/cnn.py", "pipeline/training.py"):
+        with open(tmp_path / module, "a") as code:
+            code.write("# changed\n")
+        assert code_hash(project) != before
+        before = code_hash(project)
+    # No dvc.yaml beside the package: all of the package, server.py included.
+    project.unlink()
+    whole = code_hash(project)
+    with open(tmp_path / "pipeline/server.py", "a") as server:
+        server.write("# changed\n")
+    assert code_hash(project) != whole
 
 
 def test_model_name_is_a_tuning_dimension_when_the_search_space_lists_it():

@@ -44,9 +44,11 @@ def study(env: dict, params: Path):
 
     from pipeline import tracking
     from pipeline.config import load_params
-    from pipeline.stages.tune import study_name
+    from pipeline.stages.tune import code_hash, study_name
 
-    name = study_name(load_params(path=params), tracking.dvc_hash(params.parent / "data/prepared"))
+    project = params.parent
+    data = tracking.dvc_hash(project / "data/prepared")
+    name = study_name(load_params(path=params), data, code_hash(project / "dvc.yaml"))
     return optuna.load_study(study_name=name, storage=env["OPTUNA_STORAGE"])
 
 

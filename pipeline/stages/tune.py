@@ -2,9 +2,11 @@
 
 The study (TPE, random or grid sampler seeded from params; median, Hyperband or no pruner)
 lives in ``mlruns/optuna.db``. Its name is derived from everything that makes trials
-comparable (search space, metric, epochs, sampler, pruner, seed, the base train section and
-the DVC hash of the prepared data, but not ``tune.n_trials``), so re-running the same study
-resumes it, raising ``tune.n_trials`` extends it, and any other change starts a new one.
+comparable (search space, metric, epochs, sampler, pruner, seed, the base train section, the
+DVC hash of the prepared data and the code the trials run, but not ``tune.n_trials``), so
+re-running the same study resumes it, raising ``tune.n_trials`` extends it, and any other
+change starts a new one: a change to the code that DVC reruns the stage for (its ``pipeline/``
+deps in dvc.yaml) runs new trials instead of resuming ones the old code ran.
 
 A resumed study does not draw its first trials' parameters again: its sampler is seeded with
 ``tune.seed`` plus the number of trials the study already has (see :func:`_sampler`). A trial
@@ -47,6 +49,8 @@ import time
 import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import yaml
 
 from pipeline import tracking
 from pipeline.config import (
@@ -125,8 +129,27 @@ def searched_fields(tune: TuneParams) -> dict[str, set[str]]:
     return fields
 
 
-def study_name(params: Params, data_hash: str) -> str:
-    """Same inputs → same study (resumed); any change → a new study."""
+def code_hash(dvc_yaml: Path | None = None) -> str:
+    """A digest of the code the trials run: the tune stage's ``pipeline/`` dependencies in
+    ``dvc_yaml`` (a folder's ``*.py`` files; not the byte code beside them), read relative to
+    the folder that holds it. By default the dvc.yaml beside this package, the code that runs
+    here; with no dvc.yaml there (a package away from its project), the whole package."""
+    dvc_yaml = dvc_yaml or Path(__file__).resolve().parents[2] / "dvc.yaml"
+    root, deps = dvc_yaml.parent, ["pipeline/"]
+    if dvc_yaml.is_file():
+        deps = yaml.safe_load(dvc_yaml.read_text())["stages"]["tune"]["deps"]
+    digest = hashlib.sha256()
+    for dep in sorted(d for d in deps if d.startswith("pipeline/")):
+        path = root / dep
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(f"{file.relative_to(root).as_posix()}\0".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def study_name(params: Params, data_hash: str, code: str) -> str:
+    """Same inputs → same study (resumed); any change → a new study. ``data_hash``: the DVC
+    hash of the prepared data; ``code``: :func:`code_hash`."""
     searched = searched_fields(params.tune)
     base = params.train.model_dump(
         exclude={"max_epochs", "patience", "monitor", "accelerator", "resume", *PARALLEL, *SPEED}
@@ -138,6 +161,7 @@ def study_name(params: Params, data_hash: str) -> str:
         "train": base,
         "model": params.model.model_dump(exclude=searched["model"]),
         "data": data_hash,
+        "code": code,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return f"{params.mlflow.experiment}-{digest}"
@@ -736,7 +760,7 @@ def run_study(params: Params, out_dir: Path, workers: ExitStack, storage) -> dic
     device = devices.describe(devices.resolve(params.train.accelerator))
     print(f"[tune] device {device}")
     data_hash = tracking.dvc_hash(PREPARED_DIR)
-    study, todo = open_study(params, study_name(params, data_hash), storage)
+    study, todo = open_study(params, study_name(params, data_hash, code_hash()), storage)
     experiment_id = tracking.setup(params.mlflow.experiment)
     tags = tracking.run_tags("tune", data.manifest.source)
 
@@ -851,7 +875,7 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
 
         torch.set_num_threads(threads)
     data = prepare(params)
-    name = study_name(params, tracking.dvc_hash(PREPARED_DIR))
+    name = study_name(params, tracking.dvc_hash(PREPARED_DIR), code_hash())
     quiet_optuna()
     if index is None:
         storage = make_storage(cfg, create=False)
@@ -861,7 +885,8 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
     if found is None:
         raise StageError(
             f"study {name} is not in the study database yet: the tune stage starts it "
-            "(`dvc repro` on one machine, with the same params.yaml and data), then workers join"
+            "(`dvc repro` on one machine, with the same code, params.yaml and data), then "
+            "workers join"
         )
     # Each worker draws from its own random stream: workers started together would else
     # sample the same first trials.
