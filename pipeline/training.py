@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import pandas as pd
 import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.profilers import PassThroughProfiler
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
@@ -175,6 +176,20 @@ class WholeCheckpoints(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
+NO_OP = contextlib.nullcontext()  # stateless: one serves every hook, nested or not
+
+
+class NoOpProfiler(PassThroughProfiler):
+    """Lightning's default profiler, which records nothing, with :meth:`profile` handing out
+    one shared do-nothing context: the Trainer enters ``profile()`` around every hook it
+    calls (about 60 times per optimiser step), and the default builds a generator-based
+    context manager each time, about 50 µs per step on 2 CPU cores (4 % of a small
+    model's step)."""
+
+    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
+        return NO_OP
+
+
 class MetricHistory(pl.Callback):
     """Collects every epoch's logged metrics (``history[i]`` is epoch i's dict)."""
 
@@ -280,6 +295,7 @@ def trainer_options(
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
+        "profiler": NoOpProfiler(),
     }
 
 

@@ -9,7 +9,14 @@ import torch
 from pipeline.config import ModelParams, TrainParams, parse_params
 from pipeline.models.cnn import build_cnn
 from pipeline.stages.train import merged_params
-from pipeline.training import MetricHistory, fit, fit_environment, set_seeds, trainer_options
+from pipeline.training import (
+    MetricHistory,
+    NoOpProfiler,
+    fit,
+    fit_environment,
+    set_seeds,
+    trainer_options,
+)
 
 
 @pytest.mark.parametrize("shape", [[1, 8, 8], [1, 28, 28], [3, 32, 32]])
@@ -169,6 +176,76 @@ def test_training_steps_never_wait_for_the_device(digits_prepared, monkeypatch):
     assert reads == []
 
 
+def test_the_hooks_lightning_calls_each_step_skip_setattr_checks_and_profiler_contexts(
+    digits_prepared, monkeypatch
+):
+    """Around every hook it calls (about 60 a step) Lightning sets an attribute of the module
+    and enters its profiler's ``profile()``. A str, number or None replacing an attribute is
+    set without ``nn.Module``'s parameter/buffer/module checks, and ``profile()`` hands out
+    one shared no-op context instead of starting and stopping the default profiler. Counted
+    during the training steps: ``nn.Module.__setattr__`` on the module and the default
+    profiler's ``start`` (each about 1,800 calls here without the shortcuts)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.profilers import PassThroughProfiler
+
+    from pipeline.models.module import Classifier
+
+    calls, starts, inside = [], [], [False]
+    original, start = torch.nn.Module.__setattr__, PassThroughProfiler.start
+
+    def counted(self, name, value):
+        if inside[0] and isinstance(self, Classifier):
+            calls.append(name)
+        original(self, name, value)
+
+    def started(self, action_name):
+        if inside[0]:
+            starts.append(action_name)
+        start(self, action_name)
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", counted)
+    monkeypatch.setattr(PassThroughProfiler, "start", started)
+
+    class Steps(pl.Callback):
+        def on_train_batch_start(self, *args):
+            inside[0] = True
+
+        def on_train_batch_end(self, *args):
+            inside[0] = False
+
+    hp = TrainParams(max_epochs=2, batch_size=64, accelerator="cpu")
+    _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [Steps()])
+    assert trainer.global_step == 2 * 20
+    assert calls == [] and starts == []
+    profiler = trainer.profiler
+    assert isinstance(profiler, NoOpProfiler)
+    with profiler.profile("outer"), profiler.profile("inner"):  # nested, as hooks are
+        pass
+
+
+def test_the_module_registers_parameters_buffers_and_submodules_as_nn_module_does():
+    from pipeline.models.module import Classifier
+
+    net = build_cnn([1, 8, 8], 10, [0.0, 16.0], channels=8, dropout=0.1)
+    module = Classifier(net, 0.01, "adamw", 0.0, 2, n_classes=10)
+    module.note = "plain"
+    module.note = None  # an attribute: set directly
+    assert module.note is None and "note" not in dict(module.named_children())
+    module.note = torch.nn.Linear(2, 2)  # an attribute replaced by a module: registered
+    assert dict(module.named_children())["note"] is module.note
+    module.scale = torch.nn.Parameter(torch.ones(1))
+    assert "scale" in dict(module.named_parameters())
+    with pytest.raises(TypeError, match="cannot assign 'str' as parameter 'scale'"):
+        module.scale = "x"
+    module.scale = None  # a parameter set to None stays registered, as None
+    assert module.scale is None and "scale" not in dict(module.named_parameters())
+    module.register_buffer("counts", torch.zeros(3))
+    module.counts = None
+    assert module.counts is None and "counts" not in dict(module.named_buffers())
+    module.lr = 0.5
+    assert module.lr == 0.5
+
+
 def test_a_diverging_run_stops_at_the_end_of_the_epoch_with_a_clear_error(digits_prepared):
     from pipeline.models.module import NonFiniteLoss
 
@@ -189,6 +266,7 @@ def test_trainer_options_for_a_cuda_run_are_what_the_params_say():
     assert options["deterministic"] == "warn"  # the default: no error for a missing kernel
     assert (options["gradient_clip_val"], options["accumulate_grad_batches"]) == (1.5, 4)
     assert not options["enable_progress_bar"] and not options["enable_model_summary"]
+    assert isinstance(options["profiler"], NoOpProfiler)
     assert not options["enable_checkpointing"] and trainer_options(hp, True)["enable_checkpointing"]
     assert trainer_options(hp.model_copy(update={"deterministic": True}))["deterministic"] is True
     assert trainer_options(hp.model_copy(update={"deterministic": False}))["deterministic"] is False
