@@ -3,6 +3,7 @@ options and what a fit leaves behind in the process."""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -142,20 +143,32 @@ def test_epoch_metrics_are_torchmetrics_logged_once_per_epoch(digits_prepared):
     assert logged[-1][1]["val/loss"] == pytest.approx(loss, rel=1e-5)
 
 
+class InSteps(pl.Callback):
+    """``inside`` is true from each training batch's start to its end: what a test counts
+    during the training steps."""
+
+    def __init__(self) -> None:
+        self.inside = False
+
+    def on_train_batch_start(self, *args) -> None:
+        self.inside = True
+
+    def on_train_batch_end(self, *args) -> None:
+        self.inside = False
+
+
 def test_training_steps_never_wait_for_the_device(digits_prepared, monkeypatch):
     """No tensor is read back to the host during a training step (on a GPU each read is a
     sync): counted on the CPU as calls of item/bool/float/int/tolist/numpy/cpu. torch's
     optimisers read their step counters, which live on the host."""
     import traceback
 
-    import lightning.pytorch as pl
-
-    reads, inside = [], [False]
+    reads, steps = [], InSteps()
     for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu"):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
-            if inside[0]:
+            if steps.inside:
                 caller = traceback.extract_stack(limit=2)[0].filename
                 if "torch/optim/" not in caller:
                     reads.append((_name, caller))
@@ -163,15 +176,8 @@ def test_training_steps_never_wait_for_the_device(digits_prepared, monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counted)
 
-    class Steps(pl.Callback):
-        def on_train_batch_start(self, *args):
-            inside[0] = True
-
-        def on_train_batch_end(self, *args):
-            inside[0] = False
-
     hp = TrainParams(max_epochs=2, batch_size=64, accelerator="cpu", gradient_clip_val=1.0)
-    _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [Steps()])
+    _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [steps])
     assert trainer.global_step == 2 * 20
     assert reads == []
 
@@ -185,36 +191,28 @@ def test_the_hooks_lightning_calls_each_step_skip_setattr_checks_and_profiler_co
     one shared no-op context instead of starting and stopping the default profiler. Counted
     during the training steps: ``nn.Module.__setattr__`` on the module and the default
     profiler's ``start`` (each about 1,800 calls here without the shortcuts)."""
-    import lightning.pytorch as pl
     from lightning.pytorch.profilers import PassThroughProfiler
 
     from pipeline.models.module import Classifier
 
-    calls, starts, inside = [], [], [False]
+    calls, starts, steps = [], [], InSteps()
     original, start = torch.nn.Module.__setattr__, PassThroughProfiler.start
 
     def counted(self, name, value):
-        if inside[0] and isinstance(self, Classifier):
+        if steps.inside and isinstance(self, Classifier):
             calls.append(name)
         original(self, name, value)
 
     def started(self, action_name):
-        if inside[0]:
+        if steps.inside:
             starts.append(action_name)
         start(self, action_name)
 
     monkeypatch.setattr(torch.nn.Module, "__setattr__", counted)
     monkeypatch.setattr(PassThroughProfiler, "start", started)
 
-    class Steps(pl.Callback):
-        def on_train_batch_start(self, *args):
-            inside[0] = True
-
-        def on_train_batch_end(self, *args):
-            inside[0] = False
-
     hp = TrainParams(max_epochs=2, batch_size=64, accelerator="cpu")
-    _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [Steps()])
+    _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [steps])
     assert trainer.global_step == 2 * 20
     assert calls == [] and starts == []
     profiler = trainer.profiler
