@@ -61,7 +61,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(COMPARISONS)}")
     parser.add_argument("--reps", type=int, default=5, help="rounds per comparison (default 5)")
     parser.add_argument(
@@ -92,11 +94,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pipeline.device import available
+    from pipeline.io import StageError
+
+    try:
+        accelerator = available(args.accelerator, "--accelerator").type  # the rows name it
+    except StageError as exc:
+        parser.error(str(exc))
     rows, load = [], {}
     with tempfile.TemporaryDirectory(prefix="runway-bench-") as scratch:
-        from pipeline.device import resolve
-
-        accelerator = resolve(args.accelerator).type  # the comparison rows name it
         ctx = Context(Path(scratch), args.reps, accelerator=accelerator)
         for name in [c for c in COMPARISONS if c in chosen]:
             print(f"[bench] {name} …", flush=True)

@@ -30,7 +30,7 @@ from lightning.pytorch.profilers import PassThroughProfiler
 from pipeline.config import ModelParams, TrainParams
 from pipeline.data.loader import TensorBatches, to_tensors
 from pipeline.data.table import PREPARED_DIR, Manifest, read_table
-from pipeline.device import resolve
+from pipeline.device import available, resolve
 from pipeline.io import StageError, atomic_path, read_json, require, set_env
 from pipeline.models import build_net, incompatibility, model_spec
 from pipeline.models.cnn import Scale
@@ -460,10 +460,11 @@ def fit(
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    if hp.precision == "16-mixed" and resolve(hp.accelerator).type != "cuda":
+    device = available(hp.accelerator)  # a device this machine lacks: one line, before the Trainer
+    if hp.precision == "16-mixed" and device.type != "cuda":
         raise StageError(
             f"params.yaml: train.precision: 16-mixed needs a CUDA GPU, and this training runs "
-            f"on {resolve(hp.accelerator).type}; use bf16-mixed or 32-true"
+            f"on {device.type}; use bf16-mixed or 32-true"
         )
     set_seeds(hp.seed)
     module = build_module(hp, model, data)

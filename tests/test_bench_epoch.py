@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 
 from benchmarks.common import digits_prepared
@@ -67,3 +68,18 @@ def test_a_per_step_row_gives_ms_per_optimizer_step():
     )
     assert (row["unit"], row["ours"], row["reference"]) == ("ms", 2.0, 1.5)
     assert (row["ratio"], row["same_val_losses"]) == (1.333, True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_make_bench_on_a_gpu_this_machine_lacks_stops_in_one_line(tmp_path, capsys):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit) as stop:
+        run.main(["--accelerator", "cuda", "--only", "epoch", "--out", str(tmp_path / "b.json")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m benchmarks.run: error: --accelerator: 'cuda' needs a CUDA GPU, and this "
+        "machine has none (torch.cuda.is_available() is False); use auto (a GPU where there is "
+        "one, else the CPU) or cpu"
+    )
+    assert not (tmp_path / "b.json").exists()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline import device
+from pipeline.io import StageError
 
 
 def test_accelerator_names_map_to_devices():
@@ -13,6 +15,29 @@ def test_accelerator_names_map_to_devices():
     assert device.resolve("cpu") == torch.device("cpu")
     expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     assert device.resolve("auto") == expected
+    assert device.available("auto") == expected and device.available("cpu") == torch.device("cpu")
+
+
+def test_a_device_this_machine_lacks_is_one_line_naming_the_key():
+    if not torch.backends.mps.is_available():  # never on Linux: a params.yaml from a Mac
+        with pytest.raises(StageError) as error:
+            device.available("mps")
+        assert str(error.value) == (
+            "params.yaml: train.accelerator: 'mps' needs an MPS device, and this machine has "
+            "none (torch.backends.mps.is_available() is False); use auto (a GPU where there is "
+            "one, else the CPU) or cpu"
+        )
+    for name in ("cuda", "gpu"):
+        if torch.cuda.is_available():
+            assert device.available(name, key="--accelerator") == torch.device("cuda", 0)
+            continue
+        with pytest.raises(StageError) as error:  # a params.yaml from a GPU host
+            device.available(name, key="--accelerator")
+        assert str(error.value) == (
+            f"--accelerator: '{name}' needs a CUDA GPU, and this machine has none "
+            "(torch.cuda.is_available() is False); use auto (a GPU where there is one, "
+            "else the CPU) or cpu"
+        )
 
 
 def test_cpu_is_described_with_its_threads():

@@ -386,6 +386,30 @@ def test_16_diverging_trials_fail_and_the_study_goes_on(pipeline_project):
     assert f"trials {{{counts}}}" in result.stdout
 
 
+def test_a_device_this_machine_lacks_stops_every_training_stage_in_one_line(pipeline_project):
+    # A params.yaml written for another machine: `mps` (Apple silicon), which Linux never has.
+    project = pipeline_project
+    # The stages' outputs, and the checkpoints a run would resume from (if any are left).
+    outputs = ["models", "reports/tune", "reports/evaluate", "reports/register.json"]
+    outputs += [".runway/train"] if (project / ".runway/train").exists() else []
+    before = {path: dvc_hash(project / path) for path in outputs}
+    runs = len(mlflow_runs(project))
+    with params_restored(project):
+        edit_params(project, {"train": {"accelerator": "mps"}, "tune": {"n_trials": 2}})
+        for name in ("tune", "train", "evaluate", "register"):
+            result = stage(project, name)
+            line = fails(result)
+            assert line == (
+                f"[{name}] error: params.yaml: train.accelerator: 'mps' needs an MPS device, "
+                "and this machine has none (torch.backends.mps.is_available() is False); use "
+                "auto (a GPU where there is one, else the CPU) or cpu"
+            )
+            assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert {path: dvc_hash(project / path) for path in outputs} == before
+    assert len(mlflow_runs(project)) == runs  # no run started, not even a failed one
+    assert (project / ".runway/train").exists() == (".runway/train" in outputs)
+
+
 def _start(project: Path, name: str, wait_for: str) -> subprocess.Popen:
     """Start a stage and return once its output has a line containing ``wait_for``."""
     proc = subprocess.Popen(

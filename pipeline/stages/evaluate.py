@@ -177,7 +177,7 @@ def main() -> None:
             f"{MODELS_DIR}/model.json: the model was trained on classes {spec['class_names']} "
             f"but {PREPARED_DIR} has {names}: run the train stage again"
         )
-    device = devices.resolve(params.train.accelerator)
+    device = devices.available(params.train.accelerator)
     print(f"[evaluate] device {devices.describe(device)}")
     x, y = data.tensors["test"]
     y_pred = predict(net, x, params.evaluate.batch_size, device)

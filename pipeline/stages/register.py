@@ -170,7 +170,7 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
     client = MlflowClient()
     name = reg.model_name
     batch = params.evaluate.batch_size
-    device = devices.resolve(params.train.accelerator)
+    device = devices.available(params.train.accelerator)
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -298,7 +298,7 @@ def main() -> None:
     except (ValueError, AttributeError):
         raise StageError(f"{METRICS}: not a metrics file; run evaluate again") from None
     data = load_prepared(splits=("test",))
-    print(f"[register] device {devices.describe(devices.resolve(params.train.accelerator))}")
+    print(f"[register] device {devices.describe(devices.available(params.train.accelerator))}")
     with tracking.store_errors():  # a store locked or broken mid-way: one line, not a trace
         record = register(params, run, test_metrics, data)
     write_json(REPORT, record)

@@ -56,7 +56,7 @@ from pipeline.config import (
 )
 from pipeline.data.profile import PROFILE_ARTIFACT, profile
 from pipeline.data.table import PREPARED_DIR
-from pipeline.device import describe, resolve
+from pipeline.device import available, describe
 from pipeline.io import (
     StageError,
     Terminated,
@@ -462,6 +462,8 @@ def train(
     import mlflow
     from mlflow.models import infer_signature
 
+    # A device this machine lacks stops the run here, before a checkpoint or run is touched.
+    device = describe(available(hp.accelerator))
     resume = resume or Resume(resume_key(hp, model))
     ckpt_path, resumed_run = resume.find(hp.resume)
     experiment_id = tracking.setup(experiment)
@@ -480,7 +482,6 @@ def train(
             tracking.log_params({f"data.{s}_rows": len(t) for s, t in data.tables.items()})
             # The data this model learns from, for drift checks against later data.
             mlflow.log_dict(profile(data.tables["train"], data.manifest), PROFILE_ARTIFACT)
-        device = describe(resolve(hp.accelerator))
         print(f"[train] device {device}")
         mlflow.set_tag("device", device)
         callbacks, checkpoint = train_callbacks(hp, resume)

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import device as devices
 from pipeline import tracking
 from pipeline.config import (
     TUNED_FIELDS,
@@ -730,6 +731,7 @@ def subset(n: int, most: int | None, seed: int):
 
 def tune(params: Params, out_dir: Path) -> dict:
     """Run (or resume) the study; write its reports into ``out_dir``; return best params."""
+    devices.available(params.train.accelerator)  # a device this machine lacks: one line, now
     cfg = params.tune
     quiet_optuna()
     # The study database's tables and Optuna's schema version are made before any worker
@@ -752,8 +754,6 @@ def run_study(params: Params, out_dir: Path, workers: ExitStack, storage) -> dic
     workers (``workers``) are started: closing ``workers`` waits for them."""
     import mlflow
     from optuna.trial import TrialState
-
-    from pipeline import device as devices
 
     cfg, metric = params.tune, params.tune.metric
     data = prepare(params)
@@ -865,6 +865,7 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
     if cfg.n_trials == 0:
         print(f"{label} tune.n_trials is 0: nothing to do")
         return
+    devices.available(params.train.accelerator)  # a device this machine lacks: one line, now
 
     def terminated(signum, frame):  # the trial ends failed, its run KILLED, and is retried
         raise Terminated()
