@@ -396,8 +396,11 @@ def test_a_device_this_machine_lacks_stops_every_training_stage_in_one_line(pipe
     runs = len(mlflow_runs(project))
     with params_restored(project):
         edit_params(project, {"train": {"accelerator": "mps"}, "tune": {"n_trials": 2}})
-        for name in ("tune", "train", "evaluate", "register"):
-            result = stage(project, name)
+        worker = [sys.executable, "-m", "pipeline.stages.tune", "--join"]  # runway tune-worker
+        for name, result in [
+            *((name, stage(project, name)) for name in ("tune", "train", "evaluate", "register")),
+            ("tune", run(worker, project, check=False)),
+        ]:
             line = fails(result)
             assert line == (
                 f"[{name}] error: params.yaml: train.accelerator: 'mps' needs an MPS device, "

@@ -493,3 +493,14 @@ def test_data_streamed_from_host_memory_trains_exactly_as_data_on_the_device(dig
             [{k: v for k, v in h.items() if "samples_per_s" not in k} for h in history.history]
         )
     assert histories[0] == histories[1]
+
+
+def test_fit_refuses_a_device_this_machine_lacks(digits_prepared):
+    """Every training (train stage, trials, data-parallel replicas) passes through fit: a
+    device named outright that the machine lacks is one line (Lightning's Trainer would
+    raise its own MisconfigurationException)."""
+    from pipeline.io import StageError
+
+    hp = TrainParams(max_epochs=1, accelerator="mps")  # never present on Linux
+    with pytest.raises(StageError, match=r"^params.yaml: train.accelerator: 'mps' needs an MPS"):
+        fit(hp, ModelParams(channels=8), digits_prepared, [])
