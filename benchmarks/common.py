@@ -101,9 +101,8 @@ def digits_prepared():
     """The digits, cleaned and split exactly as the pipeline does, in memory."""
     from pipeline.config import SplitParams
     from pipeline.data import digits
-    from pipeline.data.loader import to_tensors
+    from pipeline.data.loader import Prepared, to_tensors
     from pipeline.data.table import Manifest
-    from pipeline.training import Prepared
     from pipeline.validation.split import assign_splits
 
     loaded = digits.load()
@@ -123,8 +122,8 @@ def mnist_sized(train: int = 60_000, val: int = 10_000, seed: int = 0):
     import pandas as pd
     import torch
 
+    from pipeline.data.loader import Prepared
     from pipeline.data.table import Manifest
-    from pipeline.training import Prepared
 
     g = torch.Generator().manual_seed(seed)
     blobs = torch.rand(10, 1, 7, 7, generator=g)

@@ -1,6 +1,7 @@
 """Import cost of each stage module (dvc.yaml's), measured with ``python -X importtime`` in a
 fresh interpreter, against ``import torch, lightning``. Goals: params, ingest and validate
-import no torch; the others cost at most 1.3× torch and Lightning (what they need anyway)."""
+import no torch; evaluate and register, which score a model, import no Lightning; the others
+cost at most 1.3× torch and Lightning (what they need anyway)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from benchmarks.common import ROOT, Context, result
 from benchmarks.stages import STAGES
 
 TORCH_FREE = ("params", "ingest", "validate")
+LIGHTNING_FREE = ("evaluate", "register")
 GOAL = 1.3
 IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 
@@ -54,13 +56,17 @@ def run(ctx: Context) -> list[dict]:
     for s in STAGES:
         o = statistics.median(seconds[s])
         torch_free = "torch" not in packages[s]
+        lightning_free = not {"lightning", "pytorch_lightning"} & packages[s]
         if s in TORCH_FREE:
             goal, passed = "no torch import", torch_free
+        elif s in LIGHTNING_FREE:
+            goal, passed = "no Lightning import", lightning_free
         else:
             goal, passed = f"<= {GOAL}x", o / r <= GOAL
+        imports = "" if torch_free else " (torch)" if lightning_free else " (torch, Lightning)"
         rows.append(
             result(
-                f"import pipeline.stages.{s}" + ("" if torch_free else " (imports torch)"),
+                f"import pipeline.stages.{s}{imports}",
                 round(o, 3),
                 round(r, 3),
                 round(o / r, 2),

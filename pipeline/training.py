@@ -1,6 +1,7 @@
-"""What tune and train share: the prepared data as tensors, seeding, and one Lightning fit.
+"""What tune and train share: seeding and one Lightning fit.
 
-The splits are loaded once into memory and moved to the training device once; batches are
+The splits (:func:`pipeline.data.loader.load_prepared`, which scoring uses too, without
+Lightning) are loaded once into memory and moved to the training device once; batches are
 gathered from those tensors there (see :class:`pipeline.data.loader.TensorBatches`).
 :func:`trainer_options` says what the Trainer is built with; :func:`fit` trains inside a
 scope that puts back what a fit changes in the process (environment variables, torch's
@@ -18,20 +19,18 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pandas as pd
 import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.profilers import PassThroughProfiler
 
 from pipeline.config import ModelParams, TrainParams
-from pipeline.data.loader import TensorBatches, to_tensors
-from pipeline.data.table import PREPARED_DIR, Manifest, read_table
+from pipeline.data.loader import Prepared, TensorBatches
+from pipeline.data.table import Manifest
 from pipeline.device import available, resolve
-from pipeline.io import StageError, atomic_path, read_json, require, set_env
+from pipeline.io import StageError, atomic_path, set_env
 from pipeline.models import build_net, incompatibility, model_spec
 from pipeline.models.cnn import Scale
 from pipeline.models.module import Classifier
@@ -48,23 +47,6 @@ QUIET_WARNINGS = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 on torch 2.14
 )
-
-
-@dataclass
-class Prepared:
-    manifest: Manifest
-    tables: dict[str, pd.DataFrame]
-    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def load_prepared(prepared_dir: Path = PREPARED_DIR, splits=("train", "val", "test")) -> Prepared:
-    """Read the validated splits and their manifest."""
-    manifest = Manifest.from_dict(read_json(require(prepared_dir / "manifest.json", "validate")))
-    tables, tensors = {}, {}
-    for split in splits:
-        tables[split] = read_table(require(prepared_dir / f"{split}.parquet", "validate"))
-        tensors[split] = to_tensors(tables[split], manifest.image_shape)
-    return Prepared(manifest, tables, tensors)
 
 
 def set_seeds(seed: int) -> None:

@@ -157,8 +157,7 @@ IRIS = {
 def digits_prepared(digits_table):
     """The digits, split as the pipeline splits them, as a Prepared bundle."""
     from pipeline.config import SplitParams
-    from pipeline.data.loader import to_tensors
-    from pipeline.training import Prepared
+    from pipeline.data.loader import Prepared, to_tensors
     from pipeline.validation.split import assign_splits
 
     splits = assign_splits(digits_table["sample_id"], SplitParams())

@@ -84,13 +84,15 @@ def test_code_deps_are_exactly_the_modules_the_stage_imports(name):
 
 
 def test_the_closure_check_sees_imports_inside_functions_and_indirect_ones():
-    # register imports evaluate (which imports training, which imports the models); the
-    # check would fail if dvc.yaml dropped any of them.
+    # register imports evaluate (which imports the data loader and the models); the check
+    # would fail if dvc.yaml dropped any of them.
     closure = import_closure(stage_module("register"))
-    assert {"pipeline/stages/evaluate.py", "pipeline/training.py"} <= closure
+    assert {"pipeline/stages/evaluate.py", "pipeline/data/loader.py"} <= closure
     assert "pipeline/models/resnet.py" in closure and "pipeline/data/cifar.py" not in closure
-    deps = [d for d in code_deps("register") if d != "pipeline/training.py"]
-    assert not covered("pipeline/training.py", deps)
+    # Scoring needs no Lightning: neither the training code nor the LightningModule.
+    assert "pipeline/training.py" not in closure and "pipeline/models/module.py" not in closure
+    deps = [d for d in code_deps("register") if d != "pipeline/data/loader.py"]
+    assert not covered("pipeline/data/loader.py", deps)
 
 
 def test_byte_code_beside_the_code_is_no_dependency():

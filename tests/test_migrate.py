@@ -37,7 +37,7 @@ def test_history_models_and_aliases_move_to_the_server(alone, tmp_path):
     import mlflow
     import numpy as np
 
-    from pipeline.training import load_prepared
+    from pipeline.data.loader import load_prepared
 
     project, local = alone
     with team_server() as team:

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from pipeline.config import ModelParams, TrainParams
+from pipeline.data.loader import Prepared
 from pipeline.data.table import Manifest, make_table
 from pipeline.io import StageError
 from pipeline.models import build_net, model_spec
 from pipeline.models.augment import augment, random_crop, random_flip
 from pipeline.models.resnet import ResNet18, WeightsError
-from pipeline.training import Prepared, build_module, fit
+from pipeline.training import build_module, fit
 from tests.formats import digits_images
 
 

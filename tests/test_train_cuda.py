@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pipeline.config import ModelParams, TrainParams
-from pipeline.data.loader import to_tensors
+from pipeline.data.loader import Prepared, to_tensors
 from pipeline.data.table import Manifest, make_table
 from pipeline.models import IMAGE_MODELS, MODELS
-from pipeline.training import Prepared, fit, nondeterministic_ops
+from pipeline.training import fit, nondeterministic_ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -362,6 +362,36 @@ assert state() == before, [a == b for a, b in zip(state(), before)]
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+# What importing each stage's module loads of the heavy libraries, in a fresh interpreter.
+# torch alone takes about 2 s to import on 2 cores, Lightning 3.5 s more: scoring a model
+# (evaluate, register) needs torch, not Lightning's training machinery.
+STAGE_IMPORTS = {
+    "params": [],
+    "ingest": [],
+    "validate": [],
+    "tune": [],
+    "train": ["lightning", "torch"],
+    "evaluate": ["torch"],
+    "register": ["torch"],
+}
+
+
+@pytest.mark.slow  # a fresh interpreter per stage
+@pytest.mark.parametrize("stage", list(STAGE_IMPORTS))
+def test_a_stage_module_imports_only_the_heavy_libraries_it_needs(stage):
+    import subprocess
+    import sys
+
+    heavy = {"torch", "lightning", "pytorch_lightning", "mlflow", "great_expectations", "optuna"}
+    code = (
+        f"import sys, pipeline.stages.{stage}\n"
+        f"print(*sorted({{name.split('.')[0] for name in sys.modules}} & {heavy!r}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == STAGE_IMPORTS[stage]
+
+
 def test_no_private_attributes_of_library_objects():
     """Only our own objects' underscore attributes (``self._x``) are used."""
     import re

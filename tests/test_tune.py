@@ -280,10 +280,11 @@ def test_tune_prints_and_tags_its_device_and_writes_its_reports(
 
     import mlflow
 
-    from pipeline import device, tracking, training
+    from pipeline import device, tracking
+    from pipeline.data import loader
     from pipeline.stages import tune
 
-    monkeypatch.setattr(training, "load_prepared", lambda **_: digits_prepared)
+    monkeypatch.setattr(loader, "load_prepared", lambda **_: digits_prepared)
     monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
     space = {**GRID, "lr": [0.003, 0.01], "batch_size": [64], "channels": [8]}
     params = parse_params(
@@ -314,10 +315,11 @@ def test_trials_train_and_are_judged_on_tune_samples_of_the_splits(
     import mlflow
     import torch
 
-    from pipeline import tracking, training
+    from pipeline import tracking
+    from pipeline.data import loader
     from pipeline.stages import tune
 
-    monkeypatch.setattr(training, "load_prepared", lambda **_: digits_prepared)
+    monkeypatch.setattr(loader, "load_prepared", lambda **_: digits_prepared)
     monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
     space = {**GRID, "lr": [0.003], "batch_size": [64], "channels": [8]}
     tune_section = {"n_trials": 1, "epochs": 1, "sampler": "grid", "search_space": space}
@@ -377,9 +379,10 @@ def test_trial_runs_say_study_and_state_and_a_pruned_trial_is_not_a_failed_run(
     import mlflow
 
     from pipeline import tracking, training
+    from pipeline.data import loader
     from pipeline.stages import tune
 
-    monkeypatch.setattr(training, "load_prepared", lambda **_: digits_prepared)
+    monkeypatch.setattr(loader, "load_prepared", lambda **_: digits_prepared)
     monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
     monkeypatch.setattr(tune, "_pruner", lambda _: _prune_first_trial())
     fit, calls = training.fit, []

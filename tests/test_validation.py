@@ -68,8 +68,18 @@ def test_clean_digits_pass_the_suite(digits_table, manifest, tmp_path):
     kept, quarantine, summary = validate(digits_table, manifest, ValidateParams(), tmp_path)
     assert summary["success"], summary["failures"]
     assert len(quarantine) == 0 and len(kept) == 1797
-    assert (tmp_path / "index.html").is_file()
-    assert {e["suite"] for e in summary["expectations"]} == {"samples", "features", "class_counts"}
+    # Data Docs: a page per suite and per validation, all three listed on the index.
+    suites = ["class_counts", "features", "samples"]
+    pages = sorted(p.name for p in (tmp_path / "validations").rglob("*.html"))
+    assert pages == [f"runway-{suite}.html" for suite in suites]
+    assert sorted(p.name for p in (tmp_path / "expectations").glob("*.html")) == [
+        f"{suite}.html" for suite in suites
+    ]
+    index = (tmp_path / "index.html").read_text()
+    for suite in suites:
+        assert f"expectations/{suite}.html" in index
+        assert f"/runway-{suite}.html" in index
+    assert {e["suite"] for e in summary["expectations"]} == set(suites)
     assert all(e["success"] for e in summary["expectations"])
 
 

@@ -1,16 +1,23 @@
-"""Batches from tensors held in memory, one index per batch: no per-sample Dataset or collate.
+"""The prepared splits as tensors (:func:`load_prepared`), and batches from tensors held in
+memory, one index per batch: no per-sample Dataset or collate.
 
 For data sets that fit in memory this is several times faster than
-``DataLoader(TensorDataset(...))``, which indexes and stacks one sample at a time.
+``DataLoader(TensorDataset(...))``, which indexes and stacks one sample at a time. Imports
+torch, never Lightning: the stages that only score a model (evaluate, register) load the
+splits from here.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.data.table import LABEL_COLUMN, features_of
+from pipeline.data.table import LABEL_COLUMN, PREPARED_DIR, Manifest, features_of, read_table
+from pipeline.io import read_json, require
 
 
 class TensorBatches:
@@ -116,3 +123,22 @@ def to_tensors(table: pd.DataFrame, image_shape: list[int]) -> tuple[torch.Tenso
     x = torch.from_numpy(values).reshape(len(table), *image_shape)
     y = torch.from_numpy(table[LABEL_COLUMN].to_numpy(dtype=np.int64, copy=True))
     return x, y
+
+
+@dataclass
+class Prepared:
+    """The validated splits: the manifest, each split's table and its ``(x, y)`` tensors."""
+
+    manifest: Manifest
+    tables: dict[str, pd.DataFrame]
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def load_prepared(prepared_dir: Path = PREPARED_DIR, splits=("train", "val", "test")) -> Prepared:
+    """Read the validated splits and their manifest."""
+    manifest = Manifest.from_dict(read_json(require(prepared_dir / "manifest.json", "validate")))
+    tables, tensors = {}, {}
+    for split in splits:
+        tables[split] = read_table(require(prepared_dir / f"{split}.parquet", "validate"))
+        tensors[split] = to_tensors(tables[split], manifest.image_shape)
+    return Prepared(manifest, tables, tensors)

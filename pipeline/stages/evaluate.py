@@ -22,6 +22,7 @@ import torch
 from pipeline import device as devices
 from pipeline import tracking
 from pipeline.config import load_params
+from pipeline.data.loader import load_prepared
 from pipeline.data.table import ID_COLUMN, PREPARED_DIR
 from pipeline.io import (
     StageError,
@@ -34,7 +35,6 @@ from pipeline.io import (
     write_json,
 )
 from pipeline.models import ARCHITECTURE_VERSIONS, MODELS, MODELS_DIR, build_net, class_names
-from pipeline.training import load_prepared
 
 REPORT_DIR = Path("reports/evaluate")
 METRICS = REPORT_DIR / "metrics.json"

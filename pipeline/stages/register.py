@@ -289,7 +289,7 @@ def register(params, run: dict, test_metrics: dict, data) -> dict:
 
 def main() -> None:
     params = load_params()
-    from pipeline.training import load_prepared
+    from pipeline.data.loader import load_prepared
 
     run = read_json(require(MODELS_DIR / "run.json", "train"))
     require(METRICS, "evaluate")

@@ -54,6 +54,7 @@ from pipeline.config import (
     provenance,
     with_tuned,
 )
+from pipeline.data.loader import Prepared, load_prepared
 from pipeline.data.profile import PROFILE_ARTIFACT, profile
 from pipeline.data.table import PREPARED_DIR
 from pipeline.device import available, describe
@@ -69,13 +70,7 @@ from pipeline.io import (
     write_json,
 )
 from pipeline.models import MODELS_DIR, class_names, model_spec
-from pipeline.training import (
-    EpochLine,
-    Prepared,
-    fit,
-    load_prepared,
-    nondeterministic_ops,
-)
+from pipeline.training import EpochLine, fit, nondeterministic_ops
 
 BEST_PARAMS = Path("reports/tune/best_params.json")
 # Data-parallel training: the checkpoint every process starts from (the first process decides

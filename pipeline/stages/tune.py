@@ -693,7 +693,8 @@ def torch_threads(threads: int | None):
 def prepare(params: Params):
     """The train and val splits, checked against every model the study may build, cut to
     ``tune.train_samples`` and ``tune.val_samples`` (see :func:`subset`)."""
-    from pipeline.training import Prepared, check_model, load_prepared
+    from pipeline.data.loader import Prepared, load_prepared
+    from pipeline.training import check_model
 
     data = load_prepared(splits=("train", "val"))
     for name in params.tune.search_space.model or [params.model.name]:
