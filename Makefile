@@ -31,7 +31,8 @@ server: $(STAMP) $(POSTGRES)
 	runway server start
 
 ## test: create .venv if needed, run the test suite (on 2 workers: most of it is `dvc repro`
-## subprocesses waiting on imports; TEST_WORKERS=0 runs it in one process). The browser tests
+## subprocesses waiting on imports; on 2 cores a third worker took longer, 22:43 against
+## 21:55; TEST_WORKERS=0 runs it in one process). The browser tests
 ## drive Debian's chromium: it is installed first when missing (needs root or sudo).
 TEST_WORKERS ?= 2
 CHROMIUM := /usr/bin/chromium
