@@ -56,7 +56,7 @@ TRAIN_BATCHES, VAL_BATCHES = 20, 2  # per epoch, MNIST-sized set
 @dataclass
 class Workload:
     name: str
-    data: object  # pipeline.training.Prepared
+    data: object  # pipeline.data.loader.Prepared
     batch_size: int
     epochs: int
     train_batches: int | None = None  # None: whole epochs
