@@ -273,3 +273,74 @@ def test_the_stage_makes_the_study_database_before_it_starts_workers(tmp_path, m
     monkeypatch.setattr(stage, "run_study", lambda params, out_dir, workers, storage: {})
     assert stage.tune(params, tmp_path) == {}
     assert found["version"] == found["head"]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_workers_whose_trials_end_together_start_one_more_trial_not_two(
+    database, tmp_path, request, monkeypatch
+):
+    """Two workers (threads here) whose trials end at the same moment, one trial short of
+    n_trials: each counts the study's trials and may start one. Each count is followed by half
+    a second before the next trial is created, so without the workers' shared lock both counts
+    see 2 of 3 and the study ends with 4 trials; with it, the second count sees the third trial
+    and stops."""
+    import threading
+    import uuid
+
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+    from sqlalchemy import text
+
+    from pipeline.stages.tune import TrialLock, run_until_done
+
+    if database == "sqlite":
+        url = f"sqlite:///{tmp_path}/optuna.db"
+    else:
+        url = request.getfixturevalue("team").client["OPTUNA_STORAGE"]
+    name = f"race-{uuid.uuid4().hex}"
+    count = MaxTrialsCallback.__call__
+
+    def slow_count(self, study, trial):
+        count(self, study, trial)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(MaxTrialsCallback, "__call__", slow_count)
+    optuna.create_study(study_name=name, storage=url)
+    together = threading.Barrier(2, timeout=30)
+
+    def objective(trial):
+        if trial.number < 2:  # each worker's first trial: both end at once
+            together.wait()
+        return float(trial.number)
+
+    errors, keepalives = [], []
+
+    def worker():
+        try:
+            found = optuna.load_study(study_name=name, storage=url)
+            with TrialLock(url, name) as lock:
+                if database == "postgresql":
+                    lock.acquire()
+                    shown = lock.connection.execute(text("SHOW tcp_keepalives_idle")).scalar()
+                    keepalives.append(shown)
+                    lock.release()
+                run_until_done(found, objective, 3, lock)
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    assert [(t.number, t.state, t.value) for t in trials] == [
+        (n, TrialState.COMPLETE, float(n)) for n in range(3)
+    ]
+    if database == "sqlite":
+        assert (tmp_path / "optuna.db.lock").exists()
+    else:  # the server ends a dead worker's session, and its lock, within about 25 s
+        assert keepalives == ["10", "10"]

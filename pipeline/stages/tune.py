@@ -576,14 +576,118 @@ def counts(study) -> dict[str, int]:
     return {s.name.lower(): states.count(s) for s in TrialState}
 
 
-def run_until_done(study, objective, n_trials: int) -> None:
+class TrialLock:
+    """One lock for every worker of a shared study, wherever it runs, held from counting the
+    study's trials to the creation of the next one: two workers whose trials end together can
+    otherwise both count ``n_trials`` - 1 and each start one more (Optuna's
+    ``MaxTrialsCallback`` counts, and the next trial is created after it, by another
+    statement). PostgreSQL: a session advisory lock keyed by the study's name, on a connection
+    with TCP keepalives, so that the server ends the session (and the lock) of a worker that
+    died or lost its network within about 25 s; SQLite: a file lock beside the database file,
+    let go by the OS when its process dies. Other databases have none: the study may end with
+    a few trials more than ``n_trials`` (said once, here)."""
+
+    # The server probes a silent client after 10 s, every 5 s, and gives up after 3 probes; the
+    # worker does the same with the server.
+    KEEPALIVES = {"idle": 10, "interval": 5, "count": 3}
+
+    def __init__(self, url: str, name: str, label: str = "[tune]"):
+        from sqlalchemy.engine import make_url
+
+        found = make_url(url)
+        self.backend = found.get_backend_name()
+        self.shown = found.render_as_string(hide_password=True)
+        self.held = False
+        self.file = self.engine = self.connection = None
+        if self.backend == "sqlite":
+            from filelock import FileLock
+
+            self.file = FileLock(f"{found.database}.lock")
+        elif self.backend == "postgresql":
+            from sqlalchemy import create_engine
+            from sqlalchemy.pool import NullPool
+
+            server = " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in self.KEEPALIVES.items())
+            client = {f"keepalives_{k}": v for k, v in self.KEEPALIVES.items()}
+            # A connection of its own, really closed on release: a pooled one would keep the
+            # lock if unlocking failed.
+            self.engine = create_engine(
+                url,
+                poolclass=NullPool,
+                connect_args={"keepalives": 1, **client, "options": server},
+            )
+            digest = hashlib.sha256(f"runway study {name}".encode()).digest()
+            self.key = int.from_bytes(digest[:8], "big", signed=True)
+        else:
+            print(
+                f"{label} the study database ({self.backend}) has no lock the workers share: "
+                "the study may end with a trial or two more than tune.n_trials",
+                flush=True,
+            )
+
+    def acquire(self) -> None:
+        from sqlalchemy import text
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if self.held:
+            return
+        if self.file is not None:
+            self.file.acquire()
+        elif self.engine is not None:
+            try:
+                connection = self.engine.connect()
+            except SQLAlchemyError as exc:
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                raise StageError(
+                    f"tune.storage: cannot lock the study database {self.shown}: {reason}"
+                ) from None
+            try:
+                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+            except BaseException:  # e.g. SIGTERM while waiting: the session must not keep it
+                connection.invalidate()
+                connection.close()
+                raise
+            self.connection = connection
+        self.held = True
+
+    def release(self) -> None:
+        from sqlalchemy import text
+
+        if not self.held:
+            return
+        self.held = False
+        if self.file is not None:
+            self.file.release()
+        elif self.connection is not None:
+            try:
+                self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+            finally:
+                self.connection.close()  # a session lock ends with its connection anyway
+                self.connection = None
+
+    def close(self) -> None:
+        self.release()
+        if self.engine is not None:
+            self.engine.dispose()
+
+    def __enter__(self) -> TrialLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_until_done(study, objective, n_trials: int, lock: TrialLock) -> None:
     """A worker of a shared study: run trials until the study has ``n_trials`` finished ones
     (complete or pruned) in total, counting every worker's, wherever it runs.
 
     Optuna's ``MaxTrialsCallback`` stops this worker once the finished and running trials
     reach ``n_trials``; the worker then waits while other workers' last trials run, failing
     stale ones (a worker that died) so that their retries, queued by the heartbeat, run here.
-    A worker runs at most ``n_trials`` trials itself: a study whose trials all fail ends."""
+    Each count is made under ``lock``, held until the trial it lets start exists, so the
+    study never gets more than ``n_trials``. A worker runs at most ``n_trials`` trials
+    itself: a study whose trials all fail ends."""
     import optuna
     from optuna.exceptions import ExperimentalWarning
     from optuna.study import MaxTrialsCallback
@@ -592,26 +696,39 @@ def run_until_done(study, objective, n_trials: int) -> None:
     enough = MaxTrialsCallback(
         n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     )
+
+    def counted(study, trial) -> None:  # after each trial; the next one, if any, releases
+        lock.acquire()
+        enough(study, trial)
+
+    def started(trial):
+        lock.release()
+        return objective(trial)
+
     ran = 0
     while ran < n_trials:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        now = counts(study)
-        done = now["complete"] + now["pruned"]
-        if done >= n_trials:
-            return
-        if now["waiting"] or done + now["running"] < n_trials:
-            before = len(study.get_trials(deepcopy=False))
-            optimize(study, objective, n_trials - ran, callbacks=[enough])
-            new = len(study.get_trials(deepcopy=False)) - before
-            if new == 0:  # the grid sampler stopped the study: every point is tried
+        lock.acquire()
+        try:
+            now = counts(study)
+            done = now["complete"] + now["pruned"]
+            if done >= n_trials:
                 return
-            ran += new
-        elif now["running"]:
-            time.sleep(0.5)
-        else:
+            if now["waiting"] or done + now["running"] < n_trials:
+                before = len(study.get_trials(deepcopy=False))
+                optimize(study, started, n_trials - ran, callbacks=[counted])
+                new = len(study.get_trials(deepcopy=False)) - before
+                if new == 0:  # the grid sampler stopped the study: every point is tried
+                    return
+                ran += new
+                continue
+        finally:
+            lock.release()
+        if not now["running"]:
             return
+        time.sleep(0.5)
 
 
 def end_orphan_runs(study) -> int:
@@ -780,13 +897,14 @@ def run_study(params: Params, out_dir: Path, workers: ExitStack, storage) -> dic
         else:
             many = cfg.workers > 1 and todo
             threads = threads_per_worker(cfg.workers) if cfg.workers > 1 else None
-            with torch_threads(threads):
-                # Until the total is reached, counting every worker's trials (and those of
-                # workers on other machines), a dead worker's retried trial included.
-                run_until_done(study, objective, cfg.n_trials)
-            workers.close()  # waits for the local workers
-            if many:  # a trial of a worker that died after the others finished
-                run_until_done(study, objective, cfg.n_trials)
+            with TrialLock(storage_url(cfg), study.study_name, label) as lock:
+                with torch_threads(threads):
+                    # Until the total is reached, counting every worker's trials (and those of
+                    # workers on other machines), a dead worker's retried trial included.
+                    run_until_done(study, objective, cfg.n_trials, lock)
+                workers.close()  # waits for the local workers
+                if many:  # a trial of a worker that died after the others finished
+                    run_until_done(study, objective, cfg.n_trials, lock)
             ended = end_orphan_runs(study)
             if ended:
                 print(f"[tune] {ended} trial run(s) of a worker that died ended as KILLED")
@@ -903,7 +1021,8 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
     tags = tracking.run_tags("tune", data.manifest.source)
     objective = make_objective(params, study, data, experiment_id, tags, label)
     print(f"{label} joined study {name}: {counts(study)['complete']} trial(s) complete", flush=True)
-    run_until_done(study, objective, cfg.n_trials)
+    with TrialLock(storage_url(cfg), name, label) as lock:
+        run_until_done(study, objective, cfg.n_trials, lock)
     done = counts(study)
     print(f"{label} done: the study has {done['complete'] + done['pruned']} finished trial(s)")
 
