@@ -465,3 +465,32 @@ def test_a_shared_study_database_that_is_unset_or_unreachable_is_named(monkeypat
         f"postgresql+psycopg://runway:***@127.0.0.1:{port}/x: connection failed"
     )
     assert "s3cret" not in message and "\n" not in message
+
+
+def test_the_workers_lock_names_an_unreachable_database_and_warns_where_it_has_none(capsys):
+    from pipeline.io import StageError
+    from pipeline.stages.tune import TrialLock
+    from tests.ui import free_port
+
+    port = free_port()  # nothing listens there
+    with TrialLock(f"postgresql+psycopg://runway:s3cret@127.0.0.1:{port}/x", "s") as lock:
+        with pytest.raises(StageError) as raised:
+            lock.acquire()
+        assert not lock.held
+    message = str(raised.value)
+    assert message.startswith(
+        f"tune.storage: cannot lock the study database "
+        f"postgresql+psycopg://runway:***@127.0.0.1:{port}/x: connection failed"
+    )
+    assert "s3cret" not in message and "\n" not in message
+    assert capsys.readouterr().out == ""
+
+    with TrialLock("mysql+pymysql://runway:s3cret@127.0.0.1/x", "s", "[tune worker 1]") as lock:
+        lock.acquire()
+        assert lock.held
+        lock.release()
+        assert not lock.held
+    assert capsys.readouterr().out == (
+        "[tune worker 1] the study database (mysql) has no lock the workers share: the study "
+        "may end with a trial or two more than tune.n_trials\n"
+    )
