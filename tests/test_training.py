@@ -6,8 +6,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
 
+from benchmarks.stages import STAGES
 from pipeline.config import ModelParams, TrainParams, parse_params
 from pipeline.models.cnn import build_cnn
 from pipeline.stages.train import merged_params
@@ -377,16 +377,8 @@ STAGE_IMPORTS = {
 }
 
 
-def dvc_stages() -> list[str]:
-    """The stage modules dvc.yaml runs (``python -m pipeline.stages.<name>``), in its order."""
-    from tests.conftest import ROOT
-
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
-    return [stage["cmd"].split()[-1].removeprefix("pipeline.stages.") for stage in stages]
-
-
 @pytest.mark.slow  # a fresh interpreter per stage
-@pytest.mark.parametrize("stage", dvc_stages())
+@pytest.mark.parametrize("stage", STAGES)
 def test_a_stage_module_imports_only_the_heavy_libraries_it_needs(stage):
     import subprocess
     import sys

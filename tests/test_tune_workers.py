@@ -344,3 +344,39 @@ def test_workers_whose_trials_end_together_start_one_more_trial_not_two(
         assert (tmp_path / "optuna.db.lock").exists()
     else:  # the server ends a dead worker's session, and its lock, within about 25 s
         assert keepalives == ["10", "10"]
+
+
+def test_a_worker_stopped_while_it_waits_for_the_lock_leaves_it_free(team):
+    """SIGTERM (or ^C) while a worker waits for the PostgreSQL lock: its session must not go on
+    waiting, and take the lock once the holder lets go, for as long as the process lives."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    from pipeline.io import Terminated
+    from pipeline.stages.tune import TrialLock
+
+    url, name = team.client["OPTUNA_STORAGE"], f"stop-{uuid.uuid4().hex}"
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGALRM, terminated)
+    try:
+        with TrialLock(url, name) as holder, TrialLock(url, name) as waiter:
+            holder.acquire()
+            signal.setitimer(signal.ITIMER_REAL, 0.5)  # while waiter waits for holder
+            with pytest.raises(Terminated) as stopped:
+                waiter.acquire()
+            assert not waiter.held and waiter.connection is None
+            holder.release()
+            other = create_engine(url, poolclass=NullPool)
+            with other.connect() as connection:
+                free = text("SELECT pg_try_advisory_lock(:key)")
+                assert connection.execute(free, {"key": holder.key}).scalar() is True
+            other.dispose()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert stopped.type is Terminated

@@ -323,6 +323,12 @@ def heartbeat() -> int:
     return int(raw)
 
 
+def database_error(exc) -> str:
+    """The first line of what the database driver said (SQLAlchemy's ``orig``), for a
+    one-line error."""
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+
+
 def make_storage(tune: TuneParams, create: bool = True):
     """Optuna's RDB storage for the study. A shared study (:func:`shared`) has heartbeats: a
     trial whose worker died is failed once it has been silent for GRACE_BEATS heartbeats, and
@@ -361,9 +367,8 @@ def make_storage(tune: TuneParams, create: bool = True):
                 skip_table_creation=not create,
             )
     except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StageError(
-            f"tune.storage: cannot open the study database {shown}: {reason}"
+            f"tune.storage: cannot open the study database {shown}: {database_error(exc)}"
         ) from None
 
 
@@ -637,15 +642,16 @@ class TrialLock:
             try:
                 connection = self.engine.connect()
             except SQLAlchemyError as exc:
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
                 raise StageError(
-                    f"tune.storage: cannot lock the study database {self.shown}: {reason}"
+                    f"tune.storage: cannot lock the study database {self.shown}: "
+                    + database_error(exc)
                 ) from None
             try:
                 connection = connection.execution_options(isolation_level="AUTOCOMMIT")
                 connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
-            except BaseException:  # e.g. SIGTERM while waiting: the session must not keep it
-                connection.invalidate()
+            except BaseException:
+                # SQLAlchemy has already ended the session of a wait that SIGTERM or ^C
+                # interrupted (it invalidates the connection), so it cannot take the lock later.
                 connection.close()
                 raise
             self.connection = connection
