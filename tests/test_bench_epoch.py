@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from benchmarks.epoch import Workload, bare_fit, compare, hand_loop, same, stage
 EPOCHS = 3
 
 
-def test_the_hand_loop_writes_what_the_stage_writes_and_computes_the_same(tmp_path):
+def test_the_hand_loop_writes_what_the_stage_writes_and_computes_the_same(tmp_path, recwarn):
     work = Workload("digits", digits_prepared(), 64, EPOCHS)
     times, losses = hand_loop(work, tmp_path / "hand")
     assert len(times) == EPOCHS and all(t > 0 for t in times)
@@ -34,8 +35,15 @@ def test_the_hand_loop_writes_what_the_stage_writes_and_computes_the_same(tmp_pa
     assert not list((tmp_path / "hand").glob("*.tmp"))  # each moved into place
 
     # The stage trains the same: the same val/loss every epoch.
+    recwarn.clear()
     _, stage_losses, _ = stage_fit(work, tmp_path / "stage")
     assert same(stage_losses, losses)
+    # ...and, as the stage, keeps Lightning's notes on what it does on purpose out of the
+    # output (make bench printed two per fit).
+    from pipeline.stages.train import EXPECTED_WARNINGS
+
+    noted = [str(w.message) for w in recwarn]
+    assert [m for m in noted if any(re.search(e, m) for e in EXPECTED_WARNINGS)] == []
 
 
 def test_without_files_the_hand_loop_writes_none(tmp_path):

@@ -23,6 +23,7 @@ another holds ``.runway/train.lock`` stops at once, naming the process that hold
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,6 +32,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -92,6 +94,15 @@ EXPECTED_WARNINGS = (
     r"`\.fit\(ckpt_path=None\)` was called without a model",
     r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
 )
+
+
+@contextlib.contextmanager
+def expected_warnings_ignored() -> Iterator[None]:
+    """Lightning's :data:`EXPECTED_WARNINGS` left out of the output inside the block."""
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 class Resume:
@@ -486,9 +497,7 @@ def train(
             tracking_uri=tracking.tracking_uri(), run_id=run_id, synchronous=False
         )
         os.environ[CKPT_ENV] = str(ckpt_path or "")
-        with tracking.async_metrics(), nondeterministic_ops() as ops, warnings.catch_warnings():
-            for message in EXPECTED_WARNINGS:
-                warnings.filterwarnings("ignore", message=message)
+        with tracking.async_metrics(), nondeterministic_ops() as ops, expected_warnings_ignored():
             try:
                 module, trainer = fit(
                     hp,
@@ -590,9 +599,7 @@ def train_replica() -> None:
     data = load_prepared(splits=("train", "val"))
     ckpt = os.environ.get(CKPT_ENV) or None
     callbacks, _ = train_callbacks(hp, Resume(resume_key(hp, model)))
-    with warnings.catch_warnings():
-        for message in EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
+    with expected_warnings_ignored():
         fit(hp, model, data, callbacks, ckpt_path=Path(ckpt) if ckpt else None, distributed=True)
 
 
