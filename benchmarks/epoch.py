@@ -142,12 +142,7 @@ def stage_fit(
     seconds of the whole fit. ``hp``: changes to the workload's train section; ``uri``: the
     tracking URI (default: a sqlite store in ``store``)."""
     from pipeline import tracking
-    from pipeline.stages.train import (
-        CheckpointedLogger,
-        Resume,
-        expected_warnings_ignored,
-        train_callbacks,
-    )
+    from pipeline.stages.train import CheckpointedLogger, Resume, train_callbacks
     from pipeline.training import fit
 
     hp = work.hp(**(hp or {}))
@@ -162,11 +157,7 @@ def stage_fit(
         )
     start = time.perf_counter()
     # As the train stage logs: asynchronously, every metric stored when the fit ends.
-    with (
-        quiet(),
-        expected_warnings_ignored(),  # as the train stage trains
-        tracking.async_metrics() if logging else contextlib.nullcontext(),
-    ):
+    with quiet(), tracking.async_metrics() if logging else contextlib.nullcontext():
         fit(
             hp,
             work.mp(),

@@ -41,11 +41,17 @@ from pipeline.models.resnet import ResNet18, WeightsError
 PLAIN_CUDA_CHECK = True
 
 # Warnings a fit silences: a frozen backbone is in eval mode on purpose, metrics are logged
-# per epoch (the step logging interval does not matter), and a deprecation inside Lightning.
+# per epoch (the step logging interval does not matter), a deprecation inside Lightning, and
+# Lightning's notes on what the train stage does on purpose: its state.json lives beside the
+# checkpoints, and with an OnExceptionCheckpoint fit(ckpt_path=None) looks for a last
+# checkpoint (Resume.find has removed any that must not be resumed).
 QUIET_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start",
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 on torch 2.14
+    r"Checkpoint directory .* exists and is not empty",
+    r"`\.fit\(ckpt_path=None\)` was called without a model",
+    r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
 )
 
 

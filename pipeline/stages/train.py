@@ -23,7 +23,6 @@ another holds ``.runway/train.lock`` stops at once, naming the process that hold
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -31,8 +30,6 @@ import os
 import re
 import shutil
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -86,23 +83,6 @@ LOCK = Path(".runway/train.lock")  # beside RESUME_DIR, which is deleted and mad
 CHECKPOINT_FORMAT = 3
 # The train fields a run logs: all but train.resume, which says how to continue, not what to train.
 TRAIN_FIELDS = tuple(f for f in TrainParams.model_fields if f != "resume")
-# Lightning's notes on what the stage does on purpose: state.json lives beside the
-# checkpoints; with an OnExceptionCheckpoint, fit(ckpt_path=None) looks for a last checkpoint
-# (Resume.find has removed any that must not be resumed).
-EXPECTED_WARNINGS = (
-    r"Checkpoint directory .* exists and is not empty",
-    r"`\.fit\(ckpt_path=None\)` was called without a model",
-    r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
-)
-
-
-@contextlib.contextmanager
-def expected_warnings_ignored() -> Iterator[None]:
-    """Lightning's :data:`EXPECTED_WARNINGS` left out of the output inside the block."""
-    with warnings.catch_warnings():
-        for message in EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        yield
 
 
 class Resume:
@@ -497,7 +477,7 @@ def train(
             tracking_uri=tracking.tracking_uri(), run_id=run_id, synchronous=False
         )
         os.environ[CKPT_ENV] = str(ckpt_path or "")
-        with tracking.async_metrics(), nondeterministic_ops() as ops, expected_warnings_ignored():
+        with tracking.async_metrics(), nondeterministic_ops() as ops:
             try:
                 module, trainer = fit(
                     hp,
@@ -599,8 +579,7 @@ def train_replica() -> None:
     data = load_prepared(splits=("train", "val"))
     ckpt = os.environ.get(CKPT_ENV) or None
     callbacks, _ = train_callbacks(hp, Resume(resume_key(hp, model)))
-    with expected_warnings_ignored():
-        fit(hp, model, data, callbacks, ckpt_path=Path(ckpt) if ckpt else None, distributed=True)
+    fit(hp, model, data, callbacks, ckpt_path=Path(ckpt) if ckpt else None, distributed=True)
 
 
 def train_stage() -> None:
