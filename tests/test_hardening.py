@@ -395,7 +395,9 @@ def test_a_device_this_machine_lacks_stops_every_training_stage_in_one_line(pipe
     before = {path: dvc_hash(project / path) for path in outputs}
     runs = len(mlflow_runs(project))
     with params_restored(project):
-        edit_params(project, {"train": {"accelerator": "mps"}, "tune": {"n_trials": 2}})
+        # Two tune workers: the stage starts the second before it checks the device.
+        tune = {"n_trials": 2, "workers": 2}
+        edit_params(project, {"train": {"accelerator": "mps"}, "tune": tune})
         worker = [sys.executable, "-m", "pipeline.stages.tune", "--join"]  # runway tune-worker
         for name, result in [
             *((name, stage(project, name)) for name in ("tune", "train", "evaluate", "register")),
@@ -408,6 +410,7 @@ def test_a_device_this_machine_lacks_stops_every_training_stage_in_one_line(pipe
                 "auto (a GPU where there is one, else the CPU) or cpu"
             )
             assert "Traceback" not in result.stderr, result.stderr[-2000:]
+            assert "terminated" not in result.stderr  # the worker was stopped without a word
     assert {path: dvc_hash(project / path) for path in outputs} == before
     assert len(mlflow_runs(project)) == runs  # no run started, not even a failed one
     assert (project / ".runway/train").exists() == (".runway/train" in outputs)

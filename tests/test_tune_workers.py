@@ -243,11 +243,12 @@ def test_a_worker_the_stage_started_waits_for_the_study(tmp_path, monkeypatch):
     assert out == "waited-for run-of-the-stage\n"
 
 
-def test_the_stage_makes_the_study_database_before_it_starts_workers(tmp_path, monkeypatch):
-    """Optuna's storage writes its schema version rows wherever they are missing: a worker
+def test_workers_start_first_and_open_the_study_database_once_it_is_made(tmp_path, monkeypatch):
+    """The stage starts its workers before anything else, so that their start-up overlaps its
+    own. Optuna's storage writes its schema version rows wherever they are missing: a worker
     opening the database while the stage makes it would write them too, and one of the two
-    writes fails. So the workers find the database made (tables and version) when they
-    start, and open it without making anything."""
+    writes fails. So the workers are told to go once the database is made (tables and
+    version), and open it without making anything."""
     import contextlib
 
     import optuna
@@ -260,19 +261,75 @@ def test_the_stage_makes_the_study_database_before_it_starts_workers(tmp_path, m
     base = Params()
     tune = base.tune.model_copy(update={"storage": "OPTUNA_STORAGE", "workers": 2})
     params = base.model_copy(update={"tune": tune})
-    found = {}
+    events, found = [], {}
 
-    @contextlib.contextmanager
-    def workers_starting(workers: int):
+    def go():
+        events.append("go")
         opened = optuna.storages.RDBStorage(url, skip_table_creation=True)
         found["version"] = opened.get_current_version()
         found["head"] = opened.get_head_version()
-        yield
 
+    @contextlib.contextmanager
+    def workers_starting(workers: int):
+        events.append(f"{workers} workers started")
+        yield go
+
+    def storage_made(cfg, create=True):
+        made = make_storage(cfg, create)
+        events.append("database made")
+        return made
+
+    make_storage = stage.make_storage
     monkeypatch.setattr(stage, "more_workers", workers_starting)
+    monkeypatch.setattr(stage, "make_storage", storage_made)
     monkeypatch.setattr(stage, "run_study", lambda params, out_dir, workers, storage: {})
     assert stage.tune(params, tmp_path) == {}
+    assert events == ["2 workers started", "database made", "go"]
     assert found["version"] == found["head"]
+
+
+def test_a_worker_the_stage_never_told_to_go_opens_nothing(iris, tmp_path, monkeypatch, capfd):
+    """Workers load their data while the stage makes the study database. If the stage fails
+    before that (a device this machine lacks, a database it cannot reach), its workers end
+    without a word and without touching the database: one killed while it waits for the
+    word, one whose stage ended (its standard input closed) before saying it."""
+    from pipeline.stages import tune as stage
+
+    project, env = iris
+    edit_params(project, {"tune": {**SHARED, "n_trials": 2, "workers": 2}})
+    database = tmp_path / "optuna.db"
+    monkeypatch.chdir(project)
+    for key, value in {**project_env(), **env}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{database}")
+
+    def waiting_for_go() -> int:
+        """The pid of this process's worker, once it waits for the word on its stdin."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+            for pid in children:
+                if "pipe_read" in Path(f"/proc/{pid}/wchan").read_text():
+                    return int(pid)
+            time.sleep(0.2)
+        raise AssertionError("the worker never waited for the word")
+
+    with pytest.raises(RuntimeError, match="the stage failed"), stage.more_workers(2):
+        pid = waiting_for_go()
+        raise RuntimeError("the stage failed before the database was made")
+    assert not Path(f"/proc/{pid}").exists()  # waited for
+    worker = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.tune", "--worker", "1"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (worker.returncode, worker.stdout, worker.stderr) == (0, "", "")
+    out, err = capfd.readouterr()
+    assert out == "[tune] 2 workers (this process and 1 more), 1 torch thread(s) each\n"
+    assert err == ""  # the killed worker said nothing ("[tune] terminated" on SIGTERM)
+    assert not database.exists()
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -761,12 +762,20 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+GO = "go\n"  # what the tune stage writes to its workers once the study database is made
+
+
 @contextmanager
 def more_workers(workers: int):
     """Start workers 1 .. ``workers`` - 1 as processes (``python -m pipeline.stages.tune
-    --worker I``) with the cores shared between all; the stage's own process is worker 0. On
-    leaving, wait for them; a worker that died is reported (its trial is failed by its
-    heartbeat and retried by the others). SIGTERM or ^C here stops them all."""
+    --worker I``) with the cores shared between all; the stage's own process is worker 0.
+    Yields ``go``: each worker imports and loads the data at once, then waits for ``go()``,
+    which the stage calls once the study database is made (Optuna writes its schema version
+    rows wherever it finds them missing, so a worker opening a database the stage is still
+    making would write them too, and one of the two writes would fail). On leaving, wait for
+    them; a worker that died is reported (its trial is failed by its heartbeat and retried by
+    the others). SIGTERM or ^C here stops them all; workers that were never told to go have
+    opened nothing and are killed without a word."""
     threads = threads_per_worker(workers)
     print(
         f"[tune] {workers} workers (this process and {workers - 1} more), {threads} torch "
@@ -774,15 +783,33 @@ def more_workers(workers: int):
         flush=True,
     )
     command = [sys.executable, "-m", "pipeline.stages.tune", "--threads", str(threads)]
-    procs = [subprocess.Popen([*command, "--worker", str(i)]) for i in range(1, workers)]
+    procs = [
+        subprocess.Popen([*command, "--worker", str(i)], stdin=subprocess.PIPE, text=True)
+        for i in range(1, workers)
+    ]
+    told = False
+
+    def go() -> None:
+        nonlocal told
+        for proc in procs:
+            try:
+                proc.stdin.write(GO)
+                proc.stdin.close()
+            except BrokenPipeError:  # it died already: reported on leaving
+                pass
+        told = True
+
     done = False
     try:
-        yield
+        yield go
         done = True
     finally:
         if not done:
             for proc in procs:
-                proc.terminate()
+                if told:
+                    proc.terminate()
+                else:
+                    proc.kill()
         for i, proc in enumerate(procs, start=1):
             try:
                 code = proc.wait(timeout=None if done else 30)
@@ -855,21 +882,19 @@ def subset(n: int, most: int | None, seed: int):
 
 def tune(params: Params, out_dir: Path) -> dict:
     """Run (or resume) the study; write its reports into ``out_dir``; return best params."""
-    devices.available(params.train.accelerator)  # a device this machine lacks: one line, now
     cfg = params.tune
-    quiet_optuna()
-    # The study database's tables and Optuna's schema version are made before any worker
-    # starts: Optuna's storage writes the version rows wherever it finds them missing, so a
-    # worker opening the database while this process makes it would write them too, and one
-    # of the two writes would fail.
-    storage = make_storage(cfg)
-    # Local workers start next, so that their imports and data loading (about 5 s) overlap
-    # this process's instead of following them while this process already runs trials. They
-    # wait for the study this process is about to open.
+    # Local workers start first, so that their imports and data loading (about 5 s) overlap
+    # this process's instead of following them while this process already runs trials.
+    # They open the study database only when told to go, once it is made (see
+    # more_workers), and then wait for the study this process is about to open.
     workers = ExitStack()
-    if cfg.workers > 1:
-        workers.enter_context(more_workers(cfg.workers))
+    go = workers.enter_context(more_workers(cfg.workers)) if cfg.workers > 1 else None
     with workers:
+        devices.available(params.train.accelerator)  # a device this machine lacks: one line
+        quiet_optuna()
+        storage = make_storage(cfg)
+        if go:
+            go()
         return run_study(params, out_dir, workers, storage)
 
 
@@ -956,8 +981,8 @@ def opened_study(name: str, storage):
 
 def wait_for_study(cfg: TuneParams, name: str):
     """(storage, study) for a worker the tune stage started: the stage made the database
-    before starting it, but such a worker is usually ready before the stage has opened the
-    study, so it waits while the stage runs. The study is None if the stage ended first."""
+    before telling it to go, but such a worker is usually ready before the stage has opened
+    the study, so it waits while the stage runs. The study is None if the stage ended first."""
     from optuna.exceptions import OptunaError
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -990,7 +1015,8 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
     if cfg.n_trials == 0:
         print(f"{label} tune.n_trials is 0: nothing to do")
         return
-    devices.available(params.train.accelerator)  # a device this machine lacks: one line, now
+    if index is None:  # the tune stage checks the device for the workers it starts
+        devices.available(params.train.accelerator)  # a device this machine lacks: one line
 
     def terminated(signum, frame):  # the trial ends failed, its run KILLED, and is retried
         raise Terminated()
@@ -1007,6 +1033,11 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
         storage = make_storage(cfg, create=False)
         found = opened_study(name, storage)
     else:
+        # MLflow's import (about 0.5 s), while the stage still makes the study: it is ready
+        # for its first trial as soon as the stage is.
+        importlib.import_module("mlflow")
+        if sys.stdin.readline() != GO:  # the stage ended before it made the study database
+            return
         storage, found = wait_for_study(cfg, name)
     if found is None:
         raise StageError(
@@ -1037,7 +1068,12 @@ def main(argv: list[str] | None = None) -> None:
     """The stage (no arguments), or a worker of its study (``--worker I`` / ``--join``);
     ``argv``: the arguments (None: the command line's)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.stages.tune")
-    parser.add_argument("--worker", type=int, help="run as local worker I of the tune stage")
+    parser.add_argument(
+        "--worker",
+        type=int,
+        help="run as local worker I of the tune stage (it starts these, and writes go to "
+        "their standard input once the study database is made)",
+    )
     parser.add_argument("--join", action="store_true", help="run as a worker (runway tune-worker)")
     parser.add_argument("--threads", type=int, help="torch threads of a worker")
     args = parser.parse_args(argv)
