@@ -293,6 +293,8 @@ def test_a_worker_the_stage_never_told_to_go_opens_nothing(iris, tmp_path, monke
     before that (a device this machine lacks, a database it cannot reach), its workers end
     without a word and without touching the database: one killed while it waits for the
     word, one whose stage ended (its standard input closed) before saying it."""
+    import contextlib
+
     from pipeline.stages import tune as stage
 
     project, env = iris
@@ -309,8 +311,9 @@ def test_a_worker_the_stage_never_told_to_go_opens_nothing(iris, tmp_path, monke
         while time.monotonic() < deadline:
             children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
             for pid in children:
-                if "pipe_read" in Path(f"/proc/{pid}/wchan").read_text():
-                    return int(pid)
+                with contextlib.suppress(FileNotFoundError):  # a child that just ended
+                    if "pipe_read" in Path(f"/proc/{pid}/wchan").read_text():
+                        return int(pid)
             time.sleep(0.2)
         raise AssertionError("the worker never waited for the word")
 
