@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -777,11 +776,6 @@ def more_workers(workers: int):
     the others). SIGTERM or ^C here stops them all; workers that were never told to go have
     opened nothing and are killed without a word."""
     threads = threads_per_worker(workers)
-    print(
-        f"[tune] {workers} workers (this process and {workers - 1} more), {threads} torch "
-        "thread(s) each",
-        flush=True,
-    )
     command = [sys.executable, "-m", "pipeline.stages.tune", "--threads", str(threads)]
     procs = [
         subprocess.Popen([*command, "--worker", str(i)], stdin=subprocess.PIPE, text=True)
@@ -791,6 +785,11 @@ def more_workers(workers: int):
 
     def go() -> None:
         nonlocal told
+        print(
+            f"[tune] {workers} workers (this process and {workers - 1} more), {threads} torch "
+            "thread(s) each",
+            flush=True,
+        )
         for proc in procs:
             try:
                 proc.stdin.write(GO)
@@ -809,6 +808,7 @@ def more_workers(workers: int):
                 if told:
                     proc.terminate()
                 else:
+                    proc.stdin.close()  # nothing was written: EOF, as if the stage had died
                     proc.kill()
         for i, proc in enumerate(procs, start=1):
             try:
@@ -893,7 +893,7 @@ def tune(params: Params, out_dir: Path) -> dict:
         devices.available(params.train.accelerator)  # a device this machine lacks: one line
         quiet_optuna()
         storage = make_storage(cfg)
-        if go:
+        if go is not None:
             go()
         return run_study(params, out_dir, workers, storage)
 
@@ -1035,7 +1035,8 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
     else:
         # MLflow's import (about 0.5 s), while the stage still makes the study: it is ready
         # for its first trial as soon as the stage is.
-        importlib.import_module("mlflow")
+        import mlflow  # noqa: F401
+
         if sys.stdin.readline() != GO:  # the stage ended before it made the study database
             return
         storage, found = wait_for_study(cfg, name)
