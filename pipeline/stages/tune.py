@@ -781,10 +781,8 @@ def more_workers(workers: int):
         subprocess.Popen([*command, "--worker", str(i)], stdin=subprocess.PIPE, text=True)
         for i in range(1, workers)
     ]
-    told = False
 
     def go() -> None:
-        nonlocal told
         print(
             f"[tune] {workers} workers (this process and {workers - 1} more), {threads} torch "
             "thread(s) each",
@@ -794,9 +792,8 @@ def more_workers(workers: int):
             try:
                 proc.stdin.write(GO)
                 proc.stdin.close()
-            except BrokenPipeError:  # it died already: reported on leaving
+            except BrokenPipeError:  # it died already (closed all the same): reported on leaving
                 pass
-        told = True
 
     done = False
     try:
@@ -805,7 +802,7 @@ def more_workers(workers: int):
     finally:
         if not done:
             for proc in procs:
-                if told:
+                if proc.stdin.closed:  # told to go
                     proc.terminate()
                 else:
                     proc.stdin.close()  # nothing was written: EOF, as if the stage had died
