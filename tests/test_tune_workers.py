@@ -52,7 +52,7 @@ def study(env: dict, params: Path):
     return optuna.load_study(study_name=name, storage=env["OPTUNA_STORAGE"])
 
 
-def start_tune(project: Path, env: dict) -> subprocess.Popen:
+def start_tune(project: Path, env: dict, **popen) -> subprocess.Popen:
     """The tune stage, started as DVC would, its output captured."""
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.stages.tune"],
@@ -61,7 +61,34 @@ def start_tune(project: Path, env: dict) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
+
+
+def running_trials(env: dict, params: Path, stage: subprocess.Popen) -> dict[int, int]:
+    """The stage's worker pids (0: the stage's own process, then its ``--worker I``
+    processes) that are running a trial of its study, each with the number of its trial."""
+    import psutil
+    from optuna.trial import TrialState
+
+    try:
+        running = study(env, params).get_trials(states=(TrialState.RUNNING,))
+    except KeyError:  # not created yet
+        return {}
+    pids = {stage.pid: 0}
+    for child in psutil.Process(stage.pid).children():
+        try:
+            command = child.cmdline()
+        except psutil.Error:  # ended since it was listed (e.g. a git run by MLflow)
+            continue
+        if "--worker" in command:
+            pids[child.pid] = int(command[command.index("--worker") + 1])
+    by_worker = {}
+    for trial in running:
+        pid = int(trial.user_attrs.get("worker", ":0").split(":")[1])
+        if pid in pids:
+            by_worker[pids[pid]] = (pid, trial.number)
+    return by_worker
 
 
 def trial_runs(env: dict, experiment: str, parent_name: str):
@@ -108,7 +135,6 @@ def test_two_workers_finish_exactly_n_trials_each_a_nested_run(iris):
 def test_a_killed_worker_trial_fails_is_retried_and_the_study_finishes(iris):
     """SIGKILL one of two workers in the middle of a trial: its heartbeat stops, the other
     worker fails the trial and runs it again with its parameters."""
-    import psutil
     from optuna.trial import TrialState
 
     project, env = iris
@@ -121,24 +147,8 @@ def test_a_killed_worker_trial_fails_is_retried_and_the_study_finishes(iris):
         deadline = time.monotonic() + 120
         while victim is None and time.monotonic() < deadline:
             time.sleep(0.3)
-            try:
-                running = study(env, project / "params.yaml").get_trials(
-                    states=(TrialState.RUNNING,)
-                )
-            except KeyError:  # not created yet
-                continue
-            workers = set()
-            for child in psutil.Process(stage.pid).children():
-                try:
-                    command = child.cmdline()
-                except psutil.Error:  # ended since it was listed (e.g. a git run by MLflow)
-                    continue
-                if "--worker" in command and command[-1] == "1":
-                    workers.add(child.pid)
-            for trial in running:
-                pid = int(trial.user_attrs.get("worker", ":0").split(":")[1])
-                if pid in workers:
-                    victim = (trial.number, pid)
+            pid, number = running_trials(env, project / "params.yaml", stage).get(1, (0, 0))
+            victim = (number, pid) if pid else None
         assert victim is not None, "worker 1 never ran a trial"
         os.kill(victim[1], signal.SIGKILL)
         out, err = stage.communicate(timeout=300)
@@ -161,6 +171,40 @@ def test_a_killed_worker_trial_fails_is_retried_and_the_study_finishes(iris):
     assert runs[killed.user_attrs["mlflow_run_id"]].info.status == "KILLED"
     retry_run = runs[retries[0].user_attrs["mlflow_run_id"]]
     assert retry_run.data.tags["optuna.retry_of"] == str(victim[0])
+
+
+def test_ctrl_c_stops_the_stage_and_its_workers_with_one_line(iris):
+    """^C at a terminal goes to every process of the foreground group: the stage and its
+    workers. The stage stops its workers itself, so the interruption is reported once; each
+    trial it cut short is marked interrupted, for the next run to queue again."""
+    import psutil
+    from optuna.trial import TrialState
+
+    from pipeline.stages.tune import INTERRUPTED
+
+    project, env = iris
+    tune = {**SHARED, "n_trials": 4, "workers": 2, "epochs": 250, "pruner": "none", "seed": 13}
+    edit_params(project, {"tune": tune})
+    stage = start_tune(project, env, start_new_session=True)  # its own group, as in a terminal
+    try:
+        running = {}
+        deadline = time.monotonic() + 120
+        while len(running) < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            running = running_trials(env, project / "params.yaml", stage)
+        assert sorted(running) == [0, 1], "the stage and its worker never ran a trial together"
+        os.killpg(stage.pid, signal.SIGINT)
+        out, err = stage.communicate(timeout=120)
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    assert stage.returncode == 130
+    assert err.splitlines() == ["[tune] interrupted"]
+    assert not psutil.pid_exists(running[1][0])  # the worker ended with its stage
+    found = study(env, project / "params.yaml")
+    for _, number in running.values():
+        trial = found.trials[number]
+        assert (trial.state, trial.user_attrs.get(INTERRUPTED)) == (TrialState.FAIL, True)
 
 
 def test_a_worker_on_another_machine_joins_the_study(iris, tmp_path):
@@ -335,6 +379,50 @@ def test_a_worker_the_stage_never_told_to_go_opens_nothing(iris, tmp_path, monke
     assert out == ""  # the stage's line about its workers comes with the word
     assert err == ""  # the killed worker said nothing ("[tune] terminated" on SIGTERM)
     assert not database.exists()
+
+
+# A stage that starts a worker, tells it to go once it waits for the word (its wait channel
+# names a pipe read), and ends before opening any study.
+ORPHANED_WORKER = """
+import pathlib, subprocess, sys, time
+worker = subprocess.Popen(
+    [sys.executable, "-m", "pipeline.stages.tune", "--worker", "1"],
+    stdin=subprocess.PIPE, stdout=open(sys.argv[1], "w"), stderr=subprocess.STDOUT, text=True,
+)
+while "pipe" not in pathlib.Path(f"/proc/{worker.pid}/wchan").read_text():
+    time.sleep(0.1)
+worker.stdin.write("go\\n")
+worker.stdin.close()
+print(worker.pid)
+"""
+
+
+def test_a_worker_whose_stage_ended_before_opening_the_study_ends_without_a_word(
+    iris, tmp_path, monkeypatch
+):
+    """Told to go, a worker waits for the stage to open the study. If the stage ends first
+    (stopped between the two), the worker ends too, leaving the stage's line the only one."""
+    import psutil
+
+    from pipeline.config import TuneParams
+    from pipeline.stages.tune import make_storage
+
+    project, env = iris
+    edit_params(project, {"tune": {**SHARED, "n_trials": 2, "workers": 2}})
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setenv("OPTUNA_STORAGE", url)
+    make_storage(TuneParams(storage="OPTUNA_STORAGE"))  # the database, and no study in it
+    log = tmp_path / "worker.log"
+    stage = subprocess.run(
+        [sys.executable, "-c", ORPHANED_WORKER, str(log)],
+        cwd=project,
+        env={**project_env(), **env, "OPTUNA_STORAGE": url},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    psutil.Process(int(stage.stdout)).wait(timeout=120)  # ended (its code is its parent's)
+    assert log.read_text() == ""
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import yaml
@@ -431,21 +431,41 @@ def open_study(params: Params, name: str, storage=None):
     return study, todo
 
 
+class Interrupted(BaseException):
+    """^C in a trial that is already told failed: Optuna passes on an exception that is
+    neither an ``Exception`` nor ``KeyboardInterrupt`` without logging it (for
+    ``KeyboardInterrupt`` it logs the trial's failure with a traceback, under the stage's
+    one line)."""
+
+
 def optimize(study, objective, n_trials: int, callbacks=None) -> None:
     """Run ``n_trials`` more trials (the grid sampler stops the study once every point is
-    tried). A trial stopped by ^C or SIGTERM is marked, so that the next run queues it again."""
+    tried). A trial stopped by ^C or SIGTERM is marked, so that the next run queues it again;
+    one stopped by ^C is failed, as Optuna fails it, and ``KeyboardInterrupt`` raised again."""
+    from optuna.trial import TrialState
 
     def marked(trial):
         try:
             return objective(trial)
-        except (KeyboardInterrupt, Terminated):
+        except Terminated:
             trial.set_user_attr(INTERRUPTED, True)
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED, True)
+            study.tell(trial, state=TrialState.FAIL)
+            raise Interrupted from None
 
     if n_trials:
-        study.optimize(
-            marked, n_trials=n_trials, catch=(Exception,), gc_after_trial=False, callbacks=callbacks
-        )
+        try:
+            study.optimize(
+                marked,
+                n_trials=n_trials,
+                catch=(Exception,),
+                gc_after_trial=False,
+                callbacks=callbacks,
+            )
+        except Interrupted:
+            raise KeyboardInterrupt from None
 
 
 def write_plots(study, metric: str, out_dir: Path) -> None:
@@ -762,6 +782,9 @@ def threads_per_worker(workers: int) -> int:
 
 
 GO = "go\n"  # what the tune stage writes to its workers once the study database is made
+# Seconds a stage stopped by ^C gives its workers, which the same ^C reached, to end their
+# trials themselves (failed and marked interrupted) before it stops them with SIGTERM.
+INTERRUPT_GRACE = 10
 
 
 @contextmanager
@@ -773,8 +796,10 @@ def more_workers(workers: int):
     rows wherever it finds them missing, so a worker opening a database the stage is still
     making would write them too, and one of the two writes would fail). On leaving, wait for
     them; a worker that died is reported (its trial is failed by its heartbeat and retried by
-    the others). SIGTERM or ^C here stops them all; workers that were never told to go have
-    opened nothing and are killed without a word."""
+    the others). SIGTERM or ^C here stops them all (after ^C, which a terminal sends to every
+    worker too, each gets :data:`INTERRUPT_GRACE` seconds to stop itself); workers that were
+    never told to go have opened nothing and are killed without a word. A worker stopped with
+    its stage ends without a line of its own: the stage says why."""
     threads = threads_per_worker(workers)
     command = [sys.executable, "-m", "pipeline.stages.tune", "--threads", str(threads)]
     procs = [
@@ -795,18 +820,28 @@ def more_workers(workers: int):
             except BrokenPipeError:  # it died already (closed all the same): reported on leaving
                 pass
 
-    done = False
+    done = interrupted = False
     try:
         yield go
         done = True
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         if not done:
+            told = [proc for proc in procs if proc.stdin.closed]
             for proc in procs:
-                if proc.stdin.closed:  # told to go
-                    proc.terminate()
-                else:
+                if proc not in told:
                     proc.stdin.close()  # nothing was written: EOF, as if the stage had died
                     proc.kill()
+            if interrupted:  # ^C at a terminal reaches every worker: each ends its own trial
+                deadline = time.monotonic() + INTERRUPT_GRACE
+                for proc in told:
+                    with suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            for proc in told:
+                if proc.poll() is None:
+                    proc.terminate()
         for i, proc in enumerate(procs, start=1):
             try:
                 code = proc.wait(timeout=None if done else 30)
@@ -976,14 +1011,15 @@ def opened_study(name: str, storage):
     return found if PARENT_RUN in found.user_attrs else None
 
 
-def wait_for_study(cfg: TuneParams, name: str):
+def wait_for_study(cfg: TuneParams, name: str, stage: int | None = None):
     """(storage, study) for a worker the tune stage started: the stage made the database
     before telling it to go, but such a worker is usually ready before the stage has opened
-    the study, so it waits while the stage runs. The study is None if the stage ended first."""
+    the study, so it waits while the stage (process ``stage``, default: the parent) runs. The
+    study is None if the stage ended first."""
     from optuna.exceptions import OptunaError
     from sqlalchemy.exc import SQLAlchemyError
 
-    stage, storage = os.getppid(), None
+    stage, storage = stage or os.getppid(), None
     while True:
         try:
             storage = storage or make_storage(cfg, create=False)
@@ -1000,11 +1036,14 @@ def wait_for_study(cfg: TuneParams, name: str):
         time.sleep(0.2)
 
 
-def join(params: Params, index: int | None = None, threads: int | None = None) -> None:
+def join(
+    params: Params, index: int | None = None, threads: int | None = None, stage: int | None = None
+) -> None:
     """Work on the current study (the one the tune stage runs for these params and this
     prepared data) until it has ``tune.n_trials`` finished trials: a worker started by the
-    tune stage (``index``) or by ``runway tune-worker`` on any machine that reaches the study
-    database and has the same params and data (``dvc pull``)."""
+    tune stage (``index``; ``stage``: that stage's process, default the parent) or by
+    ``runway tune-worker`` on any machine that reaches the study database and has the same
+    params and data (``dvc pull``)."""
     import optuna
 
     cfg = params.tune
@@ -1036,7 +1075,9 @@ def join(params: Params, index: int | None = None, threads: int | None = None) -
 
         if sys.stdin.readline() != GO:  # the stage ended before it made the study database
             return
-        storage, found = wait_for_study(cfg, name)
+        storage, found = wait_for_study(cfg, name, stage)
+        if found is None:  # the stage ended before it opened the study, and says why
+            return
     if found is None:
         raise StageError(
             f"study {name} is not in the study database yet: the tune stage starts it "
@@ -1075,9 +1116,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--join", action="store_true", help="run as a worker (runway tune-worker)")
     parser.add_argument("--threads", type=int, help="torch threads of a worker")
     args = parser.parse_args(argv)
+    stage = os.getppid()  # a worker's stage, taken before it can end (it says go seconds later)
     params = load_params()
-    if args.worker is not None or args.join:
-        join(params, args.worker, args.threads)
+    if args.worker is not None:
+        try:
+            join(params, args.worker, args.threads, stage)
+        except KeyboardInterrupt:  # its stage, stopped too, says so once
+            sys.exit(130)
+        except Terminated:  # stopped by its stage, or with it
+            sys.exit(143)
+        return
+    if args.join:
+        join(params, None, args.threads)
         return
     with atomic_dir(REPORT_DIR) as tmp:
         if params.tune.n_trials == 0:
