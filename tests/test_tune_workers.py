@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -65,9 +66,9 @@ def start_tune(project: Path, env: dict, **popen) -> subprocess.Popen:
     )
 
 
-def running_trials(env: dict, params: Path, stage: subprocess.Popen) -> dict[int, int]:
-    """The stage's worker pids (0: the stage's own process, then its ``--worker I``
-    processes) that are running a trial of its study, each with the number of its trial."""
+def running_trials(env: dict, params: Path, stage: subprocess.Popen) -> dict[int, tuple[int, int]]:
+    """The stage's workers (0: the stage's own process, then its ``--worker I`` processes)
+    that are running a trial of its study: worker index -> (pid, trial number)."""
     import psutil
     from optuna.trial import TrialState
 
@@ -196,7 +197,7 @@ def test_ctrl_c_stops_the_stage_and_its_workers_with_one_line(iris):
         os.killpg(stage.pid, signal.SIGINT)
         out, err = stage.communicate(timeout=120)
     finally:
-        if stage.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group is left
             os.killpg(stage.pid, signal.SIGKILL)
     assert stage.returncode == 130
     assert err.splitlines() == ["[tune] interrupted"]
@@ -389,11 +390,14 @@ worker = subprocess.Popen(
     [sys.executable, "-m", "pipeline.stages.tune", "--worker", "1"],
     stdin=subprocess.PIPE, stdout=open(sys.argv[1], "w"), stderr=subprocess.STDOUT, text=True,
 )
+print(worker.pid, flush=True)
+deadline = time.monotonic() + 120
 while "pipe" not in pathlib.Path(f"/proc/{worker.pid}/wchan").read_text():
+    if worker.poll() is not None or time.monotonic() > deadline:
+        sys.exit("the worker never waited for the word")
     time.sleep(0.1)
 worker.stdin.write("go\\n")
 worker.stdin.close()
-print(worker.pid)
 """
 
 
@@ -419,9 +423,23 @@ def test_a_worker_whose_stage_ended_before_opening_the_study_ends_without_a_word
         env={**project_env(), **env, "OPTUNA_STORAGE": url},
         capture_output=True,
         text=True,
-        check=True,
+        timeout=180,
     )
-    psutil.Process(int(stage.stdout)).wait(timeout=120)  # ended (its code is its parent's)
+    pid = int(stage.stdout)
+    try:
+        assert stage.returncode == 0, stage.stderr
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # ended (reaped by init, or a zombie)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    time.sleep(0.2)
+                    continue
+            break
+        else:
+            raise AssertionError("the worker went on waiting after its stage ended")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert log.read_text() == ""
 
 

@@ -70,8 +70,8 @@ from pipeline.data.table import PREPARED_DIR
 from pipeline.io import StageError, Terminated, atomic_dir, atomic_path, run_stage, write_json
 
 REPORT_DIR = Path("reports/tune")
-# User attributes of a trial: it was stopped by ^C (Optuna fails such a trial itself) / it
-# runs the parameters of interrupted trial N again.
+# User attributes of a trial: it was stopped by ^C (and failed, see optimize) / it runs the
+# parameters of interrupted trial N again.
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
 # User attributes of the study: the tune run that trials log under, and its experiment (a worker
@@ -451,8 +451,13 @@ def optimize(study, objective, n_trials: int, callbacks=None) -> None:
             trial.set_user_attr(INTERRUPTED, True)
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr(INTERRUPTED, True)
-            study.tell(trial, state=TrialState.FAIL)
+            # A second ^C here would leave the trial half told (and Optuna would log it).
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                trial.set_user_attr(INTERRUPTED, True)
+                study.tell(trial, state=TrialState.FAIL)
+            finally:
+                signal.signal(signal.SIGINT, previous)
             raise Interrupted from None
 
     if n_trials:
