@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -39,6 +40,16 @@ def iris(tmp_path_factory, team):
     return project, env
 
 
+@functools.cache
+def storage(url: str):
+    """One Optuna storage (one engine, one connection pool) per database for these tests: the
+    helpers below poll the study several times a second, and a storage made per call keeps
+    its connection until it is collected (PostgreSQL ran out of connection slots)."""
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
+
+
 def study(env: dict, params: Path):
     """The study the tune stage runs for the project's params and prepared data."""
     import optuna
@@ -50,7 +61,7 @@ def study(env: dict, params: Path):
     project = params.parent
     data = tracking.dvc_hash(project / "data/prepared")
     name = study_name(load_params(path=params), data, code_hash(project / "dvc.yaml"))
-    return optuna.load_study(study_name=name, storage=env["OPTUNA_STORAGE"])
+    return optuna.load_study(study_name=name, storage=storage(env["OPTUNA_STORAGE"]))
 
 
 def start_tune(project: Path, env: dict, **popen) -> subprocess.Popen:
