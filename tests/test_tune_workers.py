@@ -393,6 +393,71 @@ def test_a_worker_the_stage_never_told_to_go_opens_nothing(iris, tmp_path, monke
     assert not database.exists()
 
 
+# A worker that runs a trial once told to go, takes argv[2] seconds to end it after ^C, and
+# logs how it ended.
+SLOW_TO_STOP_WORKER = """
+import pathlib, signal, sys, time
+log = pathlib.Path(sys.argv[1])
+
+def ended(how, code):
+    with log.open("a") as out:
+        out.write(how + "\\n")
+    sys.exit(code)
+
+signal.signal(signal.SIGTERM, lambda signum, frame: ended("terminated", 143))
+sys.stdin.read()  # the word, then EOF
+log.write_text("running\\n")
+try:
+    while True:
+        time.sleep(0.1)
+except KeyboardInterrupt:
+    time.sleep(float(sys.argv[2]))  # failing its trial
+    ended("ended its trial", 130)
+"""
+
+
+@pytest.mark.parametrize(
+    ("seconds", "grace", "log"),
+    [(2, 10, "running\nended its trial\n"), (60, 1, "running\nterminated\n")],
+    ids=["ends-its-trial-in-the-grace", "stopped-after-the-grace"],
+)
+def test_after_ctrl_c_the_stage_gives_its_workers_time_to_end_their_trials(
+    seconds, grace, log, tmp_path, monkeypatch, capfd
+):
+    """^C reaches the stage and its workers. The stage waits up to INTERRUPT_GRACE seconds for
+    each worker to fail its own trial (marked interrupted, requeued by the next run), and
+    stops one that takes longer with SIGTERM."""
+    import psutil
+
+    from pipeline.stages import tune as stage
+
+    path = tmp_path / "worker.log"
+    monkeypatch.setattr(
+        stage,
+        "worker_command",
+        lambda worker, threads: [
+            sys.executable,
+            "-c",
+            SLOW_TO_STOP_WORKER,
+            str(path),
+            str(seconds),
+        ],
+    )
+    monkeypatch.setattr(stage, "INTERRUPT_GRACE", grace)
+    with pytest.raises(KeyboardInterrupt), stage.more_workers(2) as go:
+        go()
+        deadline = time.monotonic() + 60
+        while not path.exists() or path.read_text() != "running\n":
+            assert time.monotonic() < deadline, "the worker never started its trial"
+            time.sleep(0.1)
+        (worker,) = psutil.Process().children()
+        worker.send_signal(signal.SIGINT)
+        raise KeyboardInterrupt
+    assert path.read_text() == log
+    out, err = capfd.readouterr()
+    assert err == ""  # the stage says why it stopped; nothing about its workers
+
+
 # A stage that starts a worker, tells it to go once it waits for the word (its wait channel
 # names a pipe read), and ends before opening any study.
 ORPHANED_WORKER = """

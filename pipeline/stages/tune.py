@@ -792,6 +792,12 @@ GO = "go\n"  # what the tune stage writes to its workers once the study database
 INTERRUPT_GRACE = 10
 
 
+def worker_command(worker: int, threads: int) -> list[str]:
+    """The command line of the stage's worker ``worker`` (1 and up)."""
+    command = [sys.executable, "-m", "pipeline.stages.tune", "--threads", str(threads)]
+    return [*command, "--worker", str(worker)]
+
+
 @contextmanager
 def more_workers(workers: int):
     """Start workers 1 .. ``workers`` - 1 as processes (``python -m pipeline.stages.tune
@@ -806,9 +812,8 @@ def more_workers(workers: int):
     never told to go have opened nothing and are killed without a word. A worker stopped with
     its stage ends without a line of its own: the stage says why."""
     threads = threads_per_worker(workers)
-    command = [sys.executable, "-m", "pipeline.stages.tune", "--threads", str(threads)]
     procs = [
-        subprocess.Popen([*command, "--worker", str(i)], stdin=subprocess.PIPE, text=True)
+        subprocess.Popen(worker_command(i, threads), stdin=subprocess.PIPE, text=True)
         for i in range(1, workers)
     ]
 
