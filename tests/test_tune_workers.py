@@ -450,7 +450,7 @@ def test_after_ctrl_c_the_stage_gives_its_workers_time_to_end_their_trials(
         while not path.exists() or path.read_text() != "running\n":
             assert time.monotonic() < deadline, "the worker never started its trial"
             time.sleep(0.1)
-        (worker,) = psutil.Process().children()
+        (worker,) = [c for c in psutil.Process().children() if str(path) in c.cmdline()]
         worker.send_signal(signal.SIGINT)
         raise KeyboardInterrupt
     assert path.read_text() == log
