@@ -10,6 +10,9 @@ met.
     python -m benchmarks.run --only loader,epoch --reps 3 --out /tmp/bench.json
     python -m benchmarks.run --threads 1          # on a machine others are using
     python -m benchmarks.run --accelerator cuda   # the training comparisons on the GPU
+
+Stopped with ^C or SIGTERM, it says so in one line (exit 130 or 143) after stopping the team
+server it started and removing its scratch folders; it writes no report.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, Context
+from pipeline.io import Terminated
 
 # In run order: noop_repro and accuracy reuse the pipeline that stages runs.
 COMPARISONS = [
@@ -58,6 +63,13 @@ def table(rows: list[dict]) -> str:
             f"{r['goal']:<16} {verdict}"
         )
     return "\n".join(lines)
+
+
+def terminated(signum, frame):
+    """SIGTERM: stop measuring, and clean up on the way out (a second one is ignored meanwhile,
+    so the team server's stop and the scratch folder's removal are not cut short)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,18 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         parser.error(str(exc))
     rows, load = [], {}
-    with tempfile.TemporaryDirectory(prefix="runway-bench-") as scratch:
-        ctx = Context(Path(scratch), args.reps, accelerator=accelerator)
-        for name in [c for c in COMPARISONS if c in chosen]:
-            print(f"[bench] {name} …", flush=True)
-            start, before = time.perf_counter(), os.getloadavg()[0]
-            rows += importlib.import_module(f"benchmarks.{name}").run(ctx)
-            load[name] = [round(before, 2), round(os.getloadavg()[0], 2)]
-            print(
-                f"[bench] {name} done in {time.perf_counter() - start:.0f}s (load average "
-                f"{load[name][0]} before, {load[name][1]} after, {os.cpu_count()} CPUs)",
-                flush=True,
-            )
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with tempfile.TemporaryDirectory(prefix="runway-bench-") as scratch:
+            ctx = Context(Path(scratch), args.reps, accelerator=accelerator)
+            for name in [c for c in COMPARISONS if c in chosen]:
+                print(f"[bench] {name} …", flush=True)
+                start, before = time.perf_counter(), os.getloadavg()[0]
+                rows += importlib.import_module(f"benchmarks.{name}").run(ctx)
+                load[name] = [round(before, 2), round(os.getloadavg()[0], 2)]
+                print(
+                    f"[bench] {name} done in {time.perf_counter() - start:.0f}s (load average "
+                    f"{load[name][0]} before, {load[name][1]} after, {os.cpu_count()} CPUs)",
+                    flush=True,
+                )
+    except KeyboardInterrupt:
+        print("[bench] interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("[bench] terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print()
     print(table(rows))
     report = {
