@@ -157,14 +157,29 @@ def child_env(**extra: str) -> dict:
     return {**env, **extra}
 
 
+# Seconds a child process of a stopped bench gets to end after SIGTERM, before SIGKILL.
+STOP_GRACE_S = 30
+
+
 def timed(cmd: list[str], cwd: Path, **env: str) -> tuple[float, str]:
     """Wall seconds of one child process and what it printed; a failure raises with its
-    output's tail."""
+    output's tail. Stopped while it waits (SIGTERM, ^C), it sends the child SIGTERM and waits
+    up to :data:`STOP_GRACE_S` for it to end (then SIGKILL)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
-        code = subprocess.run(
+        child = subprocess.Popen(
             cmd, cwd=cwd, env=child_env(**env), stdout=out, stderr=subprocess.STDOUT
-        ).returncode
+        )
+        try:
+            code = child.wait()
+        except BaseException:  # the bench was stopped: the child stops on its usual path
+            child.terminate()  # (a tune stage stops its workers and ends its runs)
+            try:
+                child.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            raise
         wall = time.perf_counter() - start
         out.seek(0)
         text = out.read()

@@ -11,8 +11,9 @@ met.
     python -m benchmarks.run --threads 1          # on a machine others are using
     python -m benchmarks.run --accelerator cuda   # the training comparisons on the GPU
 
-Stopped with ^C or SIGTERM, it says so in one line (exit 130 or 143) after stopping the team
-server it started and removing its scratch folders; it writes no report.
+Stopped with ^C or SIGTERM, it says so in one line (exit 130 or 143) after sending a stage it
+runs SIGTERM (see common.timed), stopping the team server it started and removing its scratch
+folders; it writes no report.
 """
 
 from __future__ import annotations

@@ -77,3 +77,45 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(stop, code, l
         bench.kill()
         bench.wait()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# A child that says it runs, and on SIGTERM says so and ends.
+ENDS_ON_SIGTERM = """
+import pathlib, signal, sys, time
+log = pathlib.Path(sys.argv[1])
+
+def terminated(signum, frame):
+    log.write_text("terminated")
+    sys.exit(143)
+
+signal.signal(signal.SIGTERM, terminated)
+log.write_text("running")
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_a_stopped_bench_ends_its_running_child_with_sigterm_first(tmp_path):
+    """Stopped while a child process runs (a tune stage, say), the bench sends it SIGTERM, the
+    signal a stage stops its workers and ends its runs on, rather than SIGKILL."""
+    from benchmarks.common import timed
+
+    log = tmp_path / "child.log"
+
+    class Stopped(Exception):
+        pass
+
+    def stop_once_running(signum, frame):  # the bench's SIGTERM, once the child runs
+        if log.exists() and log.read_text() == "running":
+            signal.setitimer(signal.ITIMER_REAL, 0)  # once: the bench's cleanup goes on
+            raise Stopped
+
+    previous = signal.signal(signal.SIGALRM, stop_once_running)
+    signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
+    try:
+        with pytest.raises(Stopped):
+            timed([sys.executable, "-c", ENDS_ON_SIGTERM, str(log)], tmp_path)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert log.read_text() == "terminated"
