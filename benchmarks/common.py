@@ -172,14 +172,15 @@ def timed(cmd: list[str], cwd: Path, **env: str) -> tuple[float, str]:
         )
         try:
             code = child.wait()
-        except BaseException:  # the bench was stopped: the child stops on its usual path
-            child.terminate()  # (a tune stage stops its workers and ends its runs)
-            try:
+        except BaseException:  # the bench was stopped: SIGTERM, on which a stage stops its
+            child.terminate()  # workers and ends its runs
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
+            raise
+        finally:  # past the grace, or stopped again meanwhile
+            if child.poll() is None:
                 child.kill()
                 child.wait()
-            raise
         wall = time.perf_counter() - start
         out.seek(0)
         text = out.read()

@@ -66,11 +66,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+STOPPING = []  # holds True once SIGTERM came: main() is cleaning up on its way out
+
+
 def terminated(signum, frame):
-    """SIGTERM: stop measuring, and clean up on the way out (a second one is ignored meanwhile,
-    so the team server's stop and the scratch folder's removal are not cut short)."""
+    """SIGTERM: stop measuring, and clean up on the way out. Any further SIGTERM is ignored
+    (also where code in this process put this handler back after deferring a signal), so the
+    team server's stop and the scratch folder's removal are not cut short; processes started
+    meanwhile (``runway server stop``) inherit the ignoring."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
+    if not STOPPING:
+        STOPPING.append(True)
+        raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = available(args.accelerator, "--accelerator").type  # the rows name it
     except StageError as exc:
         parser.error(str(exc))
-    rows, load = [], {}
-    previous = signal.signal(signal.SIGTERM, terminated)
+    rows, load, previous = [], {}, signal.getsignal(signal.SIGTERM)
+    STOPPING.clear()
     try:
+        signal.signal(signal.SIGTERM, terminated)
         with tempfile.TemporaryDirectory(prefix="runway-bench-") as scratch:
             ctx = Context(Path(scratch), args.reps, accelerator=accelerator)
             for name in [c for c in COMPARISONS if c in chosen]:

@@ -801,6 +801,9 @@ def server_start(
         state, new = server.start(host, port, workers, tuple(allowed_host or ()))
     except StageError as exc:
         _fail("server", str(exc))
+    except KeyboardInterrupt:  # an MLflow server not answering yet is stopped (server.start)
+        typer.echo("[server] start interrupted: runway server stop stops what it started", err=True)
+        raise typer.Exit(130) from None
     folder = server.server_dir()
     creds = folder / "credentials.env"
     client = folder / "client.env"

@@ -316,19 +316,24 @@ def start_mlflow(folder: Path, state: State, secret: dict[str, str], workers: in
         command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     log.close()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            tail = (folder / "mlflow.log").read_text(errors="replace").strip().splitlines()
-            raise StageError(
-                f"the MLflow server exited with status {server.returncode}: "
-                f"{tail[-1] if tail else 'no output'} (log: {folder / 'mlflow.log'})"
-            )
-        if healthy(state):
-            return server.pid
-        time.sleep(0.5)
-    stop_group(server.pid)
-    raise StageError(f"the MLflow server did not answer in 120 s (log: {folder / 'mlflow.log'})")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                tail = (folder / "mlflow.log").read_text(errors="replace").strip().splitlines()
+                raise StageError(
+                    f"the MLflow server exited with status {server.returncode}: "
+                    f"{tail[-1] if tail else 'no output'} (log: {folder / 'mlflow.log'})"
+                )
+            if healthy(state):
+                return server.pid
+            time.sleep(0.5)
+        raise StageError(
+            f"the MLflow server did not answer in 120 s (log: {folder / 'mlflow.log'})"
+        )
+    except BaseException:  # also ^C: its pid is not recorded yet, so stop would not find it
+        stop_group(server.pid)
+        raise
 
 
 def healthy(state: State) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -41,6 +43,8 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(stop, code, l
     removes its scratch folders, and writes no report."""
     import psutil
 
+    from pipeline.server import group_alive
+
     scratch = Path(tempfile.mkdtemp(prefix="runway-bench-test-"))  # PostgreSQL's user reaches it
     scratch.chmod(0o755)
     report = tmp_path / "bench.json"
@@ -52,6 +56,7 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(stop, code, l
         stderr=subprocess.PIPE,
         text=True,
     )
+    server, mlflow = [], None
     try:
         deadline = time.monotonic() + 180
         while not list(scratch.glob("runway-bench-server-*/server/client.env")):  # it answers
@@ -59,11 +64,16 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(stop, code, l
             assert time.monotonic() < deadline, "the team server never started"
             time.sleep(0.5)
         (folder,) = scratch.glob("runway-bench-server-*")
-        server = [
-            process
-            for process in psutil.process_iter(["cmdline"])
-            if str(folder) in " ".join(process.info["cmdline"] or ())
-        ]
+        mlflow = json.loads((folder / "server" / "server.json").read_text())["mlflow_pid"]
+
+        def of_the_server(process) -> bool:  # PostgreSQL's, or MLflow's process group
+            try:
+                named = str(folder) in " ".join(process.info["cmdline"] or ())
+                return named or os.getpgid(process.pid) == mlflow
+            except ProcessLookupError:  # ended meanwhile
+                return False
+
+        server = [process for process in psutil.process_iter(["cmdline"]) if of_the_server(process)]
         started = {Path(process.info["cmdline"][0]).name for process in server}
         assert {"postgres", Path(sys.executable).name} <= started  # and the MLflow server
         bench.send_signal(stop)
@@ -71,35 +81,50 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(stop, code, l
         assert (bench.returncode, out, err) == (code, "[bench] team …\n", f"{line}\n")
         gone, alive = psutil.wait_procs(server, timeout=30)
         assert alive == []
+        assert not group_alive(mlflow)
         assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("runway-")) == []
         assert not report.exists()
     finally:
         bench.kill()
         bench.wait()
+        for process in server:  # what a failed check left running
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-# A child that says it runs, and on SIGTERM says so and ends.
-ENDS_ON_SIGTERM = """
+# A child that says it runs, then on SIGTERM takes half a second to end and says so; or, given
+# "ignore", ignores SIGTERM. It ends by itself after a minute.
+CHILD = """
 import pathlib, signal, sys, time
 log = pathlib.Path(sys.argv[1])
 
 def terminated(signum, frame):
+    time.sleep(0.5)  # ending its runs
     log.write_text("terminated")
     sys.exit(143)
 
-signal.signal(signal.SIGTERM, terminated)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[2] == "ignore" else terminated)
 log.write_text("running")
-while True:
+for _ in range(600):
     time.sleep(0.1)
 """
 
 
-def test_a_stopped_bench_ends_its_running_child_with_sigterm_first(tmp_path):
+@pytest.mark.parametrize(
+    ("on_sigterm", "log_after"), [("end", "terminated"), ("ignore", "running")]
+)
+def test_a_stopped_bench_ends_its_running_child_with_sigterm_first(
+    on_sigterm, log_after, tmp_path, monkeypatch
+):
     """Stopped while a child process runs (a tune stage, say), the bench sends it SIGTERM, the
-    signal a stage stops its workers and ends its runs on, rather than SIGKILL."""
-    from benchmarks.common import timed
+    signal a stage stops its workers and ends its runs on, and waits for it; a child still
+    running after STOP_GRACE_S seconds is killed. Either way none is left running."""
+    import psutil
 
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "STOP_GRACE_S", 2)
     log = tmp_path / "child.log"
 
     class Stopped(Exception):
@@ -110,12 +135,35 @@ def test_a_stopped_bench_ends_its_running_child_with_sigterm_first(tmp_path):
             signal.setitimer(signal.ITIMER_REAL, 0)  # once: the bench's cleanup goes on
             raise Stopped
 
+    before = {child.pid for child in psutil.Process().children()}
     previous = signal.signal(signal.SIGALRM, stop_once_running)
     signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
     try:
         with pytest.raises(Stopped):
-            timed([sys.executable, "-c", ENDS_ON_SIGTERM, str(log)], tmp_path)
+            common.timed([sys.executable, "-c", CHILD, str(log), on_sigterm], tmp_path)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert log.read_text() == "terminated"
+    assert log.read_text() == log_after
+    assert {child.pid for child in psutil.Process().children()} <= before
+
+
+def test_only_the_first_sigterm_stops_the_bench():
+    """The first SIGTERM stops the comparisons; any later one is ignored, also where code in
+    the bench's process (a training run deferring signals to a step's end) put the handler
+    back, so the cleanup (the team server's stop) is not cut short."""
+    from benchmarks import run
+    from pipeline.io import Terminated
+
+    previous = signal.getsignal(signal.SIGTERM)
+    run.STOPPING.clear()
+    try:
+        with pytest.raises(Terminated):
+            run.terminated(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        signal.signal(signal.SIGTERM, run.terminated)  # put back, as a deferring block does
+        assert run.terminated(signal.SIGTERM, None) is None
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        run.STOPPING.clear()

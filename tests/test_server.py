@@ -203,3 +203,57 @@ def test_serving_other_machines_keeps_auth_and_the_host_check():
         assert request(url, auth=admin, host=f"runway.example:{team.port}")[0] == 200
         code, _, body = request(url, auth=admin, host=f"elsewhere.example:{team.port}")
         assert code == 403 and "Invalid Host header" in body
+
+
+def test_start_stopped_while_the_mlflow_server_starts_leaves_no_server_running():
+    """^C during `runway server start`, while it waits for the MLflow server to answer, stops
+    that server too: its pid is recorded only once it answers, so `runway server stop` could
+    not find it (and it would keep the port)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+
+    from pipeline.server import group_alive
+    from tests.ui import free_port
+
+    folder = Path(tempfile.mkdtemp(prefix="runway-server-"))  # PostgreSQL's user reaches it
+    folder.chmod(0o755)
+    env = {**os.environ, "RUNWAY_SERVER_DIR": str(folder / "server")}
+    start = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "server", "start", "--port", str(free_port())],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    mlflow = None
+    try:
+        marker = f"--artifacts-destination {folder / 'server' / 'artifacts'}"
+        deadline = time.monotonic() + 120
+        while mlflow is None:
+            assert start.poll() is None, start.communicate()
+            assert time.monotonic() < deadline, "the MLflow server never started"
+            for process in psutil.process_iter(["cmdline"]):
+                if marker in " ".join(process.info["cmdline"] or ()):
+                    mlflow = process
+            time.sleep(0.05)
+        start.send_signal(signal.SIGINT)
+        out, err = start.communicate(timeout=60)
+        assert (start.returncode, out) == (130, "")  # stopped before the server answered
+        assert err == "[server] start interrupted: runway server stop stops what it started\n"
+        assert not (folder / "server" / "client.env").exists()
+        gone, alive = psutil.wait_procs([mlflow], timeout=15)
+        assert alive == []
+        assert not group_alive(mlflow.pid)
+    finally:
+        start.kill()
+        start.wait()
+        if mlflow is not None and group_alive(mlflow.pid):
+            os.killpg(mlflow.pid, signal.SIGKILL)
+        run(["runway", "server", "stop"], Path.cwd(), env=env, check=False)  # PostgreSQL
+        shutil.rmtree(folder, ignore_errors=True)
