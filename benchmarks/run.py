@@ -72,8 +72,7 @@ STOPPING = []  # holds True once SIGTERM came: main() is cleaning up on its way 
 def terminated(signum, frame):
     """SIGTERM: stop measuring, and clean up on the way out. Any further SIGTERM is ignored
     (also where code in this process put this handler back after deferring a signal), so the
-    team server's stop and the scratch folder's removal are not cut short; processes started
-    meanwhile (``runway server stop``) inherit the ignoring."""
+    team server's stop and the scratch folder's removal are not cut short."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not STOPPING:
         STOPPING.append(True)

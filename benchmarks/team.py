@@ -22,9 +22,11 @@ basic auth) in a scratch folder, and three comparisons on the digits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -72,13 +74,23 @@ def team_server():
         port = s.getsockname()[1]
     runway = [sys.executable, "-m", "pipeline.cli"]
     try:
-        subprocess.run(
-            [*runway, "server", "start", "--port", str(port)],
-            env=env,
-            check=True,
-            text=True,
-            capture_output=True,
+        command = [*runway, "server", "start", "--port", str(port)]
+        start = subprocess.Popen(
+            command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
+        try:
+            out, err = start.communicate()
+        except BaseException:  # stopped meanwhile: ^C stops an MLflow server not answering yet
+            start.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                start.communicate(timeout=60)
+            raise
+        finally:
+            if start.poll() is None:
+                start.kill()
+                start.wait()
+        if start.returncode:
+            raise subprocess.CalledProcessError(start.returncode, command, out, err)
         text = (folder / "server" / "client.env").read_text()
         yield dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     finally:

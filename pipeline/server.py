@@ -315,8 +315,8 @@ def start_mlflow(folder: Path, state: State, secret: dict[str, str], workers: in
     server = subprocess.Popen(
         command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    log.close()
     try:
+        log.close()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if server.poll() is not None:
@@ -332,7 +332,11 @@ def start_mlflow(folder: Path, state: State, secret: dict[str, str], workers: in
             f"the MLflow server did not answer in 120 s (log: {folder / 'mlflow.log'})"
         )
     except BaseException:  # also ^C: its pid is not recorded yet, so stop would not find it
-        stop_group(server.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=STOP_GRACE_S)  # reaped: a zombie leader keeps its group alive
+        stop_group(server.pid)  # what is left of its group
         raise
 
 
@@ -391,8 +395,8 @@ def start(
         stop_group(state.mlflow_pid)
     pg_port = state.pg_port if state is not None else free_port()
     state = State(host=host, port=port, pg_port=pg_port, allowed_hosts=list(extra_hosts))
+    write_state(folder, state)  # first: stop finds a PostgreSQL whose start was interrupted
     start_postgres(folder, pg_port, secret)
-    write_state(folder, state)
     state.mlflow_pid = start_mlflow(folder, state, secret, workers)
     write_state(folder, state)
     client_env(folder, state, secret)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -33,14 +32,21 @@ def test_edit_sets_keys_and_merges_the_search_space_key_by_key(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("stop", "code", "line"),
-    [(signal.SIGTERM, 143, "[bench] terminated"), (signal.SIGINT, 130, "[bench] interrupted")],
-    ids=["sigterm", "ctrl-c"],
+    ("stop", "code", "line", "moment"),
+    [
+        (signal.SIGTERM, 143, "[bench] terminated", "answered"),
+        (signal.SIGINT, 130, "[bench] interrupted", "answered"),
+        (signal.SIGTERM, 143, "[bench] terminated", "starting"),
+    ],
+    ids=["sigterm", "ctrl-c", "sigterm-while-the-server-starts"],
 )
-def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(stop, code, line, tmp_path):
+def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(
+    stop, code, line, moment, tmp_path
+):
     """A CI job's timeout or `kill` (SIGTERM), or ^C, stops `make bench`: it says so in one
-    line (exit 143 or 130), stops the PostgreSQL and MLflow server its team comparison started,
-    removes its scratch folders, and writes no report."""
+    line (exit 143 or 130), stops the PostgreSQL and MLflow server its team comparison started
+    (also one still starting, whose pid `runway server stop` does not know yet), removes its
+    scratch folders, and writes no report."""
     import psutil
 
     from pipeline.server import group_alive
@@ -56,32 +62,42 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(stop, code, l
         stderr=subprocess.PIPE,
         text=True,
     )
+
+    def mlflow_server() -> psutil.Process | None:
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(process.info["cmdline"] or ())
+            if "--artifacts-destination" in cmdline and str(scratch) in cmdline:
+                return process
+        return None
+
     server, mlflow = [], None
     try:
         deadline = time.monotonic() + 180
-        while not list(scratch.glob("runway-bench-server-*/server/client.env")):  # it answers
+        answered = "runway-bench-server-*/server/client.env"
+        while (mlflow := mlflow_server()) is None or (
+            moment == "answered" and not list(scratch.glob(answered))
+        ):
             assert bench.poll() is None, bench.communicate()
             assert time.monotonic() < deadline, "the team server never started"
-            time.sleep(0.5)
+            time.sleep(0.1)
         (folder,) = scratch.glob("runway-bench-server-*")
-        mlflow = json.loads((folder / "server" / "server.json").read_text())["mlflow_pid"]
 
         def of_the_server(process) -> bool:  # PostgreSQL's, or MLflow's process group
             try:
                 named = str(folder) in " ".join(process.info["cmdline"] or ())
-                return named or os.getpgid(process.pid) == mlflow
+                return named or os.getpgid(process.pid) == mlflow.pid
             except ProcessLookupError:  # ended meanwhile
                 return False
 
         server = [process for process in psutil.process_iter(["cmdline"]) if of_the_server(process)]
-        started = {Path(process.info["cmdline"][0]).name for process in server}
+        started = {Path((process.info["cmdline"] or [""])[0]).name for process in server}
         assert {"postgres", Path(sys.executable).name} <= started  # and the MLflow server
         bench.send_signal(stop)
         out, err = bench.communicate(timeout=120)
         assert (bench.returncode, out, err) == (code, "[bench] team …\n", f"{line}\n")
         gone, alive = psutil.wait_procs(server, timeout=30)
         assert alive == []
-        assert not group_alive(mlflow)
+        assert not group_alive(mlflow.pid)
         assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("runway-")) == []
         assert not report.exists()
     finally:
@@ -90,6 +106,12 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(stop, code, l
         for process in server:  # what a failed check left running
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+        for folder in scratch.glob("runway-bench-server-*/server"):
+            subprocess.run(
+                [sys.executable, "-m", "pipeline.cli", "server", "stop"],
+                env={**os.environ, "RUNWAY_SERVER_DIR": str(folder)},
+                capture_output=True,
+            )
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -112,10 +134,10 @@ for _ in range(600):
 
 
 @pytest.mark.parametrize(
-    ("on_sigterm", "log_after"), [("end", "terminated"), ("ignore", "running")]
+    ("on_sigterm", "grace", "log_after"), [("end", 30, "terminated"), ("ignore", 1, "running")]
 )
 def test_a_stopped_bench_ends_its_running_child_with_sigterm_first(
-    on_sigterm, log_after, tmp_path, monkeypatch
+    on_sigterm, grace, log_after, tmp_path, monkeypatch
 ):
     """Stopped while a child process runs (a tune stage, say), the bench sends it SIGTERM, the
     signal a stage stops its workers and ends its runs on, and waits for it; a child still
@@ -124,7 +146,7 @@ def test_a_stopped_bench_ends_its_running_child_with_sigterm_first(
 
     from benchmarks import common
 
-    monkeypatch.setattr(common, "STOP_GRACE_S", 2)
+    monkeypatch.setattr(common, "STOP_GRACE_S", grace)
     log = tmp_path / "child.log"
 
     class Stopped(Exception):
