@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -161,6 +162,24 @@ def child_env(**extra: str) -> dict:
 STOP_GRACE_S = 30
 
 
+@contextlib.contextmanager
+def stopped_with(child: subprocess.Popen, stop: int):
+    """A block that waits for ``child``: if the bench is stopped meanwhile (SIGTERM, ^C), the
+    child is sent ``stop`` and gets :data:`STOP_GRACE_S` seconds to end; one still running
+    after that, or after a second stop, is killed."""
+    try:
+        yield
+    except BaseException:
+        child.send_signal(stop)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=STOP_GRACE_S)
+        raise
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 def timed(cmd: list[str], cwd: Path, **env: str) -> tuple[float, str]:
     """Wall seconds of one child process and what it printed; a failure raises with its
     output's tail. Stopped while it waits (SIGTERM, ^C), it sends the child SIGTERM and waits
@@ -170,17 +189,8 @@ def timed(cmd: list[str], cwd: Path, **env: str) -> tuple[float, str]:
         child = subprocess.Popen(
             cmd, cwd=cwd, env=child_env(**env), stdout=out, stderr=subprocess.STDOUT
         )
-        try:
+        with stopped_with(child, signal.SIGTERM):  # on which a stage stops its workers and runs
             code = child.wait()
-        except BaseException:  # the bench was stopped: SIGTERM, on which a stage stops its
-            child.terminate()  # workers and ends its runs
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=STOP_GRACE_S)
-            raise
-        finally:  # past the grace, or stopped again meanwhile
-            if child.poll() is None:
-                child.kill()
-                child.wait()
         wall = time.perf_counter() - start
         out.seek(0)
         text = out.read()

@@ -22,7 +22,6 @@ basic auth) in a scratch folder, and three comparisons on the digits.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -46,6 +45,7 @@ from benchmarks.common import (
     project_copy,
     ratio_row,
     result,
+    stopped_with,
     timed,
 )
 from benchmarks.epoch import Workload, stage_fit
@@ -78,17 +78,8 @@ def team_server():
         start = subprocess.Popen(
             command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
-        try:
+        with stopped_with(start, signal.SIGINT):  # ^C stops an MLflow server not answering yet
             out, err = start.communicate()
-        except BaseException:  # stopped meanwhile: ^C stops an MLflow server not answering yet
-            start.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                start.communicate(timeout=60)
-            raise
-        finally:
-            if start.poll() is None:
-                start.kill()
-                start.wait()
         if start.returncode:
             raise subprocess.CalledProcessError(start.returncode, command, out, err)
         text = (folder / "server" / "client.env").read_text()
