@@ -6,6 +6,9 @@ in a scratch copy of the project (see stages).
   ``data.source: mnist``.
 - CIFAR-scale: 60,000 RGB 32×32 images as ``cifar-10-binary.tar.gz`` (five data batches and
   a test batch of 10,000), ``data.source: cifar10``.
+- An image folder: 20,000 RGB 64×64 PNG files, one sub-folder per class,
+  ``data.source: image_folder`` at ``image_size: 64``: ingest decodes and writes it a chunk
+  at a time. Its wall time is for information, its memory has the others' goal.
 
 The images are scikit-learn's digits, each at a random size, place, brightness and colour
 with noise (:func:`synthetic_digits`): learnable, never two alike, no download.
@@ -122,12 +125,31 @@ def write_cifar_scale(path: Path, per_batch: int = 10_000) -> int:
     return x.nbytes
 
 
-def set_source(project: Path, source: str) -> None:
+def write_image_folder_scale(folder: Path, n: int = 20_000, size: int = 64) -> int:
+    """``folder/<digit>/<i>.png``: ``n`` RGB images of ``size`` pixels, one sub-folder per
+    class (torchvision's ImageFolder layout); returns the pixel bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    x, y = synthetic_digits(n, size, channels=3, seed=2)
+    for label in range(10):
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+
+    def save(i: int) -> None:
+        Image.fromarray(x[i].transpose(1, 2, 0)).save(folder / str(y[i]) / f"{i:06d}.png")
+
+    with ThreadPoolExecutor(4) as pool:  # Pillow encodes without holding Python's lock
+        list(pool.map(save, range(n)))
+    return x.nbytes
+
+
+def set_source(project: Path, source: str, **data) -> None:
     import yaml
 
     params_file = project / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
-    params["data"]["source"] = source
+    params["data"].update(source=source, **data)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -154,13 +176,20 @@ def run(ctx: Context) -> list[dict]:
     project = scale_project(ctx)
     base = ctx.report["scale"]["digits"]
     rows = []
-    for source, label, write in (
-        ("mnist", "MNIST-scale (70,000 × 1×28×28)", write_mnist_scale),
-        ("cifar10", "CIFAR-scale (60,000 × 3×32×32)", write_cifar_scale),
+    folder = "data/external/image_folder"
+    for source, label, write, data in (
+        ("mnist", "MNIST-scale (70,000 × 1×28×28)", write_mnist_scale, {}),
+        ("cifar10", "CIFAR-scale (60,000 × 3×32×32)", write_cifar_scale, {}),
+        (
+            "image_folder",
+            "Image folder (20,000 PNG files, 3×64×64)",
+            write_image_folder_scale,
+            {"path": folder, "image_size": 64, "color": "rgb"},
+        ),
     ):
         target = project / "data/external" / source
-        pixels = write(target if source == "mnist" else target / "cifar-10-binary.tar.gz")
-        set_source(project, source)
+        pixels = write(target if source != "cifar10" else target / "cifar-10-binary.tar.gz")
+        set_source(project, source, **data)
         costs = gate(project)
         wall = sum(w for w, _ in costs.values())
         grown = max(kb / 1024 - base[s]["peak_rss_mb"] for s, (_, kb) in costs.items())
@@ -172,16 +201,17 @@ def run(ctx: Context) -> list[dict]:
             "  " + ", ".join(f"{s} {w:.1f} s {kb / 1024:.0f} MB" for s, (w, kb) in costs.items()),
             flush=True,
         )
-        goal = WALL_GOAL[source]
+        goal = WALL_GOAL.get(source)  # none for the image folder: for information
         rows.append(
             result(
                 f"{label}: ingest + validate wall time",
                 round(wall, 1),
                 None,
                 None,
-                f"<= {goal:.0f} s",
-                wall <= goal,
+                f"<= {goal:.0f} s" if goal else "—",
+                wall <= goal if goal else True,
                 "s",
+                informational=goal is None,
             )
         )
         data_mb = pixels / 2**20
@@ -196,5 +226,5 @@ def run(ctx: Context) -> list[dict]:
                 "MB",
             )
         )
-    set_source(project, "digits")
+    set_source(project, "digits", path=None, image_size=32, color="grey")
     return rows

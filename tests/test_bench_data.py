@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.scale import synthetic_digits, write_cifar_scale, write_mnist_scale
+from benchmarks.scale import (
+    synthetic_digits,
+    write_cifar_scale,
+    write_image_folder_scale,
+    write_mnist_scale,
+)
 from pipeline.config import DataParams
 from pipeline.data.sources import SOURCES
 from pipeline.data.table import features_of
@@ -49,6 +54,22 @@ def test_the_cifar_reader_takes_the_generated_archive(tmp_path):
     assert loaded["image_shape"] == [3, 32, 32]
     assert np.array_equal(table[features_of(table)].to_numpy(), x.reshape(120, -1))
     assert np.array_equal(table["label"].to_numpy(), y)
+
+
+def test_the_image_folder_reader_takes_the_generated_folder(tmp_path):
+    import pyarrow as pa
+
+    assert write_image_folder_scale(tmp_path / "images", n=40, size=24) == 40 * 3 * 24 * 24
+    folder = str(tmp_path / "images")
+    params = DataParams(source="image_folder", path=folder, image_size=24, color="rgb")
+    loaded = SOURCES["image_folder"](params)
+    table = pa.concat_tables(loaded["tables"]).to_pandas()
+    x, y = synthetic_digits(40, 24, channels=3, seed=2)
+    # ingest's order: class folders sorted by name ("0" … "9"), then files by name (i)
+    order = sorted(range(40), key=lambda i: (str(y[i]), i))
+    assert loaded["class_names"] == [str(c) for c in sorted(set(y.tolist()), key=str)]
+    assert np.array_equal(table[features_of(table)].to_numpy(), x[order].reshape(40, -1))
+    assert [loaded["class_names"][label] for label in table["label"]] == [str(y[i]) for i in order]
 
 
 def test_the_repro_rows_read_the_train_stages_epoch_lines_and_the_trials_table(

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -245,7 +246,7 @@ def test_a_large_image_folder_is_decoded_in_threads_in_order_with_progress(tmp_p
     _, files = image_folder.list_images(tmp_path / "images")
     expected = [image_folder.decode(path, 16, "L")[0].reshape(-1) for path, _ in files]
     loaded = image_folder.load(params)
-    table = loaded["table"]
+    table = pa.concat_tables(loaded["tables"]).to_pandas()
     assert loaded["class_names"] == ["a", "b", "c"]
     assert table["label"].tolist() == [label for _, label in files]
     pixels = table[[c for c in table.columns if c.startswith("px_")]].to_numpy()

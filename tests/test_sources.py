@@ -13,8 +13,9 @@ import pytest
 from pipeline.config import DataParams, ParamsError, parse_params
 from pipeline.data import cifar, idx
 from pipeline.data.download import fetch
+from pipeline.data.table import read_table
 from pipeline.io import StageError
-from pipeline.stages.ingest import ingest
+from pipeline.stages.ingest import ingest, write_raw
 from tests.formats import (
     add_member,
     cifar_records,
@@ -29,7 +30,10 @@ from tests.formats import (
 
 
 def load(tmp_path, **data):
-    return ingest(DataParams(**data))
+    """Ingest ``data`` as the stage does (into ``tmp_path/raw``): the table read back from the
+    file written, and the manifest."""
+    manifest = write_raw(*ingest(DataParams(**data)), out_dir=tmp_path / "raw")
+    return read_table(tmp_path / "raw" / "samples.parquet"), manifest.to_dict()
 
 
 # --- MNIST / Fashion-MNIST (IDX) --------------------------------------------------------
@@ -251,6 +255,87 @@ def test_undecodable_images_are_named_not_read_as_black(tmp_path, content, probl
     victim.write_bytes(content)
     with pytest.raises(StageError, match=rf"1 of 20 image file\(s\).*{victim.name} \({problem}"):
         load(tmp_path, source="image_folder", path=str(root))
+
+
+def test_an_image_folder_is_written_a_chunk_at_a_time_with_the_same_table(tmp_path, monkeypatch):
+    """30 images, 7 per chunk: five row groups written as decoded, holding the table that
+    ingesting the folder in one chunk gives, and the same manifest but for the checksum."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import image_folder
+
+    n = write_image_folder(tmp_path / "images", per_class=10, classes=3, size=20)
+    data = dict(source="image_folder", path=str(tmp_path / "images"), image_size=12)
+    whole, whole_info = load(tmp_path / "whole", **data)
+    monkeypatch.setattr(image_folder, "CHUNK_ROWS", 1)
+    monkeypatch.setattr(image_folder, "CHUNK_BYTES", 7 * 12 * 12)
+    chunked, chunked_info = load(tmp_path / "chunked", **data)
+    groups = pq.ParquetFile(tmp_path / "chunked" / "raw" / "samples.parquet").metadata
+    sizes = [groups.row_group(i).num_rows for i in range(groups.num_row_groups)]
+    assert (n, sizes) == (30, [7, 7, 7, 7, 2])
+    pd.testing.assert_frame_equal(chunked, whole)
+    assert chunked_info["checksum"] != whole_info["checksum"]
+    assert {**chunked_info, "checksum": None} == {**whole_info, "checksum": None}
+    assert (chunked_info["rows"], chunked_info["dtype"]) == (30, "uint8")
+
+
+def test_undecodable_images_in_several_chunks_are_all_named_and_nothing_is_written(
+    tmp_path, monkeypatch
+):
+    from pipeline.data import image_folder
+
+    root = tmp_path / "images"
+    write_image_folder(root, per_class=10, classes=2, size=16)
+    files = [path for path, _ in image_folder.list_images(root)[1]]  # in ingest's order
+    for victim in (files[1], files[17]):  # chunks 1 and 5 of 5
+        victim.write_bytes(b"not an image")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "samples.parquet").write_text("the last good table")
+    monkeypatch.setattr(image_folder, "CHUNK_ROWS", 1)
+    monkeypatch.setattr(image_folder, "CHUNK_BYTES", 4 * 16 * 16)
+    with pytest.raises(StageError) as raised:
+        load(tmp_path, source="image_folder", path=str(root), image_size=16)
+    assert str(raised.value) == (
+        f"2 of 20 image file(s) under {root} cannot be decoded: "
+        f"{files[1]} (UnidentifiedImageError: cannot identify image file {str(files[1])!r}); "
+        f"{files[17]} (UnidentifiedImageError: cannot identify image file {str(files[17])!r})."
+        " Fix or remove them."
+    )
+    assert [p.name for p in (tmp_path / "raw").iterdir()] == ["samples.parquet"]
+    assert (tmp_path / "raw" / "samples.parquet").read_text() == "the last good table"
+
+
+def test_ingesting_an_image_folder_holds_a_few_chunks_not_the_whole_data(tmp_path, monkeypatch):
+    """6,000 grey 32×32 images (6 MB decoded) in chunks of 128: what Python and NumPy hold at
+    the peak stays under half the decoded pixels (about 2.3 MB: two chunks in flight and the
+    futures of their images). Decoding the folder in one chunk peaks at nine times them."""
+    import concurrent.futures  # noqa: F401  (imported first: their own memory is not the data's)
+    import tracemalloc
+
+    import pyarrow.parquet  # noqa: F401
+    import tqdm  # noqa: F401
+    from PIL import Image
+
+    from pipeline.data import image_folder
+
+    rng = np.random.default_rng(0)
+    for i in range(6000):
+        path = tmp_path / "images" / ("a", "b")[i % 2] / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(path)
+    Image.open(path).load()  # Pillow's plugins, loaded on the first open
+    pixels = 6000 * 32 * 32
+    monkeypatch.setattr(image_folder, "CHUNK_ROWS", 1)
+    monkeypatch.setattr(image_folder, "CHUNK_BYTES", 128 * 32 * 32)
+    tables, info = ingest(DataParams(source="image_folder", path=str(tmp_path / "images")))
+    tracemalloc.start()
+    try:
+        manifest = write_raw(tables, info, out_dir=tmp_path / "raw")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert manifest.rows == 6000
+    assert peak < pixels / 2, f"peak {peak} B for {pixels} B of pixels"
 
 
 def test_image_folder_layout_problems(tmp_path):

@@ -7,7 +7,9 @@ corrupt, not an image, or over Pillow's decompression-bomb limit, twice
 ``PIL.Image.MAX_IMAGE_PIXELS``) is never read as black pixels: ingest stops and names every
 such file. An image between once and twice that many pixels is decoded, as Pillow allows, and
 named in one line instead of Pillow's unnamed warning.
-Other files (README, .DS_Store) are skipped, as ImageFolder does.
+Other files (README, .DS_Store) are skipped, as ImageFolder does. Images are decoded in
+threads and handed to ingest a chunk at a time, which it writes before the next is taken: a
+folder never needs memory for all its decoded pixels.
 
 A symbolic link under ``data.path`` (to a file or a folder, at any depth) that leads outside
 ``data.path`` stops ingest, naming the link and its target: the data set is what the folder
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataParams
-from pipeline.data.table import make_table
+from pipeline.data.table import arrow_table
 from pipeline.io import StageError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -116,22 +118,71 @@ def decoders() -> int:
     return min(16, len(os.sched_getaffinity(0)))  # the cores this process may run on
 
 
+# Decoded pixels held per chunk: ingest writes each chunk to the raw table as it is decoded,
+# so a folder's memory cost is a few chunks (one being decoded, one being written), not the
+# whole data set (a folder of 224×224 RGB images takes 150 kB per image, 15 GB per 100,000).
+CHUNK_BYTES = 16 << 20
+# ... and at least this many images a chunk: Parquet keeps about 0.8 kB per column per chunk
+# (row group) until the file is closed, 10 MB a chunk for 64×64 RGB images.
+CHUNK_ROWS = 2048
+
+
 def load(params: DataParams) -> dict:
+    root = params.location()
+    classes, files = list_images(root)
+    size, channels = params.image_size, (1 if params.color == "grey" else 3)
+    rows = max(CHUNK_ROWS, CHUNK_BYTES // (size * size * channels))
+    return {
+        "tables": decoded_tables(root, files, size, channels, rows, len(classes)),
+        "classes": list(range(len(classes))),
+        "class_names": classes,
+        "image_shape": [channels, size, size],
+        "pixel_range": [0.0, 255.0],
+        "files": {str(root): f"{len(files)} image files"},
+    }
+
+
+def decoded_tables(
+    root: Path, files: list[tuple[Path, int]], size: int, channels: int, rows: int, n_classes: int
+):
+    """The canonical table of ``files`` as Arrow tables of ``rows`` images, in file order.
+
+    Threads decode the next chunk while the caller writes the last one. A file that cannot be
+    decoded stops the tables (none is yielded after it), but decoding goes on to name every
+    such file in the one error raised at the end."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
     from tqdm import tqdm
 
-    root = params.location()
-    classes, files = list_images(root)
-    size, mode = params.image_size, ("L" if params.color == "grey" else "RGB")
-    channels = 1 if mode == "L" else 3
-    pixels = np.empty((len(files), size, size, channels), dtype=np.uint8)
-    labels = np.fromiter((label for _, label in files), dtype=np.int64, count=len(files))
+    mode = "L" if channels == 1 else "RGB"
     bad: list[str] = []
     large: list[str] = []
     start = time.monotonic()
     threads = decoders()
+
+    def finish(first: int, futures: list):
+        # Each image goes straight into its column of the chunk (C×H×W values down, images
+        # across): the Arrow columns are rows of this array, so it is the chunk's only copy.
+        columns = np.empty((channels, size, size, len(futures)), dtype=np.uint8)
+        for i, future in enumerate(futures):
+            array, error, over = future.result()
+            futures[i] = None  # its image is copied, or named below
+            path = files[first + i][0]
+            if over:
+                large.append(f"{path} ({over})")
+            if error is None:
+                columns[..., i] = array.transpose(2, 0, 1)
+            else:
+                bad.append(f"{path} ({error})")
+            progress.update()
+        if bad:
+            return None
+        labels = np.fromiter(
+            (label for _, label in files[first : first + len(futures)]), np.int64, len(futures)
+        )
+        return arrow_table(columns.reshape(-1, len(futures)).T, labels)
+
     with (
         warnings.catch_warnings(),
         ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool,
@@ -146,17 +197,14 @@ def load(params: DataParams) -> dict:
         # Pillow warns, without naming the file, for images between 1x and 2x its limit;
         # they are named below in one line instead. Over 2x, Image.open raises.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        paths = [path for path, _ in files]
-        results = pool.map(decode, paths, [size] * len(paths), [mode] * len(paths))
-        for i, (array, error, over) in enumerate(results):
-            path = paths[i]
-            if over:
-                large.append(f"{path} ({over})")
-            if error is None:
-                pixels[i] = array
-            else:
-                bad.append(f"{path} ({error})")
-            progress.update()
+        pending = None  # (first row, futures) of the chunk being decoded
+        for first in range(0, len(files), rows):
+            futures = [pool.submit(decode, p, size, mode) for p, _ in files[first : first + rows]]
+            if pending is not None and (table := finish(*pending)) is not None:
+                yield table
+            pending = (first, futures)
+        if pending is not None and (table := finish(*pending)) is not None:
+            yield table
     if bad:
         raise StageError(
             f"{len(bad)} of {len(files)} image file(s) under {root} cannot be decoded: "
@@ -168,15 +216,6 @@ def load(params: DataParams) -> dict:
             f"({Image.MAX_IMAGE_PIXELS} pixels) decoded: {_listing(large)}"
         )
     print(
-        f"[ingest] decoded {len(files)} images in {len(classes)} classes "
+        f"[ingest] decoded {len(files)} images in {n_classes} classes "
         f"({time.monotonic() - start:.1f}s, {threads} threads)"
     )
-    chw = pixels.transpose(0, 3, 1, 2).reshape(len(files), -1)
-    return {
-        "table": make_table(chw, labels),
-        "classes": list(range(len(classes))),
-        "class_names": classes,
-        "image_shape": [channels, size, size],
-        "pixel_range": [0.0, 255.0],
-        "files": {str(root): f"{len(files)} image files"},
-    }

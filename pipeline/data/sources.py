@@ -1,7 +1,9 @@
 """Registry of data sources: ``data.source`` → the function that reads it.
 
 Each loader takes the ``data`` params and returns the canonical table (see
-:mod:`pipeline.data.table`) with what the manifest records about it: ``classes``,
+:mod:`pipeline.data.table`) as ``table``, or as ``tables``, an iterable of row chunks that
+ingest writes as they come (an image folder, which may not fit in memory decoded), with what
+the manifest records about it: ``classes``,
 ``class_names``, ``image_shape``, ``pixel_range`` and optionally ``feature_names`` and
 ``files`` (each source file with its checksum). Only ingest calls these; every later stage
 sees the same table whatever the source.

@@ -32,12 +32,18 @@ def feature_columns(n_features: int) -> list[str]:
     return [f"px_{i}" for i in range(n_features)]
 
 
-def content_ids(features: np.ndarray, chunk: int = 4096) -> list[str]:
+# Rows converted to float32 at a time by content_ids: at most this many bytes of them.
+ID_CHUNK_BYTES = 8 << 20
+
+
+def content_ids(features: np.ndarray) -> list[str]:
     """A stable id per row: the first 16 hex digits of SHA-256 over its float32 bytes.
 
-    The same pixels give the same id whether stored as uint8 or float32. Rows are converted a
-    chunk at a time, so a 60,000 × 3,072 uint8 array never exists as float32 all at once."""
+    The same pixels give the same id whether stored as uint8 or float32. Rows are converted
+    ``ID_CHUNK_BYTES`` at a time, so a 60,000 × 3,072 uint8 array never exists as float32 all
+    at once."""
     ids: list[str] = []
+    chunk = max(1, ID_CHUNK_BYTES // (4 * max(1, features.shape[1] if features.ndim > 1 else 1)))
     for start in range(0, len(features), chunk):
         rows = np.ascontiguousarray(features[start : start + chunk], dtype=np.float32)
         ids.extend(hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in rows)
@@ -59,6 +65,30 @@ def make_table(features: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     table.insert(0, LABEL_COLUMN, np.asarray(labels, dtype=np.int64))
     table.insert(0, ID_COLUMN, content_ids(features))
     return table
+
+
+def arrow_table(features: np.ndarray, labels: np.ndarray):
+    """The canonical table of ``features`` and ``labels`` (as :func:`make_table`) as an Arrow
+    table, built a column at a time from NumPy. pandas reads it back as it reads what
+    :func:`make_table`'s frame writes, and this costs a fraction of pandas' conversion, which
+    takes about 90 µs and 3 kB a column (14 s for 223 rows of 224×224 RGB pixels, 150,528
+    columns; this, 1 s)."""
+    import pyarrow as pa
+
+    features = np.asarray(features)
+    if features.dtype != np.uint8:
+        features = features.astype(np.float32, copy=False)
+    if features.ndim != 2 or len(labels) != len(features):
+        raise ValueError(f"features {features.shape} for {len(labels)} labels")
+    columns = np.ascontiguousarray(features.T)  # each feature's values side by side
+    return pa.Table.from_arrays(
+        [
+            pa.array(content_ids(features), pa.string()),
+            pa.array(np.asarray(labels, dtype=np.int64)),
+            *(pa.array(column) for column in columns),
+        ],
+        names=[ID_COLUMN, LABEL_COLUMN, *feature_columns(features.shape[1])],
+    )
 
 
 def features_of(table: pd.DataFrame) -> list[str]:

@@ -9,9 +9,10 @@ range, dtype, source files with their checksums). Imports no torch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 
 from pipeline.config import DataParams, load_params
 from pipeline.data.sources import SOURCES
@@ -19,28 +20,58 @@ from pipeline.data.table import RAW_DIR, Manifest, file_sha256
 from pipeline.io import StageError, atomic_dir, run_stage, write_json
 
 
-def ingest(params: DataParams) -> tuple[pd.DataFrame, dict]:
-    """Load the source; return the table and the manifest fields it implies."""
+def ingest(params: DataParams) -> tuple[Iterable, dict]:
+    """Load the source; return its table as Arrow tables of rows (one, or a chunk at a time
+    for an image folder, which is decoded as it is written) and the manifest fields the
+    source gives."""
+    import pyarrow as pa
+
     loaded = SOURCES[params.source](params)
-    table = loaded.pop("table")
-    if table.empty:
-        raise StageError(f"data source {params.source!r} returned no rows")
-    dtypes = {str(t) for t in table.dtypes.iloc[2:]}
-    info = {
-        "source": params.source,
-        "rows": len(table),
-        "dtype": dtypes.pop() if len(dtypes) == 1 else "float32",
-        **loaded,
-    }
-    return table, info
+    if "tables" in loaded:
+        tables = loaded.pop("tables")
+    else:
+        tables = [pa.Table.from_pandas(loaded.pop("table"), preserve_index=False)]
+    return tables, {"source": params.source, **loaded}
 
 
-def write_raw(table: pd.DataFrame, info: dict, out_dir: Path = RAW_DIR) -> Manifest:
-    """Table and manifest appear together or not at all."""
+def feature_dtype(schema) -> str:
+    """The features' one NumPy dtype (``uint8``, ``float32``), ``float32`` if they differ."""
+    names = set()
+    for field in schema:
+        if field.name.startswith("px_"):
+            try:
+                names.add(np.dtype(field.type.to_pandas_dtype()).name)
+            except NotImplementedError:  # a type with no NumPy equivalent
+                names.add("object")
+    return names.pop() if len(names) == 1 else "float32"
+
+
+def write_raw(tables: Iterable, info: dict, out_dir: Path = RAW_DIR) -> Manifest:
+    """Write the Arrow tables as they come, then the manifest (rows, feature dtype and
+    checksum from what was written). Table and manifest appear together or not at all."""
+    import pyarrow.parquet as pq
+
+    rows = 0
     with atomic_dir(out_dir) as tmp:
         samples = tmp / "samples.parquet"
-        table.to_parquet(samples, index=False)
-        manifest = Manifest(checksum=f"sha256:{file_sha256(samples)}", **info)
+        writer = None
+        try:
+            for table in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(samples, table.schema)
+                writer.write_table(table)
+                rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if not rows:
+            raise StageError(f"data source {info['source']!r} returned no rows")
+        manifest = Manifest(
+            rows=rows,
+            dtype=feature_dtype(writer.schema),
+            checksum=f"sha256:{file_sha256(samples)}",
+            **info,
+        )
         write_json(tmp / "manifest.json", manifest.to_dict())
     return manifest
 
@@ -57,8 +88,8 @@ def main() -> None:
     params = load_params("data")
     where = "" if params.source == "digits" else f" from {params.location()}"
     print(f"[ingest] reading source {params.source!r}{where}")
-    table, info = ingest(params)
-    manifest = write_raw(table, info)
+    tables, info = ingest(params)
+    manifest = write_raw(tables, info)
     print(
         f"[ingest] wrote {RAW_DIR}/samples.parquet: {manifest.rows} samples, "
         f"{len(manifest.classes)} classes, {sample_kind(manifest)}"
