@@ -144,15 +144,20 @@ def test_read_table_reads_what_pandas_reads(tmp_path, kind, monkeypatch):
     pd.testing.assert_frame_equal(read_table(path), pd.read_parquet(path))
 
 
-def test_prepared_splits_are_written_a_row_group_at_a_time(tmp_path, monkeypatch, manifest):
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_prepared_splits_are_written_a_row_group_at_a_time(tmp_path, monkeypatch, manifest, dtype):
+    """Row groups of 100 rows, built a column at a time: each split's rows as pandas reads
+    them, with the types and pandas metadata that ``to_parquet`` writes."""
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.data.table import read_table
     from pipeline.stages import validate
 
     rng = np.random.default_rng(1)
-    kept = make_table(rng.integers(0, 17, (500, 64)).astype(np.uint8), np.arange(500) % 10)
+    features = rng.integers(0, 17, (500, 64)).astype(np.uint8)
+    kept = make_table(features if dtype == "uint8" else features / 3, np.arange(500) % 10)
     kept.insert(2, "split", np.array(["train", "val", "test", "train"])[np.arange(500) % 4])
     monkeypatch.setattr(validate, "WRITE_ROWS", 100)
     validate.write_prepared(kept, manifest, tmp_path / "prepared")
@@ -162,3 +167,6 @@ def test_prepared_splits_are_written_a_row_group_at_a_time(tmp_path, monkeypatch
         pd.testing.assert_frame_equal(read_table(path), expected)
         rows = len(expected)
         assert pq.ParquetFile(path).num_row_groups == -(-rows // 100)
+        written = pa.Schema.from_pandas(expected, preserve_index=False)
+        assert pq.read_schema(path).equals(written, check_metadata=True)
+        assert pq.read_schema(path).field("px_0").type == pa.from_numpy_dtype(np.dtype(dtype))

@@ -29,6 +29,7 @@ from pipeline.data.table import (
     SPLIT_COLUMN,
     SPLITS,
     Manifest,
+    features_of,
     read_table,
 )
 from pipeline.io import StageError, atomic_dir, read_json, require, run_stage, write_json
@@ -115,26 +116,42 @@ def per_class_checks(counts: pd.DataFrame | None, names: list[str], min_per_clas
     return rows
 
 
-# Rows written per Parquet row group: a few MB of a wide table copied at a time.
+# Rows written per Parquet row group: a few MB of a wide table copied at a time (Parquet keeps
+# about 0.8 kB per column per row group until the file is closed: fewer, larger groups).
 WRITE_ROWS = 8192
 
 
 def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPARED_DIR) -> None:
     """One Parquet file per split (without the split column) and the manifest, each split
-    written ``WRITE_ROWS`` rows at a time, so that no copy of a whole split is made."""
+    written ``WRITE_ROWS`` rows at a time, so that no copy of a whole split is made.
+
+    Each row group is built a column at a time from the features' one NumPy block, with the
+    types and pandas metadata ``to_parquet`` would write: pandas' own conversion costs about
+    270 µs a column per row group, 13 s of a 20,000 × 12,288 table's 24 s write."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns = [i for i, c in enumerate(kept.columns) if c != SPLIT_COLUMN]
     schema = pa.Schema.from_pandas(kept.iloc[:0, columns], preserve_index=False)
+    features = features_of(kept)
+    position = {name: i for i, name in enumerate(features)}
+    block = kept[features].to_numpy()  # the frame's own block when the features share a type
+    others = {f.name: kept[f.name].to_numpy() for f in schema if f.name not in position}
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             rows = np.flatnonzero((kept[SPLIT_COLUMN] == split).to_numpy())
             with pq.ParquetWriter(tmp / f"{split}.parquet", schema) as out:
                 for start in range(0, max(len(rows), 1), WRITE_ROWS):
-                    part = kept.iloc[rows[start : start + WRITE_ROWS], columns]
-                    out.write_table(pa.Table.from_pandas(part, schema, preserve_index=False))
+                    part = rows[start : start + WRITE_ROWS]
+                    by_column = np.ascontiguousarray(block[part].T)  # one row per feature
+                    arrays = [
+                        pa.array(by_column[position[field.name]], field.type)
+                        if field.name in position
+                        else pa.array(others[field.name][part], field.type)
+                        for field in schema
+                    ]
+                    out.write_table(pa.Table.from_arrays(arrays, schema=schema))
         write_json(tmp / "manifest.json", manifest.to_dict())
 
 
