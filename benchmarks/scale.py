@@ -173,7 +173,10 @@ def scale_project(ctx: Context) -> Path:
 
 
 def run(ctx: Context) -> list[dict]:
+    import yaml
+
     project = scale_project(ctx)
+    data = yaml.safe_load((project / "params.yaml").read_text())["data"]
     base = ctx.report["scale"]["digits"]
     rows = []
     folder = "data/external/image_folder"
@@ -226,5 +229,5 @@ def run(ctx: Context) -> list[dict]:
                 "MB",
             )
         )
-    set_source(project, "digits", path=None, image_size=32, color="grey")
+    set_source(project, **data)  # the project's own data section again
     return rows

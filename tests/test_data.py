@@ -158,6 +158,8 @@ def test_prepared_splits_are_written_a_row_group_at_a_time(tmp_path, monkeypatch
     rng = np.random.default_rng(1)
     features = rng.integers(0, 17, (500, 64)).astype(np.uint8)
     kept = make_table(features if dtype == "uint8" else features / 3, np.arange(500) % 10)
+    if dtype == "float32":
+        kept.loc[7, "px_5"] = np.nan  # written as a null, as pandas' conversion does
     kept.insert(2, "split", np.array(["train", "val", "test", "train"])[np.arange(500) % 4])
     monkeypatch.setattr(validate, "WRITE_ROWS", 100)
     validate.write_prepared(kept, manifest, tmp_path / "prepared")
@@ -170,3 +172,5 @@ def test_prepared_splits_are_written_a_row_group_at_a_time(tmp_path, monkeypatch
         written = pa.Schema.from_pandas(expected, preserve_index=False)
         assert pq.read_schema(path).equals(written, check_metadata=True)
         assert pq.read_schema(path).field("px_0").type == pa.from_numpy_dtype(np.dtype(dtype))
+        nulls = pq.read_table(path, columns=["px_5"]).column("px_5").null_count
+        assert nulls == pa.Table.from_pandas(expected).column("px_5").null_count

@@ -305,6 +305,58 @@ def test_undecodable_images_in_several_chunks_are_all_named_and_nothing_is_writt
     assert (tmp_path / "raw" / "samples.parquet").read_text() == "the last good table"
 
 
+def test_decoding_stops_when_the_writer_stops_taking_chunks(tmp_path, monkeypatch):
+    """The writer stops after the first chunk (^C, a full disk): the images queued for the
+    chunk after it are not decoded, and no decoding thread is left. Decoding a file takes
+    50 ms here, so the next chunk (20 images, 2 threads) is still queued when it stops."""
+    import threading
+    import time
+
+    from pipeline.data import image_folder
+
+    write_image_folder(tmp_path / "images", per_class=100, classes=2, size=16)
+    decoded, decode = [], image_folder.decode
+
+    def slow_decode(*args):
+        time.sleep(0.05)
+        decoded.append(args[0])
+        return decode(*args)
+
+    monkeypatch.setattr(image_folder, "decode", slow_decode)
+    monkeypatch.setattr(image_folder, "CHUNK_ROWS", 20)
+    monkeypatch.setattr(image_folder, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(image_folder, "decoders", lambda: 2)
+    params = DataParams(source="image_folder", path=str(tmp_path / "images"), image_size=16)
+    tables = image_folder.load(params)["tables"]
+    assert next(tables).num_rows == 20
+    tables.close()
+    assert len(decoded) < 30  # the first chunk, and at most the few the threads had begun
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
+
+
+def test_write_raw_closes_the_chunks_when_writing_fails(tmp_path):
+    """A chunk the writer refuses (here, another schema) stops ingest, and the chunks'
+    generator is closed at once, so that an image folder's decoding stops with it."""
+    from pipeline.data.table import arrow_table
+
+    closed = []
+
+    def chunks():
+        try:
+            yield arrow_table(np.zeros((4, 3), dtype=np.uint8), np.arange(4))
+            yield arrow_table(np.zeros((4, 5), dtype=np.uint8), np.arange(4))
+            yield arrow_table(np.zeros((4, 3), dtype=np.uint8), np.arange(4))
+        finally:
+            closed.append(True)
+
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(ValueError, match="schema") as raised:
+        write_raw(chunks(), {"source": "digits"}, out_dir=tmp_path / "raw")
+    # write_raw closed it: its frame, in the traceback kept here, still holds the generator
+    assert raised.value is not None and closed == [True]
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
 def test_ingesting_an_image_folder_holds_a_few_chunks_not_the_whole_data(tmp_path, monkeypatch):
     """6,000 grey 32×32 images (6 MB decoded) in chunks of 128: what Python and NumPy hold at
     the peak stays under half the decoded pixels (about 2.3 MB: two chunks in flight and the

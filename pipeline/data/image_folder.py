@@ -119,11 +119,14 @@ def decoders() -> int:
 
 
 # Decoded pixels held per chunk: ingest writes each chunk to the raw table as it is decoded,
-# so a folder's memory cost is a few chunks (one being decoded, one being written), not the
-# whole data set (a folder of 224×224 RGB images takes 150 kB per image, 15 GB per 100,000).
+# so that the pixels in memory are a few chunks (one being decoded, one being written), not
+# the whole folder's.
 CHUNK_BYTES = 16 << 20
-# ... and at least this many images a chunk: Parquet keeps about 0.8 kB per column per chunk
-# (row group) until the file is closed, 10 MB a chunk for 64×64 RGB images.
+# ... and at least this many images a chunk. Each chunk is a Parquet row group, and the
+# writer keeps about 0.8 kB per column per row group until the file is closed: with one
+# column per pixel value, 10 MB per chunk of 64×64 RGB images (12,288 columns), which grows
+# with the folder: at 2,048 images a chunk, about 40 % of their uint8 pixels. For large
+# images a chunk is well over CHUNK_BYTES (224×224 RGB: 308 MB).
 CHUNK_ROWS = 2048
 
 
@@ -197,14 +200,24 @@ def decoded_tables(
         # Pillow warns, without naming the file, for images between 1x and 2x its limit;
         # they are named below in one line instead. Over 2x, Image.open raises.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        pending = None  # (first row, futures) of the chunk being decoded
-        for first in range(0, len(files), rows):
-            futures = [pool.submit(decode, p, size, mode) for p, _ in files[first : first + rows]]
-            if pending is not None and (table := finish(*pending)) is not None:
-                yield table
-            pending = (first, futures)
-        if pending is not None and (table := finish(*pending)) is not None:
-            yield table
+        pending = None  # (first row, futures) of the chunk to finish next
+        try:
+            for first in [*range(0, len(files), rows), None]:
+                ahead = None  # the chunk after it, decoded while it is finished and written
+                if first is not None:
+                    chunk = files[first : first + rows]
+                    ahead = (first, [pool.submit(decode, p, size, mode) for p, _ in chunk])
+                if pending is not None:
+                    table = finish(*pending)
+                    if table is not None:
+                        yield table
+                    table = None  # not held while the next chunk is assembled
+                pending = ahead
+        except BaseException:
+            # ^C, SIGTERM, or the caller stopped (its writer failed): the images not yet
+            # started are not decoded; the pool waits only for those being decoded.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     if bad:
         raise StageError(
             f"{len(bad)} of {len(files)} image file(s) under {root} cannot be decoded: "

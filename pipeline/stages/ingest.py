@@ -61,9 +61,12 @@ def write_raw(tables: Iterable, info: dict, out_dir: Path = RAW_DIR) -> Manifest
                     writer = pq.ParquetWriter(samples, table.schema)
                 writer.write_table(table)
                 rows += table.num_rows
+                del table  # not held while the next chunk is made
         finally:
             if writer is not None:
                 writer.close()
+            if hasattr(tables, "close"):  # a generator stopped early stops decoding now
+                tables.close()
         if not rows:
             raise StageError(f"data source {info['source']!r} returned no rows")
         manifest = Manifest(

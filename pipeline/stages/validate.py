@@ -137,7 +137,11 @@ def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPA
     features = features_of(kept)
     position = {name: i for i, name in enumerate(features)}
     block = kept[features].to_numpy()  # the frame's own block when the features share a type
-    others = {f.name: kept[f.name].to_numpy() for f in schema if f.name not in position}
+    others = {  # as Arrow once: sample ids stay out of Python strings
+        f.name: pa.array(kept[f.name], f.type, from_pandas=True)
+        for f in schema
+        if f.name not in position
+    }
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             rows = np.flatnonzero((kept[SPLIT_COLUMN] == split).to_numpy())
@@ -145,10 +149,10 @@ def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPA
                 for start in range(0, max(len(rows), 1), WRITE_ROWS):
                     part = rows[start : start + WRITE_ROWS]
                     by_column = np.ascontiguousarray(block[part].T)  # one row per feature
-                    arrays = [
-                        pa.array(by_column[position[field.name]], field.type)
+                    arrays = [  # NaN as null, as pandas' conversion writes it
+                        pa.array(by_column[position[field.name]], field.type, from_pandas=True)
                         if field.name in position
-                        else pa.array(others[field.name][part], field.type)
+                        else others[field.name].take(part)
                         for field in schema
                     ]
                     out.write_table(pa.Table.from_arrays(arrays, schema=schema))
