@@ -176,7 +176,7 @@ def run(ctx: Context) -> list[dict]:
     import yaml
 
     project = scale_project(ctx)
-    data = yaml.safe_load((project / "params.yaml").read_text())["data"]
+    original = yaml.safe_load((project / "params.yaml").read_text())["data"]
     base = ctx.report["scale"]["digits"]
     rows = []
     folder = "data/external/image_folder"
@@ -229,5 +229,5 @@ def run(ctx: Context) -> list[dict]:
                 "MB",
             )
         )
-    set_source(project, **data)  # the project's own data section again
+    set_source(project, **original)  # the project's own data section again
     return rows
