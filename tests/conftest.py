@@ -6,6 +6,7 @@ skips them, `make test` (and CI) runs everything.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -90,6 +91,7 @@ def empty_store() -> Path:
     from mlflow.tracking import MlflowClient
 
     folder = Path(tempfile.mkdtemp(prefix="runway-mlflow-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # gone with the test process
     MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
     return folder / "mlflow.db"
 
