@@ -43,17 +43,17 @@ def content_ids(features: np.ndarray) -> list[str]:
     ``ID_CHUNK_BYTES`` at a time, so a 60,000 × 3,072 uint8 array never exists as float32 all
     at once."""
     ids: list[str] = []
-    chunk = max(1, ID_CHUNK_BYTES // (4 * max(1, features.shape[1] if features.ndim > 1 else 1)))
+    row_bytes = 4 * max(1, int(np.prod(features.shape[1:])))  # as float32
+    chunk = max(1, ID_CHUNK_BYTES // row_bytes)
     for start in range(0, len(features), chunk):
         rows = np.ascontiguousarray(features[start : start + chunk], dtype=np.float32)
         ids.extend(hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in rows)
     return ids
 
 
-def make_table(features: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-    """Build the canonical table from an (n, n_features) array and n integer labels.
-
-    uint8 features stay uint8 (a quarter of the memory and disk); anything else is float32."""
+def as_features(features: np.ndarray, labels) -> np.ndarray:
+    """``features`` as the canonical table stores them: uint8 stays uint8 (a quarter of the
+    memory and disk), anything else is float32; one row per label."""
     features = np.asarray(features)
     if features.dtype != np.uint8:
         features = features.astype(np.float32, copy=False)
@@ -61,34 +61,90 @@ def make_table(features: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
         raise ValueError(f"features must be 2-D (samples × features), got shape {features.shape}")
     if len(labels) != len(features):
         raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
+    return features
+
+
+def make_table(features: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    """Build the canonical table from an (n, n_features) array and n integer labels."""
+    features = as_features(features, labels)
     table = pd.DataFrame(features, columns=feature_columns(features.shape[1]), copy=False)
     table.insert(0, LABEL_COLUMN, np.asarray(labels, dtype=np.int64))
     table.insert(0, ID_COLUMN, content_ids(features))
     return table
 
 
-def arrow_table(features: np.ndarray, labels: np.ndarray):
-    """The canonical table of ``features`` and ``labels`` (as :func:`make_table`) as an Arrow
-    table, built a column at a time from NumPy. pandas reads it back as it reads what
-    :func:`make_table`'s frame writes, and this costs a fraction of pandas' conversion, which
-    takes about 90 µs and 3 kB a column (14 s for 223 rows of 224×224 RGB pixels, 150,528
-    columns; this, 1 s)."""
+def arrow_rows(features: np.ndarray, schema, others: dict):
+    """Rows as an Arrow table with ``schema``, built a column at a time: its ``px_*`` fields,
+    in order, from the columns of the 2-D block ``features`` (NaN as null, as pandas'
+    conversion writes it), its other fields from the Arrow arrays in ``others``, by name.
+
+    pandas' own conversion costs about 90 µs and 3 kB a column each time (14 s for 223 rows
+    of 224×224 RGB pixels, 150,528 columns; this, 1 s). A column-major block (``array.T`` of
+    a C-ordered one) is not copied."""
     import pyarrow as pa
 
-    features = np.asarray(features)
-    if features.dtype != np.uint8:
-        features = features.astype(np.float32, copy=False)
-    if features.ndim != 2 or len(labels) != len(features):
-        raise ValueError(f"features {features.shape} for {len(labels)} labels")
-    columns = np.ascontiguousarray(features.T)  # each feature's values side by side
+    by_column = np.ascontiguousarray(features.T)  # each feature's values side by side
+    n_features = sum(name.startswith("px_") for name in schema.names)
+    if features.ndim != 2 or len(by_column) != n_features:
+        raise ValueError(f"features {features.shape} for {n_features} feature columns")
+    feature = iter(by_column)
     return pa.Table.from_arrays(
         [
-            pa.array(content_ids(features), pa.string()),
-            pa.array(np.asarray(labels, dtype=np.int64)),
-            *(pa.array(column) for column in columns),
+            pa.array(next(feature), field.type, from_pandas=True)
+            if field.name.startswith("px_")
+            else others[field.name]
+            for field in schema
         ],
-        names=[ID_COLUMN, LABEL_COLUMN, *feature_columns(features.shape[1])],
+        schema=schema,
     )
+
+
+def arrow_table(features: np.ndarray, labels: np.ndarray):
+    """The canonical table of ``features`` and ``labels`` (as :func:`make_table`) as an Arrow
+    table built by :func:`arrow_rows`; pandas reads it back as it reads what
+    :func:`make_table`'s frame writes."""
+    import pyarrow as pa
+
+    features = as_features(features, labels)
+    schema = pa.schema(
+        [
+            (ID_COLUMN, pa.string()),
+            (LABEL_COLUMN, pa.int64()),
+            *(
+                (name, pa.from_numpy_dtype(features.dtype))
+                for name in feature_columns(features.shape[1])
+            ),
+        ]
+    )
+    others = {
+        ID_COLUMN: pa.array(content_ids(features), pa.string()),
+        LABEL_COLUMN: pa.array(np.asarray(labels, dtype=np.int64)),
+    }
+    return arrow_rows(features, schema, others)
+
+
+def write_parquet(path: Path | str, tables, schema=None) -> tuple[int, object]:
+    """Write Arrow tables to one Parquet file, a row group each, as they come (none is held
+    once written); return the rows written and the file's schema. Without ``schema`` the
+    first table's is used, and no file is made if no table comes. A generator of tables is
+    closed when writing ends, so one stopped early (a failed write, ^C) stops its work now."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    writer = None if schema is None else pq.ParquetWriter(path, schema)
+    try:
+        for table in tables:
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+            del table  # not held while the next one is made
+    finally:
+        if writer is not None:
+            writer.close()
+        if hasattr(tables, "close"):
+            tables.close()
+    return rows, None if writer is None else writer.schema
 
 
 def features_of(table: pd.DataFrame) -> list[str]:

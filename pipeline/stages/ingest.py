@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.config import DataParams, load_params
 from pipeline.data.sources import SOURCES
-from pipeline.data.table import RAW_DIR, Manifest, file_sha256
+from pipeline.data.table import RAW_DIR, Manifest, file_sha256, write_parquet
 from pipeline.io import StageError, atomic_dir, run_stage, write_json
 
 
@@ -49,29 +49,14 @@ def feature_dtype(schema) -> str:
 def write_raw(tables: Iterable, info: dict, out_dir: Path = RAW_DIR) -> Manifest:
     """Write the Arrow tables as they come, then the manifest (rows, feature dtype and
     checksum from what was written). Table and manifest appear together or not at all."""
-    import pyarrow.parquet as pq
-
-    rows = 0
     with atomic_dir(out_dir) as tmp:
         samples = tmp / "samples.parquet"
-        writer = None
-        try:
-            for table in tables:
-                if writer is None:
-                    writer = pq.ParquetWriter(samples, table.schema)
-                writer.write_table(table)
-                rows += table.num_rows
-                del table  # not held while the next chunk is made
-        finally:
-            if writer is not None:
-                writer.close()
-            if hasattr(tables, "close"):  # a generator stopped early stops decoding now
-                tables.close()
+        rows, schema = write_parquet(samples, tables)
         if not rows:
             raise StageError(f"data source {info['source']!r} returned no rows")
         manifest = Manifest(
             rows=rows,
-            dtype=feature_dtype(writer.schema),
+            dtype=feature_dtype(schema),
             checksum=f"sha256:{file_sha256(samples)}",
             **info,
         )
