@@ -172,24 +172,29 @@ def scale_project(ctx: Context) -> Path:
     return ctx.once("scale_project", build)
 
 
-def run(ctx: Context) -> list[dict]:
+IMAGE_FOLDER = "data/external/image_folder"
+
+# (source, row label, writer of the set's files given their path, data section keys)
+SETS = (
+    ("mnist", "MNIST-scale (70,000 × 1×28×28)", write_mnist_scale, {}),
+    ("cifar10", "CIFAR-scale (60,000 × 3×32×32)", write_cifar_scale, {}),
+    (
+        "image_folder",
+        "Image folder (20,000 PNG files, 3×64×64)",
+        write_image_folder_scale,
+        {"path": IMAGE_FOLDER, "image_size": 64, "color": "rgb"},
+    ),
+)
+
+
+def run(ctx: Context, sets=SETS) -> list[dict]:
     import yaml
 
     project = scale_project(ctx)
     original = yaml.safe_load((project / "params.yaml").read_text())["data"]
     base = ctx.report["scale"]["digits"]
     rows = []
-    folder = "data/external/image_folder"
-    for source, label, write, data in (
-        ("mnist", "MNIST-scale (70,000 × 1×28×28)", write_mnist_scale, {}),
-        ("cifar10", "CIFAR-scale (60,000 × 3×32×32)", write_cifar_scale, {}),
-        (
-            "image_folder",
-            "Image folder (20,000 PNG files, 3×64×64)",
-            write_image_folder_scale,
-            {"path": folder, "image_size": 64, "color": "rgb"},
-        ),
-    ):
+    for source, label, write, data in sets:
         target = project / "data/external" / source
         pixels = write(target if source != "cifar10" else target / "cifar-10-binary.tar.gz")
         set_source(project, source, **data)

@@ -3,8 +3,11 @@ small: the sources' own readers take them, with the images and labels as generat
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from benchmarks.common import ROOT
 from benchmarks.scale import (
     synthetic_digits,
     write_cifar_scale,
@@ -101,3 +104,66 @@ def test_the_repro_rows_read_the_train_stages_epoch_lines_and_the_trials_table(
     )
     trials.to_csv(tmp_path / "trials.csv", index=False)
     assert study_seconds(tmp_path / "trials.csv") == (195.5, 3)
+
+
+def test_the_scale_comparison_runs_each_set_through_the_gate_and_restores_the_data(tmp_path):
+    """scale.run on small sets: each set's ingest and validate run as stages in the scratch
+    project, two rows a set, and the project's own data section comes back at the end."""
+    from functools import partial
+
+    import yaml
+
+    from benchmarks import scale
+    from benchmarks.common import Context
+
+    sets = (
+        ("mnist", "MNIST-scale", partial(write_mnist_scale, train=600, test=100), {}),
+        ("cifar10", "CIFAR-scale", partial(write_cifar_scale, per_batch=100), {}),
+        (
+            "image_folder",
+            "Image folder",
+            partial(write_image_folder_scale, n=500, size=24),
+            {"path": scale.IMAGE_FOLDER, "image_size": 24, "color": "rgb"},
+        ),
+    )
+    ctx = Context(scratch=tmp_path)
+    rows = scale.run(ctx, sets=sets)
+    project = ctx.cache["scale_project"]
+    pixels = {
+        "mnist": 700 * 28 * 28,
+        "cifar10": 600 * 3 * 32 * 32,
+        "image_folder": 500 * 3 * 24 * 24,
+    }
+    assert [r["metric"] for r in rows] == [
+        f"{label}: {what}"
+        for source, label, _, _ in sets
+        for what in (
+            "ingest + validate wall time",
+            f"memory grown with the data / uint8 pixels ({pixels[source] / 2**20:.0f} MB)",
+        )
+    ]
+    assert [r["goal"] for r in rows] == ["<= 30 s", "<= 3x", "<= 60 s", "<= 3x", "—", "<= 3x"]
+    assert [r.get("informational", False) for r in rows[::2]] == [False, False, True]
+    report = ctx.report["scale"]
+    assert list(report) == ["digits", "mnist", "cifar10", "image_folder"]
+    for source, stages in report.items():
+        assert list(stages) == ["ingest", "validate"], source
+        for stage, cost in stages.items():
+            assert cost["wall_s"] > 0 and cost["peak_rss_mb"] > 50, (source, stage)
+    for (source, *_), (wall, memory) in zip(
+        sets, zip(rows[::2], rows[1::2], strict=True), strict=True
+    ):
+        costs = report[source]
+        walls = costs["ingest"]["wall_s"] + costs["validate"]["wall_s"]
+        assert abs(wall["ours"] - walls) <= 0.1, source  # each rounded to 0.1 s
+        grown = max(costs[s]["peak_rss_mb"] - report["digits"][s]["peak_rss_mb"] for s in costs)
+        assert abs(memory["ours"] - grown) <= 1, source  # kB rounded to MB on either side
+    # the last set's data is what validate checked: its manifest is the image folder's
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    assert (manifest["source"], manifest["rows"], manifest["image_shape"]) == (
+        "image_folder",
+        500,
+        [3, 24, 24],
+    )
+    data = yaml.safe_load((project / "params.yaml").read_text())["data"]
+    assert data == yaml.safe_load((ROOT / "params.yaml").read_text())["data"]
