@@ -166,12 +166,15 @@ def test_a_raw_table_without_sample_ids_fails_the_gate_in_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     (line,) = error_lines(result)
     assert (
-        "check(s) failed: samples: expect_column_values_to_not_be_null on column 'sample_id'"
-        in line
-    )
+        "6 check(s) failed: columns: the table's 65 columns are not the 67 expected: missing "
+        "['sample_id', 'split']; samples: expect_column_values_to_not_be_null on column "
+        "'sample_id'"
+    ) in line
     assert "No prepared data written" in line
-    assert "expect_table_columns_to_match_ordered_list" in result.stdout
-    assert "'sample_id'" in result.stdout
+    assert (
+        "[validate] FAILED columns: the table's 65 columns are not the 67 expected: "
+        "missing ['sample_id', 'split']\n"
+    ) in result.stdout
     assert not (project / "data/prepared").exists()
 
 

@@ -23,7 +23,7 @@ from tests.ui import chromium
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("offline_reports")]
 
 RARE = "<i>rare</i>"  # a class name that is also HTML: the page must show it as text
-N_EXPECTATIONS = 15  # 7 samples, 3 features (a CSV has no value range), 5 class_counts
+N_EXPECTATIONS = 15  # 1 columns, 6 samples, 3 features (a CSV has no value range), 5 class_counts
 PLOTS = {
     "reports/evaluate/confusion_matrix.png": "static/{rev}_reports_evaluate_confusion_matrix.png",
     "reports/evaluate/per_class.png": "static/{rev}_reports_evaluate_per_class.png",

@@ -13,6 +13,7 @@ from pipeline.data.table import SPLITS
 from pipeline.stages.validate import validate
 from pipeline.validation.cleaning import clean
 from pipeline.validation.split import assign_splits
+from pipeline.validation.suite import column_problems
 from tests.conftest import copy_project, run
 
 
@@ -68,8 +69,8 @@ def test_clean_digits_pass_the_suite(digits_table, manifest, tmp_path):
     kept, quarantine, summary = validate(digits_table, manifest, ValidateParams(), tmp_path)
     assert summary["success"], summary["failures"]
     assert len(quarantine) == 0 and len(kept) == 1797
-    # Data Docs: a page per suite and per validation, all three listed on the index.
-    suites = ["class_counts", "features", "samples"]
+    # Data Docs: a page per suite and per validation, all four listed on the index.
+    suites = ["class_counts", "columns", "features", "samples"]
     pages = sorted(p.name for p in (tmp_path / "validations").rglob("*.html"))
     assert pages == [f"runway-{suite}.html" for suite in suites]
     assert sorted(p.name for p in (tmp_path / "expectations").glob("*.html")) == [
@@ -89,7 +90,7 @@ def test_suite_reports_dtype_drift_and_missing_columns(digits_table, manifest, t
     _, _, summary = validate(t, manifest, ValidateParams(), tmp_path)
     assert not summary["success"]
     text = "\n".join(summary["failures"])
-    assert "expect_table_columns_to_match_ordered_list" in text
+    assert "columns: the table's 66 columns are not the 67 expected: missing ['px_63']" in text
     (dtype_line,) = [f for f in summary["failures"] if "column 'dtype'" in f]
     assert "['float64']" in dtype_line and "feature ['px_7']" in dtype_line
 
@@ -151,3 +152,24 @@ def test_validate_stage_without_ingest_output(tmp_path, missing):
     result = run(["python", "-m", "pipeline.stages.validate"], project, check=False)
     assert result.returncode == 1
     assert f"data/raw/{missing} not found: run the ingest stage first" in result.stderr
+
+
+def test_the_columns_suite_names_misplaced_columns_and_gx_records_each_position(
+    digits_table, manifest, tmp_path
+):
+    columns = list(digits_table.columns)
+    swapped = digits_table[[*columns[:2], "px_1", "px_0", *columns[4:]]]
+    _, _, summary = validate(swapped, manifest, ValidateParams(), tmp_path)
+    assert [f for f in summary["failures"] if f.startswith("columns:")] == [
+        "columns: the table's 67 columns are not the 67 expected: "
+        "out of order: 'px_1' at position 3, where 'px_0' is expected"
+    ]
+    (result,) = [v for v in summary["validation_results"] if v["suite_name"] == "columns"]
+    (check,) = result["results"]
+    assert check["expectation_config"]["type"] == "expect_column_pair_values_to_be_equal"
+    assert not check["success"] and check["result"]["unexpected_count"] == 2
+    assert check["result"]["element_count"] == 67  # one row per position, split included
+    assert column_problems(["a", "b"], ["a", "b"]) == []
+    assert column_problems([], ["a", "b"]) == [
+        "columns: the table's 0 columns are not the 2 expected: missing ['a', 'b']"
+    ]

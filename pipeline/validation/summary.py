@@ -2,7 +2,7 @@
 
 GX's Data Docs load their styles and scripts from CDNs and render blank offline; this page
 has inline CSS only (no script, no external file) and shows what the gate decided: the
-failed checks first, then every expectation of the three suites (from GX's own result JSON),
+failed checks first, then every expectation of the four suites (from GX's own result JSON),
 the rows quarantined against ``validate.max_quarantine_frac`` and the per-class counts against
 ``validate.min_per_class``. Every value is HTML-escaped.
 """
