@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks.common import ROOT
 from benchmarks.scale import (
@@ -106,6 +107,7 @@ def test_the_repro_rows_read_the_train_stages_epoch_lines_and_the_trials_table(
     assert study_seconds(tmp_path / "trials.csv") == (195.5, 3)
 
 
+@pytest.mark.slow
 def test_the_scale_comparison_runs_each_set_through_the_gate_and_restores_the_data(tmp_path):
     """scale.run on small sets: each set's ingest and validate run as stages in the scratch
     project, two rows a set, and the project's own data section comes back at the end."""

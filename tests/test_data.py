@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.data.loader import TensorBatches, to_tensors
-from pipeline.data.table import content_ids, make_table
+from pipeline.data.table import arrow_table, content_ids, make_table
 
 
 def test_digits_table_is_canonical(digits_table):
@@ -32,6 +32,28 @@ def test_sample_id_is_a_content_hash():
 def test_make_table_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="2 feature rows but 1 labels"):
         make_table(np.zeros((2, 4)), [1])
+    with pytest.raises(ValueError, match="2 feature rows but 1 labels"):
+        arrow_table(np.zeros((2, 4)), [1])
+    with pytest.raises(ValueError, match=r"must be 2-D \(samples × features\), got shape \(2,\)"):
+        arrow_table(np.zeros(2), [1, 2])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float64])
+def test_arrow_table_is_what_pandas_makes_of_make_table(dtype):
+    """The same columns, types and values (NaN as null) as pandas' conversion of the frame,
+    without its metadata; float64 is stored as float32, as make_table stores it."""
+    import pyarrow as pa
+
+    features = np.arange(24, dtype=dtype).reshape(4, 6)
+    if dtype == np.float64:
+        features[1, 2] = np.nan
+    labels = np.array([3, 1, 4, 1])
+    ours = arrow_table(features, labels)
+    pandas = pa.Table.from_pandas(make_table(features, labels), preserve_index=False)
+    # pandas' str column is Arrow's large_string; Parquet stores both as the same strings
+    assert ours.equals(pandas.replace_schema_metadata(None).cast(ours.schema))
+    assert ours.column("px_2").null_count == (dtype == np.float64)
+    assert ours.schema.field("px_0").type == (pa.uint8() if dtype == np.uint8 else pa.float32())
 
 
 def test_batches_cover_every_sample_once_per_epoch():
@@ -146,8 +168,9 @@ def test_read_table_reads_what_pandas_reads(tmp_path, kind, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 def test_prepared_splits_are_written_a_row_group_at_a_time(tmp_path, monkeypatch, manifest, dtype):
-    """Row groups of 100 rows, built a column at a time: each split's rows as pandas reads
-    them, with the types and pandas metadata that ``to_parquet`` writes."""
+    """Row groups of 100 rows, built a column at a time from tiles of 10 columns (the last
+    one of 4): each split's rows as pandas reads them, with the types and pandas metadata
+    that ``to_parquet`` writes."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -162,6 +185,7 @@ def test_prepared_splits_are_written_a_row_group_at_a_time(tmp_path, monkeypatch
         kept.loc[7, "px_5"] = np.nan  # written as a null, as pandas' conversion does
     kept.insert(2, "split", np.array(["train", "val", "test", "train"])[np.arange(500) % 4])
     monkeypatch.setattr(validate, "WRITE_ROWS", 100)
+    monkeypatch.setattr(validate, "TILE_COLUMNS", 10)
     validate.write_prepared(kept, manifest, tmp_path / "prepared")
     for split in ("train", "val", "test"):
         path = tmp_path / "prepared" / f"{split}.parquet"

@@ -13,7 +13,7 @@ from pipeline.data.table import SPLITS
 from pipeline.stages.validate import validate
 from pipeline.validation.cleaning import clean
 from pipeline.validation.split import assign_splits
-from pipeline.validation.suite import column_problems
+from pipeline.validation.suite import column_problems, feature_stats
 from tests.conftest import copy_project, run
 
 
@@ -170,6 +170,30 @@ def test_the_columns_suite_names_misplaced_columns_and_gx_records_each_position(
     assert not check["success"] and check["result"]["unexpected_count"] == 2
     assert check["result"]["element_count"] == 67  # one row per position, split included
     assert column_problems(["a", "b"], ["a", "b"]) == []
+    assert column_problems(["a", "b", "b"], ["a", "b"]) == [
+        "columns: the table's 3 columns are not the 2 expected: repeated ['b']"
+    ]
+    assert column_problems(["a", "x", "x", "b"], ["a", "b"]) == [
+        "columns: the table's 4 columns are not the 2 expected: unexpected ['x']; repeated ['x']"
+    ]
     assert column_problems([], ["a", "b"]) == [
         "columns: the table's 0 columns are not the 2 expected: missing ['a', 'b']"
     ]
+
+
+def test_feature_stats_count_nulls_of_numpy_and_pandas_columns(manifest):
+    """NaN in a float32 column and NA in pandas' own Int64 and object columns are nulls; an
+    integer column has none; a text cell is no null but no number either (non-finite)."""
+    table = pd.DataFrame({f"px_{i}": np.zeros(3, dtype=np.float32) for i in range(64)})
+    table["px_1"] = np.array([np.nan, 1.0, np.inf], dtype=np.float32)
+    table["px_2"] = np.array([1, 2, 3], dtype=np.int64)
+    table["px_3"] = pd.array([1, None, 3], dtype="Int64")
+    table["px_4"] = pd.Series(["1", None, "x"], dtype=object)
+    table["px_5"] = np.array([0.0, 17.0, -1.0], dtype=np.float32)
+    stats = feature_stats(table, manifest).set_index("feature").iloc[:6]
+    assert stats.to_dict(orient="list") == {
+        "dtype": ["float32", "float32", "int64", "Int64", "object", "float32"],
+        "nulls": [0, 1, 0, 1, 1, 0],
+        "non_finite": [0, 2, 0, 1, 2, 0],
+        "out_of_range": [0, 1, 0, 0, 0, 2],  # inf is above the range too
+    }

@@ -83,10 +83,10 @@ def arrow_rows(features: np.ndarray, schema, others: dict):
     a C-ordered one) is not copied."""
     import pyarrow as pa
 
-    by_column = np.ascontiguousarray(features.T)  # each feature's values side by side
     n_features = sum(name.startswith("px_") for name in schema.names)
-    if features.ndim != 2 or len(by_column) != n_features:
+    if features.ndim != 2 or features.shape[1] != n_features:
         raise ValueError(f"features {features.shape} for {n_features} feature columns")
+    by_column = np.ascontiguousarray(features.T)  # each feature's values side by side
     feature = iter(by_column)
     return pa.Table.from_arrays(
         [

@@ -23,6 +23,7 @@ The two suites of one row per thing checked (columns, classes) put their failure
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def class_count_problems(counts: pd.DataFrame, names: list[str], min_per_class: 
 def feature_stats(table: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
     """One row per expected feature column present: dtype and counts of bad values."""
     columns = [f"px_{i}" for i in range(manifest.n_features) if f"px_{i}" in table]
-    dtypes = dict(zip(table.columns, table.dtypes, strict=True))
+    dtypes = dict(zip(table.columns, table.dtypes, strict=False))  # one per name
     nulls, nonfinite, outside = (np.zeros(len(columns), dtype=np.int64) for _ in range(3))
     for start, values in feature_chunks(table, columns):  # a few columns at a time
         part = slice(start, start + values.shape[1])
@@ -130,16 +131,19 @@ def _listing(names: list[str], show: int = 10) -> str:
 
 
 def column_problems(columns: list[str], expected: list[str]) -> list[str]:
-    """The columns suite's failure in words: missing, unexpected or misplaced columns."""
+    """The columns suite's failure in words: missing, unexpected, repeated or misplaced
+    columns."""
     if columns == expected:
         return []
     found, wanted = set(columns), set(expected)
     parts = []
     if missing := [c for c in expected if c not in found]:
         parts.append(f"missing {_listing(missing)}")
-    if extra := [c for c in columns if c not in wanted]:
+    if extra := list(dict.fromkeys(c for c in columns if c not in wanted)):
         parts.append(f"unexpected {_listing(extra)}")
-    if not parts:
+    if repeated := [c for c, n in Counter(columns).items() if n > 1]:
+        parts.append(f"repeated {_listing(repeated)}")
+    if not parts:  # the same names, each once: some are out of place
         i = next(i for i, (a, b) in enumerate(zip(columns, expected, strict=True)) if a != b)
         parts.append(
             f"out of order: {columns[i]!r} at position {i}, where {expected[i]!r} is expected"
@@ -244,7 +248,7 @@ def run_suites(
     source = context.data_sources.add_pandas("runway")
     if LABEL_COLUMN in table and SPLIT_COLUMN in table:
         counts = class_counts(table, manifest.classes)
-    else:  # no labels, or no ids to split by: the samples suite names the missing columns
+    else:  # no labels, or no ids to split by: the columns suite names the missing columns
         counts = pd.DataFrame({c: pd.Series(dtype="int64") for c in (LABEL_COLUMN, *SPLITS)})
         counts["total"] = pd.Series(dtype="int64")
     stats = feature_stats(table, manifest)
@@ -300,7 +304,7 @@ def run_suites(
             failures += column_problems(columns, expected)
         if name == "class_counts":
             failures += class_count_problems(counts, manifest.names, min_per_class)
-    # Once for the three suites: an UpdateDataDocsAction on each checkpoint would rebuild the
+    # Once for the four suites: an UpdateDataDocsAction on each checkpoint would rebuild the
     # whole site after each one (0.9 s of a 1.4 s validation of the digits).
     context.build_data_docs(site_names=["runway"])
     return SuiteResult(not failures, failures, statistics, expectations, validations, counts)
