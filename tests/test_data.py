@@ -198,3 +198,31 @@ def test_prepared_splits_are_written_a_row_group_at_a_time(tmp_path, monkeypatch
         assert pq.read_schema(path).field("px_0").type == pa.from_numpy_dtype(np.dtype(dtype))
         nulls = pq.read_table(path, columns=["px_5"]).column("px_5").null_count
         assert nulls == pa.Table.from_pandas(expected).column("px_5").null_count
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "float64"])
+def test_a_prepared_splits_table_and_inputs_share_one_copy_of_its_features(
+    tmp_path, manifest, dtype
+):
+    """The table is what pandas reads and the inputs what to_tensors makes of it; for uint8
+    and float32 features they are one array, for float64 the inputs are a float32 copy."""
+    import pandas as pd
+
+    from pipeline.data.loader import load_prepared
+    from pipeline.data.table import features_of
+    from pipeline.io import write_json
+
+    rng = np.random.default_rng(2)
+    table = make_table(rng.integers(0, 17, (50, 64)).astype(np.uint8), np.arange(50) % 10)
+    table = table.astype({c: dtype for c in features_of(table)})
+    table.to_parquet(tmp_path / "train.parquet", index=False)
+    write_json(tmp_path / "manifest.json", manifest.to_dict())
+    data = load_prepared(tmp_path, splits=("train",))
+    x, y = data.tensors["train"]
+    read = pd.read_parquet(tmp_path / "train.parquet")
+    pd.testing.assert_frame_equal(data.tables["train"], read)
+    expected_x, expected_y = to_tensors(read, [1, 8, 8])
+    assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+    assert x.dtype == (torch.uint8 if dtype == "uint8" else torch.float32)
+    shared = np.shares_memory(x.numpy(), data.tables["train"]["px_3"].to_numpy())
+    assert shared == (dtype != "float64")

@@ -16,7 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.data.table import LABEL_COLUMN, PREPARED_DIR, Manifest, features_of, read_table
+from pipeline.data.table import (
+    LABEL_COLUMN,
+    PREPARED_DIR,
+    Manifest,
+    features_of,
+    read_features,
+    with_features,
+)
 from pipeline.io import read_json, require
 
 
@@ -107,19 +114,24 @@ class TensorBatches:
         self._skip, self._pass_start, self._served = int(state["served"]), None, 0
 
 
-def to_tensors(table: pd.DataFrame, image_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(
+    table: pd.DataFrame, image_shape: list[int], values: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Table rows → raw inputs (N×C×H×W images, or N×F features) and int64 labels.
 
     uint8 pixels stay uint8 (the model's first layer converts each batch to float32), so
     CIFAR-10 takes 180 MB in memory rather than 740 MB. Scaling happens inside the model, so a
-    logged model takes raw values as served.
+    logged model takes raw values as served. ``values``, the table's features as the writable
+    array its frame is a view of (:func:`~pipeline.data.table.read_features`), become the
+    inputs without a copy when they have the inputs' dtype.
     """
     columns = features_of(table)
     dtypes = set(table.dtypes[columns]) if columns else set()
     dtype = np.uint8 if dtypes == {np.dtype(np.uint8)} else np.float32
-    values = np.ascontiguousarray(table[columns].to_numpy(dtype=dtype))
-    if not values.flags.writeable:  # a view of pandas' read-only block
-        values = values.copy()
+    if values is None or values.dtype != dtype or not values.flags.c_contiguous:
+        values = np.ascontiguousarray(table[columns].to_numpy(dtype=dtype))
+        if not values.flags.writeable:  # a view of pandas' read-only block
+            values = values.copy()
     x = torch.from_numpy(values).reshape(len(table), *image_shape)
     y = torch.from_numpy(table[LABEL_COLUMN].to_numpy(dtype=np.int64, copy=True))
     return x, y
@@ -135,10 +147,14 @@ class Prepared:
 
 
 def load_prepared(prepared_dir: Path = PREPARED_DIR, splits=("train", "val", "test")) -> Prepared:
-    """Read the validated splits and their manifest."""
+    """Read the validated splits and their manifest. A split's table and its inputs share
+    one copy of the features when they are read as one block (uint8 or float32)."""
     manifest = Manifest.from_dict(read_json(require(prepared_dir / "manifest.json", "validate")))
     tables, tensors = {}, {}
     for split in splits:
-        tables[split] = read_table(require(prepared_dir / f"{split}.parquet", "validate"))
-        tensors[split] = to_tensors(tables[split], manifest.image_shape)
+        front, values, features = read_features(
+            require(prepared_dir / f"{split}.parquet", "validate")
+        )
+        tables[split] = front if values is None else with_features(front, values, features)
+        tensors[split] = to_tensors(tables[split], manifest.image_shape, values)
     return Prepared(manifest, tables, tensors)

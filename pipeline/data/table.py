@@ -203,13 +203,12 @@ def file_sha256(path: Path | str) -> str:
 READ_COLUMNS = 64
 
 
-def read_table(path: Path | str) -> pd.DataFrame:
-    """A table the pipeline wrote with ``to_parquet``, as ``pd.read_parquet`` reads it, in about
-    half the memory: when the features are the last columns, share one type and hold no
-    null, they are read ``READ_COLUMNS`` at a time into one 2-D array that becomes the frame's
-    single block (``pd.read_parquet`` holds Arrow's copy and pandas' per-column copies before
-    it consolidates them: 180 MB at the peak for 55 MB of MNIST pixels). Otherwise it is
-    ``pd.read_parquet``."""
+def read_features(path: Path | str) -> tuple[pd.DataFrame, np.ndarray | None, list[str]]:
+    """A table the pipeline wrote, as ``(front, values, features)``: when the features are the
+    last columns, share one numeric type and hold no null, ``values`` is them as one
+    C-ordered, writable (rows × features) array, read ``READ_COLUMNS`` at a time, ``front``
+    the other columns and ``features`` their names. Otherwise ``front`` is the whole table as
+    ``pd.read_parquet`` reads it and ``values`` is None."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
@@ -219,25 +218,44 @@ def read_table(path: Path | str) -> pd.DataFrame:
     others = names[: len(names) - len(features)]
     types = {schema.field(n).type for n in features}
     if not features or names[len(others) :] != features or len(types) != 1:
-        return pd.read_parquet(path)
+        return pd.read_parquet(path), None, []
     (arrow_type,) = types
     try:
         dtype = np.dtype(arrow_type.to_pandas_dtype())
     except NotImplementedError:
-        return pd.read_parquet(path)
+        return pd.read_parquet(path), None, []
     if dtype.kind not in "uif":
-        return pd.read_parquet(path)
+        return pd.read_parquet(path), None, []
     values = np.empty((parquet.metadata.num_rows, len(features)), dtype=dtype)
     for start in range(0, len(features), READ_COLUMNS):
         group = parquet.read(columns=features[start : start + READ_COLUMNS])
         for offset, column in enumerate(group.columns):
             if column.null_count:  # pandas would make the column float with NaN
-                return pd.read_parquet(path)
+                return pd.read_parquet(path), None, []
             values[:, start + offset] = column.to_numpy()
+    front = (
+        parquet.read(columns=others).to_pandas()
+        if others
+        else pd.DataFrame(index=range(len(values)))
+    )
+    return front, values, features
+
+
+def with_features(front: pd.DataFrame, values: np.ndarray, features: list[str]) -> pd.DataFrame:
+    """``front``'s columns, then ``values`` as the feature columns ``features``: a view of
+    ``values``, not a copy."""
     table = pd.DataFrame(values, columns=features, copy=False)
-    front = parquet.read(columns=others).to_pandas() if others else None
-    if front is None:
-        return table
-    for position, name in enumerate(others):
+    for position, name in enumerate(front.columns):
         table.insert(position, name, front[name].to_numpy())
     return table
+
+
+def read_table(path: Path | str) -> pd.DataFrame:
+    """A table the pipeline wrote with ``to_parquet``, as ``pd.read_parquet`` reads it, in about
+    half the memory: when the features are the last columns, share one type and hold no
+    null, they are read ``READ_COLUMNS`` at a time into one 2-D array that becomes the frame's
+    single block (``pd.read_parquet`` holds Arrow's copy and pandas' per-column copies before
+    it consolidates them: 180 MB at the peak for 55 MB of MNIST pixels). Otherwise it is
+    ``pd.read_parquet``. See :func:`read_features`."""
+    front, values, features = read_features(path)
+    return front if values is None else with_features(front, values, features)
