@@ -416,11 +416,36 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize(
+def slow_to_stop_workers(monkeypatch, log: Path, seconds: float, grace: float) -> None:
+    """The tune stage's workers are SLOW_TO_STOP_WORKER, logging to ``log``; the stage gives
+    them ``grace`` seconds after ^C."""
+    from pipeline.stages import tune as stage
+
+    monkeypatch.setattr(
+        stage,
+        "worker_command",
+        lambda worker, threads: [sys.executable, "-c", SLOW_TO_STOP_WORKER, str(log), str(seconds)],
+    )
+    monkeypatch.setattr(stage, "INTERRUPT_GRACE", grace)
+
+
+def started(log: Path) -> None:
+    """Wait until SLOW_TO_STOP_WORKER runs its trial."""
+    deadline = time.monotonic() + 60
+    while not log.exists() or log.read_text() != "running\n":
+        assert time.monotonic() < deadline, "the worker never started its trial"
+        time.sleep(0.1)
+
+
+# A worker that ends its trial within the stage's grace after ^C, and one that takes longer
+GRACE_CASES = pytest.mark.parametrize(
     ("seconds", "grace", "log"),
     [(2, 10, "running\nended its trial\n"), (60, 1, "running\nterminated\n")],
     ids=["ends-its-trial-in-the-grace", "stopped-after-the-grace"],
 )
+
+
+@GRACE_CASES
 def test_after_ctrl_c_the_stage_gives_its_workers_time_to_end_their_trials(
     seconds, grace, log, tmp_path, monkeypatch, capfd
 ):
@@ -432,30 +457,48 @@ def test_after_ctrl_c_the_stage_gives_its_workers_time_to_end_their_trials(
     from pipeline.stages import tune as stage
 
     path = tmp_path / "worker.log"
-    monkeypatch.setattr(
-        stage,
-        "worker_command",
-        lambda worker, threads: [
-            sys.executable,
-            "-c",
-            SLOW_TO_STOP_WORKER,
-            str(path),
-            str(seconds),
-        ],
-    )
-    monkeypatch.setattr(stage, "INTERRUPT_GRACE", grace)
+    slow_to_stop_workers(monkeypatch, path, seconds, grace)
     with pytest.raises(KeyboardInterrupt), stage.more_workers(2) as go:
         go()
-        deadline = time.monotonic() + 60
-        while not path.exists() or path.read_text() != "running\n":
-            assert time.monotonic() < deadline, "the worker never started its trial"
-            time.sleep(0.1)
+        started(path)
         (worker,) = [c for c in psutil.Process().children() if str(path) in c.cmdline()]
         worker.send_signal(signal.SIGINT)
         raise KeyboardInterrupt
     assert path.read_text() == log
     out, err = capfd.readouterr()
     assert err == ""  # the stage says why it stopped; nothing about its workers
+
+
+@GRACE_CASES
+def test_ctrl_c_while_the_stage_waits_for_its_workers_last_trials_stops_them_the_same_way(
+    seconds, grace, log, tmp_path, monkeypatch, capfd
+):
+    """The stage's own trials are done and it waits for its workers' last ones when ^C comes
+    (to it and to them, as a terminal sends it): the same grace, then SIGTERM, and the stage
+    ends only once its workers have."""
+    import threading
+
+    import psutil
+
+    from pipeline.stages import tune as stage
+
+    path = tmp_path / "worker.log"
+    slow_to_stop_workers(monkeypatch, path, seconds, grace)
+
+    def ctrl_c() -> None:  # once the stage waits: to the worker, then to the stage's thread
+        (worker,) = [c for c in psutil.Process().children() if str(path) in c.cmdline()]
+        time.sleep(1)
+        worker.send_signal(signal.SIGINT)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt), stage.more_workers(2) as go:
+        go()
+        started(path)
+        threading.Thread(target=ctrl_c).start()
+    assert path.read_text() == log
+    assert psutil.Process().children() == []
+    out, err = capfd.readouterr()
+    assert err == ""
 
 
 # A stage that starts a worker, tells it to go once it waits for the word (its wait channel

@@ -807,8 +807,9 @@ def more_workers(workers: int):
     rows wherever it finds them missing, so a worker opening a database the stage is still
     making would write them too, and one of the two writes would fail). On leaving, wait for
     them; a worker that died is reported (its trial is failed by its heartbeat and retried by
-    the others). SIGTERM or ^C here stops them all (after ^C, which a terminal sends to every
-    worker too, each gets :data:`INTERRUPT_GRACE` seconds to stop itself); workers that were
+    the others). SIGTERM or ^C here, or while waiting for their last trials, stops them all
+    (after ^C, which a terminal sends to every worker too, each gets :data:`INTERRUPT_GRACE`
+    seconds to stop itself); workers that were
     never told to go have opened nothing and are killed without a word. A worker stopped with
     its stage ends without a line of its own: the stage says why."""
     threads = threads_per_worker(workers)
@@ -830,42 +831,52 @@ def more_workers(workers: int):
             except BrokenPipeError:  # it died already (closed all the same): reported on leaving
                 pass
 
-    done = interrupted = False
+    def stop(interrupted: bool) -> None:
+        told = [proc for proc in procs if proc.stdin.closed]
+        for proc in procs:
+            if proc not in told:
+                proc.stdin.close()  # nothing was written: EOF, as if the stage had died
+                proc.kill()
+        if interrupted:  # ^C at a terminal reaches every worker: each ends its own trial
+            deadline = time.monotonic() + INTERRUPT_GRACE
+            for proc in told:
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in told:
+            if proc.poll() is None:
+                proc.terminate()
+
+    def ended(proc: subprocess.Popen, wait: float | None) -> int:
+        try:
+            return proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    done = False
     try:
         yield go
         done = True
-    except KeyboardInterrupt:
-        interrupted = True
+    except BaseException as stopped:
+        stop(interrupted=isinstance(stopped, KeyboardInterrupt))
         raise
     finally:
-        if not done:
-            told = [proc for proc in procs if proc.stdin.closed]
+        try:
+            codes = [ended(proc, None if done else 30) for proc in procs]
+        except BaseException as stopped:  # stopped while the workers' last trials run
+            stop(interrupted=isinstance(stopped, KeyboardInterrupt))
             for proc in procs:
-                if proc not in told:
-                    proc.stdin.close()  # nothing was written: EOF, as if the stage had died
-                    proc.kill()
-            if interrupted:  # ^C at a terminal reaches every worker: each ends its own trial
-                deadline = time.monotonic() + INTERRUPT_GRACE
-                for proc in told:
-                    with suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            for proc in told:
-                if proc.poll() is None:
-                    proc.terminate()
-        for i, proc in enumerate(procs, start=1):
-            try:
-                code = proc.wait(timeout=None if done else 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            if code and done:
-                why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-                print(
-                    f"[tune] worker {i} ended with {why}; a trial it left running is failed "
-                    "by its heartbeat and retried",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                ended(proc, 30)
+            raise
+    for i, code in enumerate(codes, start=1):
+        if code:
+            why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            print(
+                f"[tune] worker {i} ended with {why}; a trial it left running is failed "
+                "by its heartbeat and retried",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 @contextmanager
