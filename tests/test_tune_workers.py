@@ -486,10 +486,12 @@ def test_ctrl_c_while_the_stage_waits_for_its_workers_last_trials_stops_them_the
     slow_to_stop_workers(monkeypatch, path, seconds, grace)
 
     def ctrl_c() -> None:  # once the stage waits: to the worker, then to the stage's thread
-        (worker,) = [c for c in psutil.Process().children() if str(path) in c.cmdline()]
-        time.sleep(1)
-        worker.send_signal(signal.SIGINT)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        try:
+            (worker,) = [c for c in psutil.Process().children() if str(path) in c.cmdline()]
+            time.sleep(1)
+            worker.send_signal(signal.SIGINT)
+        finally:  # the stage's wait always ends, and the test with it
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt), stage.more_workers(2) as go:
         go()
@@ -499,6 +501,40 @@ def test_ctrl_c_while_the_stage_waits_for_its_workers_last_trials_stops_them_the
     assert psutil.Process().children() == []
     out, err = capfd.readouterr()
     assert err == ""
+
+
+def test_a_second_ctrl_c_in_the_grace_stops_the_workers_at_once(tmp_path, monkeypatch, capfd):
+    """^C while the stage waits for its workers' last trials, then ^C again during their grace
+    (30 s here): the workers get SIGTERM at once and the stage still waits for them."""
+    import threading
+
+    import psutil
+
+    from pipeline.stages import tune as stage
+
+    path = tmp_path / "worker.log"
+    slow_to_stop_workers(monkeypatch, path, 60, 30)
+    main = threading.main_thread().ident
+
+    def ctrl_c_twice() -> None:
+        try:
+            (worker,) = [c for c in psutil.Process().children() if str(path) in c.cmdline()]
+            time.sleep(1)
+            worker.send_signal(signal.SIGINT)
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(1)
+        finally:
+            signal.pthread_kill(main, signal.SIGINT)
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), stage.more_workers(2) as go:
+        go()
+        started(path)
+        threading.Thread(target=ctrl_c_twice).start()
+    assert path.read_text() == "running\nterminated\n"
+    assert time.monotonic() - start < 20  # not the 30 s grace
+    assert psutil.Process().children() == []
+    assert capfd.readouterr().err == ""
 
 
 # A stage that starts a worker, tells it to go once it waits for the word (its wait channel

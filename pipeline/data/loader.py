@@ -123,12 +123,19 @@ def to_tensors(
     CIFAR-10 takes 180 MB in memory rather than 740 MB. Scaling happens inside the model, so a
     logged model takes raw values as served. ``values``, the table's features as the writable
     array its frame is a view of (:func:`~pipeline.data.table.read_features`), become the
-    inputs without a copy when they have the inputs' dtype.
+    inputs without a copy when they have the inputs' dtype and shape: then a write into either
+    the table's features or the inputs changes both (nothing writes into them).
     """
     columns = features_of(table)
     dtypes = set(table.dtypes[columns]) if columns else set()
     dtype = np.uint8 if dtypes == {np.dtype(np.uint8)} else np.float32
-    if values is None or values.dtype != dtype or not values.flags.c_contiguous:
+    shape = (len(table), len(columns))
+    if (
+        values is None
+        or values.dtype != dtype
+        or values.shape != shape
+        or not values.flags.c_contiguous
+    ):
         values = np.ascontiguousarray(table[columns].to_numpy(dtype=dtype))
         if not values.flags.writeable:  # a view of pandas' read-only block
             values = values.copy()

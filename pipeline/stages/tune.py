@@ -837,14 +837,16 @@ def more_workers(workers: int):
             if proc not in told:
                 proc.stdin.close()  # nothing was written: EOF, as if the stage had died
                 proc.kill()
-        if interrupted:  # ^C at a terminal reaches every worker: each ends its own trial
-            deadline = time.monotonic() + INTERRUPT_GRACE
+        try:
+            if interrupted:  # ^C at a terminal reaches every worker: each ends its own trial
+                deadline = time.monotonic() + INTERRUPT_GRACE
+                for proc in told:
+                    with suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:  # a second ^C in the grace cuts it short: SIGTERM all the same
             for proc in told:
-                with suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        for proc in told:
-            if proc.poll() is None:
-                proc.terminate()
+                if proc.poll() is None:
+                    proc.terminate()
 
     def ended(proc: subprocess.Popen, wait: float | None) -> int:
         try:
@@ -864,9 +866,11 @@ def more_workers(workers: int):
         try:
             codes = [ended(proc, None if done else 30) for proc in procs]
         except BaseException as stopped:  # stopped while the workers' last trials run
-            stop(interrupted=isinstance(stopped, KeyboardInterrupt))
-            for proc in procs:
-                ended(proc, 30)
+            try:
+                stop(interrupted=isinstance(stopped, KeyboardInterrupt))
+            finally:
+                for proc in procs:
+                    ended(proc, 30)
             raise
     for i, code in enumerate(codes, start=1):
         if code:
