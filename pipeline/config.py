@@ -286,9 +286,11 @@ class TrainParams(_Section):
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     # Where the train and val splits live while training: device (moved once; batches are
     # gathered there), host (batches gathered in pinned host memory and copied as they are
-    # needed: data larger than the GPU), or auto: device when they take at most half of the
-    # GPU's free memory (always on a CPU).
-    data_placement: Literal["auto", "device", "host"] = "auto"
+    # needed: data larger than the GPU), disk (memory-mapped from a copy of their pixels under
+    # .runway/prepared/, batches gathered from it: data larger than host memory), or auto:
+    # disk when they take more than half of the host's available memory, else device when
+    # they take at most half of the GPU's free memory (always on a CPU), else host.
+    data_placement: Literal["auto", "device", "host", "disk"] = "auto"
     # torch.compile the network for training and validation (a one-time compile of tens of
     # seconds, then faster steps on a GPU); the logged model is the plain network.
     compile: bool = False

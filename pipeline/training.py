@@ -2,7 +2,8 @@
 
 The splits (:func:`pipeline.data.loader.load_prepared`, which scoring uses too, without
 Lightning) are loaded once into memory and moved to the training device once; batches are
-gathered from those tensors there (see :class:`pipeline.data.loader.TensorBatches`).
+gathered from those tensors there (see :class:`pipeline.data.loader.TensorBatches`). Splits
+too large for that are streamed: from host memory, or memory-mapped from disk.
 :func:`trainer_options` says what the Trainer is built with; :func:`fit` trains inside a
 scope that puts back what a fit changes in the process (environment variables, torch's
 determinism flags, Lightning's logger levels, warning filters, signal handlers).
@@ -27,7 +28,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.profilers import PassThroughProfiler
 
 from pipeline.config import ModelParams, TrainParams
-from pipeline.data.loader import Prepared, TensorBatches
+from pipeline.data.loader import Prepared, TensorBatches, megabytes
 from pipeline.data.table import Manifest
 from pipeline.device import available, resolve
 from pipeline.io import StageError, atomic_path, set_env
@@ -67,9 +68,9 @@ DEVICE_SHARE = 0.5
 
 
 def placement(asked: str, nbytes: int, device: torch.device) -> tuple[str, str]:
-    """Where the splits live while training (``train.data_placement``) and why, in words."""
-    mb = nbytes / 2**20
-    size = f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
+    """Where the splits in memory live while training (``train.data_placement``) and why, in
+    words. (Splits memory-mapped from disk stay there: see ``load_prepared``.)"""
+    size = megabytes(nbytes)
     if asked != "auto":
         return asked, f"{size}, train.data_placement: {asked}"
     if device.type != "cuda":
@@ -82,7 +83,9 @@ def placement(asked: str, nbytes: int, device: torch.device) -> tuple[str, str]:
 
 
 class InMemoryData(pl.LightningDataModule):
-    """Train/val tensors moved to the training device once; batches are gathered there.
+    """Train/val tensors moved to the training device once; batches are gathered there. Or,
+    as ``placement`` says, batches gathered from the tensors in host memory (``host``) or
+    memory-mapped from disk (``disk``) and copied to the device as they are needed.
 
     Its state (in every checkpoint, restored before the loaders are made) is where the
     training batches stand: the shuffle generator's state and the batches served of an
@@ -101,12 +104,15 @@ class InMemoryData(pl.LightningDataModule):
         device = self.trainer.strategy.root_device
         splits = {k: v for k, v in self.data.tensors.items() if k in ("train", "val")}
         nbytes = sum(t.nbytes for pair in splits.values() for t in pair)
-        # The first process decides for all: data-parallel processes step together, at the
-        # pace of the slowest.
-        self.placement, self.placement_reason = self.trainer.strategy.broadcast(
-            placement(self.asked, nbytes, device), src=0
-        )
-        if self.placement == "host":
+        if self.data.storage == "disk":  # load_prepared memory-mapped them
+            self.placement, self.placement_reason = "disk", self.data.storage_reason
+        else:
+            # The first process decides for all: data-parallel processes step together, at
+            # the pace of the slowest.
+            self.placement, self.placement_reason = self.trainer.strategy.broadcast(
+                placement(self.asked, nbytes, device), src=0
+            )
+        if self.streamed:
             self.on_device = splits  # batches are gathered and copied as they are needed
         else:
             self.on_device = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
@@ -142,13 +148,17 @@ class InMemoryData(pl.LightningDataModule):
         x, y = self.on_device["val"]
         return TensorBatches(x, y, max(self.batch_size, 512), pin=self.pinned())
 
+    @property
+    def streamed(self) -> bool:
+        """Whether batches are gathered off the device and copied to it one at a time."""
+        return self.placement in ("host", "disk")
+
     def pinned(self) -> bool:
-        """Whether batches go through page-locked memory: data in host memory, training on
-        a GPU."""
-        return self.placement == "host" and self.trainer.strategy.root_device.type == "cuda"
+        """Whether batches go through page-locked memory: data streamed, training on a GPU."""
+        return self.streamed and self.trainer.strategy.root_device.type == "cuda"
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        if self.placement == "host":  # pinned: the copy overlaps the work queued before it
+        if self.streamed:  # pinned: the copy overlaps the work queued before it
             return tuple(t.to(device, non_blocking=t.is_pinned()) for t in batch)
         return batch  # gathered from tensors already on the device: nothing to move per step
 

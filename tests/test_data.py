@@ -226,3 +226,108 @@ def test_a_prepared_splits_table_and_inputs_share_one_copy_of_its_features(
     assert x.dtype == (torch.uint8 if dtype == "uint8" else torch.float32)
     shared = np.shares_memory(x.numpy(), data.tables["train"]["px_3"].to_numpy())
     assert shared == (dtype != "float64")
+
+
+def write_splits(folder, manifest, seed: int, dtype: str = "uint8", rows=(90, 30)) -> None:
+    """Train and val splits as validate writes them, in row groups of 16 rows."""
+    from pipeline.data.table import features_of
+    from pipeline.io import write_json
+
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), rows, strict=True):
+        table = make_table(rng.integers(0, 17, (n, 64)).astype(np.uint8), np.arange(n) % 10)
+        table = table.astype({c: dtype for c in features_of(table)})
+        table.to_parquet(folder / f"{split}.parquet", index=False, row_group_size=16)
+    write_json(folder / "manifest.json", manifest.to_dict())
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float64"])
+def test_splits_memory_mapped_from_disk_are_the_splits_read_into_memory(tmp_path, manifest, dtype):
+    """train.data_placement: disk gives the tensors (and ids and labels) that memory gives,
+    from a .npy file per split named by its Parquet file's hash, made once and replaced when
+    the split changes."""
+    import pandas as pd
+
+    from pipeline.data.loader import load_prepared
+    from pipeline.data.table import features_of, file_sha256
+
+    prepared, mapped = tmp_path / "prepared", tmp_path / "mapped"
+    prepared.mkdir()
+    write_splits(prepared, manifest, seed=3, dtype=dtype)
+
+    def files():
+        return sorted(p.name for p in mapped.glob("*.npy"))
+
+    def named(split):
+        return f"{split}-{file_sha256(prepared / f'{split}.parquet')[:16]}.npy"
+
+    in_memory = load_prepared(prepared, ("train", "val"))
+    on_disk = load_prepared(prepared, ("train", "val"), placement="disk", mapped_dir=mapped)
+    assert (in_memory.storage, on_disk.storage) == ("memory", "disk")
+    assert on_disk.storage_reason == "0.0 MB, train.data_placement: disk"  # 120 × 64 × 1 or 4 B
+    assert files() == [named("train"), named("val")]
+    for split in ("train", "val"):
+        x, y = on_disk.tensors[split]
+        assert torch.equal(x, in_memory.tensors[split][0])
+        assert torch.equal(y, in_memory.tensors[split][1])
+        assert x.dtype == (torch.uint8 if dtype == "uint8" else torch.float32)
+        file = np.load(mapped / named(split))
+        assert np.array_equal(file, x.reshape(len(x), -1).numpy())
+        front = on_disk.tables[split].drop(columns=features_of(on_disk.tables[split]))
+        expected = in_memory.tables[split][["sample_id", "label"]]
+        pd.testing.assert_frame_equal(front, expected)
+        # The table's features are the mapped inputs.
+        assert np.shares_memory(x.numpy(), on_disk.tables[split]["px_3"].to_numpy())
+
+    made = (mapped / named("train")).stat().st_mtime_ns
+    again = load_prepared(prepared, ("train",), placement="disk", mapped_dir=mapped)
+    assert (mapped / named("train")).stat().st_mtime_ns == made  # read, not made again
+    assert torch.equal(again.tensors["train"][0], in_memory.tensors["train"][0])
+
+    old_train, old_val = named("train"), named("val")
+    write_splits(prepared, manifest, seed=4, dtype=dtype)  # new data
+    changed = load_prepared(prepared, ("train",), placement="disk", mapped_dir=mapped)
+    assert named("train") != old_train
+    assert files() == sorted([named("train"), old_val])  # the old train file is gone
+    fresh = load_prepared(prepared, ("train",))
+    assert torch.equal(changed.tensors["train"][0], fresh.tensors["train"][0])
+
+
+def test_splits_are_memory_mapped_when_they_take_over_half_the_available_memory(tmp_path, manifest):
+    from pipeline.data.loader import input_bytes, storage
+
+    gb = 2**30
+    assert storage("auto", 3 * gb, available=8 * gb) == (
+        "memory",
+        "3072 MB, 8.0 GB available in host memory",
+    )
+    assert storage("auto", 5 * gb, available=8 * gb) == (
+        "disk",
+        "5120 MB, 8.0 GB available in host memory: more than 50% of it",
+    )
+    assert storage("disk", 2**20) == ("disk", "1.0 MB, train.data_placement: disk")
+    assert storage("host", 2**20) == ("memory", "1.0 MB, train.data_placement: host")
+    assert storage("device", 2**20) == ("memory", "1.0 MB, train.data_placement: device")
+    write_splits(tmp_path, manifest, seed=5, dtype="uint8")
+    assert input_bytes(tmp_path / "train.parquet") == 90 * 64  # uint8 inputs
+    write_splits(tmp_path, manifest, seed=5, dtype="float64")
+    assert input_bytes(tmp_path / "train.parquet") == 90 * 64 * 4  # float32 inputs
+
+
+def test_features_with_nulls_cannot_be_memory_mapped_and_leave_no_file(tmp_path, manifest):
+    from pipeline.data.loader import load_prepared
+    from pipeline.data.table import features_of
+    from pipeline.io import StageError, write_json
+
+    table = make_table(np.arange(20 * 64, dtype=np.float32).reshape(20, 64), np.arange(20) % 10)
+    table.loc[7, "px_5"] = np.nan  # a null in the file
+    assert features_of(table)
+    table.to_parquet(tmp_path / "train.parquet", index=False)
+    write_json(tmp_path / "manifest.json", manifest.to_dict())
+    with pytest.raises(StageError) as caught:
+        load_prepared(tmp_path, ("train",), placement="disk", mapped_dir=tmp_path / "mapped")
+    assert str(caught.value) == (
+        f"{tmp_path / 'train.parquet'}: its features are not one block of numbers without "
+        "nulls, so they cannot be memory-mapped; set train.data_placement: host"
+    )
+    assert sorted(p.name for p in (tmp_path / "mapped").iterdir()) == ["train.lock"]

@@ -42,6 +42,27 @@ def test_profile_counts_rows_per_class_name_and_each_features_mean_and_std():
     json.dumps(found)  # logged with the run as JSON
 
 
+def test_a_profile_read_in_blocks_of_rows_is_numpys_nanmean_and_nanstd(monkeypatch):
+    from pipeline.data import profile as module
+
+    monkeypatch.setattr(module, "BLOCK_VALUES", 40)  # 8 rows of 5 features a block
+    rng = np.random.default_rng(6)
+    features = rng.normal(3.0, 2.0, (101, 5))
+    features[rng.random((101, 5)) < 0.1] = np.nan
+    features[:, 4] = np.nan  # no value at all
+    features = features.astype(np.float32).astype(np.float64)  # as the table holds them
+    found = profile(make_table(features, np.arange(101) % 2), manifest(("a", "b")))
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        means, stds = np.nanmean(features, axis=0), np.nanstd(features, axis=0)
+    for i in range(4):
+        assert found["features"][f"px_{i}"] == [
+            pytest.approx(means[i], rel=1e-12),
+            pytest.approx(stds[i], rel=1e-12),
+        ]
+    assert np.isnan(found["features"]["px_4"]).all()
+    assert found["rows"] == 101 and found["classes"] == {"a": 51, "b": 50}
+
+
 def test_shifts_are_in_pooled_sds_and_a_constant_feature_that_moves_is_infinitely_far():
     assert mean_shift([0.0, 3.0], [5.0, 4.0]) == pytest.approx(5 / math.sqrt(12.5))
     assert mean_shift([2.0, 0.0], [2.0, 0.0]) == 0.0

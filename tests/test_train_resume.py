@@ -56,6 +56,32 @@ def run_train(digits_prepared, tmp_path, name: str, hp: TrainParams = HP) -> dic
     return run
 
 
+def test_the_train_stage_names_data_memory_mapped_from_disk_and_tags_its_run(
+    digits_prepared, mlflow_store, capsys
+):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data.loader import load_prepared
+    from pipeline.io import write_json
+
+    folder = mlflow_store / "prepared"
+    folder.mkdir()
+    for split in ("train", "val"):
+        digits_prepared.tables[split].to_parquet(folder / f"{split}.parquet", index=False)
+    write_json(folder / "manifest.json", digits_prepared.manifest.to_dict())
+    data = load_prepared(folder, ("train", "val"), "disk", mapped_dir=mlflow_store / "mapped")
+    hp = HP.model_copy(update={"data_placement": "disk", "max_epochs": 1})
+    run_train(data, mlflow_store, "disk", hp)
+    assert (len(data.tables["train"]), len(data.tables["val"])) == (1252, 277)
+    out = capsys.readouterr().out  # (1,252 + 277) × 64 float32 pixels: 0.37 MB
+    assert (
+        "[train] data streamed from disk (memory-mapped) (0.4 MB, train.data_placement: disk)\n"
+        in out
+    )
+    client = MlflowClient()
+    assert client.get_run(_last_run_id(client)).data.tags["data.placement"] == "disk"
+
+
 def epoch_lines(text: str) -> list[int]:
     return [
         int(line.split()[2].split("/")[0])

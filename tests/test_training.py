@@ -511,16 +511,26 @@ def test_data_placement_is_chosen_by_size_and_named(digits_prepared):
     assert placement("auto", 80 * 2**20, cpu) == ("device", "80 MB in cpu memory")
     assert placement("host", 3 * 2**20, cpu) == ("host", "3.0 MB, train.data_placement: host")
     with pytest.raises(ValueError, match="train.data_placement"):
-        parse_params({"train": {"data_placement": "disk"}})
+        parse_params({"train": {"data_placement": "ssd"}})
 
 
-@pytest.mark.slow  # trains twice
-def test_data_streamed_from_host_memory_trains_exactly_as_data_on_the_device(digits_prepared):
+@pytest.mark.slow  # trains three times
+def test_data_streamed_from_host_memory_or_disk_trains_exactly_as_data_on_the_device(
+    digits_prepared, tmp_path
+):
+    from pipeline.data.loader import load_prepared
+    from pipeline.io import write_json
+
+    for split in ("train", "val"):
+        digits_prepared.tables[split].to_parquet(tmp_path / f"{split}.parquet", index=False)
+    write_json(tmp_path / "manifest.json", digits_prepared.manifest.to_dict())
+    mapped = load_prepared(tmp_path, ("train", "val"), "disk", mapped_dir=tmp_path / "mapped")
+    assert mapped.storage == "disk"
     histories = []
-    for where in ("device", "host"):
+    for where, data in (("device", digits_prepared), ("host", digits_prepared), ("disk", mapped)):
         hp = TrainParams(max_epochs=2, accelerator="cpu", data_placement=where)
         history = MetricHistory()
-        _, trainer = fit(hp, ModelParams(channels=8), digits_prepared, [history])
+        _, trainer = fit(hp, ModelParams(channels=8), data, [history])
         assert trainer.datamodule.placement == where
         histories.append(
             [{k: v for k, v in h.items() if "samples_per_s" not in k} for h in history.history]

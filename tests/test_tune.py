@@ -347,7 +347,8 @@ def test_trials_train_and_are_judged_on_tune_samples_of_the_splits(
         assert (len(x), len(y), len(table)) == (n, n, n)
         keep = tune.subset(len(digits_prepared.tables[split]), n, params.tune.seed)
         assert torch.equal(x, digits_prepared.tensors[split][0][keep])
-        assert table.equals(digits_prepared.tables[split].iloc[keep.numpy()].reset_index(drop=True))
+        whole = digits_prepared.tables[split][["sample_id", "label"]]  # no features: tensors
+        assert table.equals(whole.iloc[keep.numpy()].reset_index(drop=True))
     assert torch.equal(tune.prepare(params).tensors["val"][1], cut.tensors["val"][1])
     (parent,) = mlflow.search_runs(
         experiment_names=[params.mlflow.experiment],

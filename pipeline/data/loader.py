@@ -1,5 +1,5 @@
 """The prepared splits as tensors (:func:`load_prepared`), and batches from tensors held in
-memory, one index per batch: no per-sample Dataset or collate.
+memory or memory-mapped from disk, one index per batch: no per-sample Dataset or collate.
 
 For data sets that fit in memory this is several times faster than
 ``DataLoader(TensorDataset(...))``, which indexes and stacks one sample at a time. Imports
@@ -9,6 +9,7 @@ splits from here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,19 @@ from pipeline.data.table import (
     PREPARED_DIR,
     Manifest,
     features_of,
+    file_sha256,
     read_features,
+    read_front,
     with_features,
 )
-from pipeline.io import read_json, require
+from pipeline.io import StageError, atomic_path, read_json, require
+
+# The splits are read into memory when their inputs take at most this share of the host's
+# available memory, and memory-mapped from a copy on disk otherwise (see load_prepared).
+HOST_SHARE = 0.5
+# Where those copies live: one .npy file of a split's inputs, named by the split and its
+# Parquet file's content hash, made on first use and replacing that split's earlier copy.
+MAPPED_DIR = Path(".runway/prepared")
 
 
 class TensorBatches:
@@ -127,8 +137,7 @@ def to_tensors(
     the table's features or the inputs changes both (nothing writes into them).
     """
     columns = features_of(table)
-    dtypes = set(table.dtypes[columns]) if columns else set()
-    dtype = np.uint8 if dtypes == {np.dtype(np.uint8)} else np.float32
+    dtype = input_dtype(table.dtypes[columns] if columns else [])
     shape = (len(table), len(columns))
     if (
         values is None
@@ -144,24 +153,118 @@ def to_tensors(
     return x, y
 
 
+def input_dtype(dtypes: Iterable[np.dtype]) -> np.dtype:
+    """The inputs' dtype for features of these dtypes: uint8 when all are, float32 otherwise."""
+    return np.dtype(np.uint8) if set(dtypes) == {np.dtype(np.uint8)} else np.dtype(np.float32)
+
+
+def megabytes(nbytes: int) -> str:
+    mb = nbytes / 2**20
+    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
+
+
+def input_bytes(path: Path) -> int:
+    """What a prepared split's inputs take in memory, from its Parquet footer alone."""
+    import pyarrow.parquet as pq
+
+    dtypes = []
+    for column in pq.read_schema(path):
+        if column.name.startswith("px_"):
+            try:
+                dtypes.append(np.dtype(column.type.to_pandas_dtype()))
+            except NotImplementedError:  # not numeric: to_tensors would make it float32
+                dtypes.append(np.dtype(object))
+    return pq.read_metadata(path).num_rows * len(dtypes) * input_dtype(dtypes).itemsize
+
+
+def storage(asked: str, nbytes: int, available: int | None = None) -> tuple[str, str]:
+    """Whether the splits' inputs (``nbytes``) are read into ``memory`` or memory-mapped from
+    ``disk`` (``train.data_placement``), and why, in words. Under ``auto`` it is disk when
+    they take more than ``HOST_SHARE`` of ``available`` (the host's available memory)."""
+    size = megabytes(nbytes)
+    if asked != "auto":
+        return "disk" if asked == "disk" else "memory", f"{size}, train.data_placement: {asked}"
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    why = f"{size}, {available / 2**30:.1f} GB available in host memory"
+    if nbytes <= HOST_SHARE * available:
+        return "memory", why
+    return "disk", f"{why}: more than {HOST_SHARE:.0%} of it"
+
+
+def mapped_features(path: Path, stem: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """A prepared split as :func:`~pipeline.data.table.read_features` reads it, with its
+    features as its inputs (:func:`input_dtype`) memory-mapped from ``{stem}-{hash}.npy``,
+    ``hash`` being the Parquet file's content hash. The file is made on first use, from the
+    Parquet file a row group at a time, and replaces the one of an earlier version of the
+    split; one process makes it while the others wait for it."""
+    from filelock import FileLock
+
+    target = stem.with_name(f"{stem.name}-{file_sha256(path)[:16]}.npy")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(stem.with_name(f"{stem.name}.lock")):
+        if target.exists():
+            front, features = read_front(path)
+        else:
+            with atomic_path(target) as tmp:
+
+                def into(shape, dtype):
+                    dtype = input_dtype([dtype])
+                    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+
+                front, values, features = read_features(path, into)
+                if values is None:
+                    raise StageError(
+                        f"{path}: its features are not one block of numbers without nulls, "
+                        "so they cannot be memory-mapped; set train.data_placement: host"
+                    )
+                values.flush()
+                del values
+            for earlier in target.parent.glob(f"{stem.name}-*.npy"):
+                if earlier != target:
+                    earlier.unlink(missing_ok=True)
+    # Copy-on-write: the inputs are a writable array (as torch.from_numpy wants) that no
+    # write can carry back to the file.
+    return front, np.load(target, mmap_mode="c"), features
+
+
 @dataclass
 class Prepared:
-    """The validated splits: the manifest, each split's table and its ``(x, y)`` tensors."""
+    """The validated splits: the manifest, each split's table and its ``(x, y)`` tensors, and
+    whether the features are in ``memory`` or memory-mapped from ``disk`` (and why)."""
 
     manifest: Manifest
     tables: dict[str, pd.DataFrame]
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    storage: str = "memory"
+    storage_reason: str = ""
 
 
-def load_prepared(prepared_dir: Path = PREPARED_DIR, splits=("train", "val", "test")) -> Prepared:
+def load_prepared(
+    prepared_dir: Path = PREPARED_DIR,
+    splits=("train", "val", "test"),
+    placement: str = "auto",
+    mapped_dir: Path = MAPPED_DIR,
+) -> Prepared:
     """Read the validated splits and their manifest. A split's table and its inputs share
-    one copy of the features when they are read as one block (uint8 or float32)."""
+    one copy of the features when they are read as one block (uint8 or float32).
+
+    With ``placement`` (``train.data_placement``) ``disk``, or ``auto`` when the splits'
+    inputs take more than ``HOST_SHARE`` of the host's available memory, that copy is a
+    memory-mapped file under ``mapped_dir`` (:func:`mapped_features`): the operating system
+    reads the pages a batch needs and can drop them again, so the splits need not fit in
+    memory."""
     manifest = Manifest.from_dict(read_json(require(prepared_dir / "manifest.json", "validate")))
+    paths = {split: require(prepared_dir / f"{split}.parquet", "validate") for split in splits}
+    where, why = storage(placement, sum(input_bytes(path) for path in paths.values()))
     tables, tensors = {}, {}
-    for split in splits:
-        front, values, features = read_features(
-            require(prepared_dir / f"{split}.parquet", "validate")
-        )
+    for split, path in paths.items():
+        if where == "disk":
+            front, values, features = mapped_features(path, mapped_dir / split)
+        else:
+            front, values, features = read_features(path)
         tables[split] = front if values is None else with_features(front, values, features)
         tensors[split] = to_tensors(tables[split], manifest.image_shape, values)
-    return Prepared(manifest, tables, tensors)
+    return Prepared(manifest, tables, tensors, where, why)

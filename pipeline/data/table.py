@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -203,12 +204,17 @@ def file_sha256(path: Path | str) -> str:
 READ_COLUMNS = 64
 
 
-def read_features(path: Path | str) -> tuple[pd.DataFrame, np.ndarray | None, list[str]]:
+def read_features(path: Path | str, into=None) -> tuple[pd.DataFrame, np.ndarray | None, list[str]]:
     """A table the pipeline wrote, as ``(front, values, features)``: when the features are the
     last columns, share one numeric type and hold no null, ``values`` is them as one
     C-ordered, writable (rows × features) array, read ``READ_COLUMNS`` at a time, ``front``
     the other columns and ``features`` their names. Otherwise ``front`` is the whole table as
-    ``pd.read_parquet`` reads it and ``values`` is None."""
+    ``pd.read_parquet`` reads it and ``values`` is None.
+
+    ``into(shape, dtype)``, when given, makes the array the features are written into (a
+    memory-mapped file, say; its dtype may differ from the table's, and the values are cast
+    as NumPy casts). It is then filled a row group at a time, so that each part of it is
+    written in one pass."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
@@ -226,19 +232,39 @@ def read_features(path: Path | str) -> tuple[pd.DataFrame, np.ndarray | None, li
         return pd.read_parquet(path), None, []
     if dtype.kind not in "uif":
         return pd.read_parquet(path), None, []
-    values = np.empty((parquet.metadata.num_rows, len(features)), dtype=dtype)
-    for start in range(0, len(features), READ_COLUMNS):
-        group = parquet.read(columns=features[start : start + READ_COLUMNS])
-        for offset, column in enumerate(group.columns):
-            if column.null_count:  # pandas would make the column float with NaN
-                return pd.read_parquet(path), None, []
-            values[:, start + offset] = column.to_numpy()
+    shape = (parquet.metadata.num_rows, len(features))
+    if into is None:
+        values = np.empty(shape, dtype=dtype)
+        parts = [(slice(None), lambda columns: parquet.read(columns=columns))]
+    else:
+        values, parts, start = into(shape, dtype), [], 0
+        for group in range(parquet.num_row_groups):
+            end = start + parquet.metadata.row_group(group).num_rows
+            parts.append((slice(start, end), partial(parquet.read_row_group, group)))
+            start = end
+    for rows, read in parts:
+        for start in range(0, len(features), READ_COLUMNS):
+            group = read(columns=features[start : start + READ_COLUMNS])
+            for offset, column in enumerate(group.columns):
+                if column.null_count:  # pandas would make the column float with NaN
+                    return pd.read_parquet(path), None, []
+                values[rows, start + offset] = column.to_numpy()
     front = (
         parquet.read(columns=others).to_pandas()
         if others
         else pd.DataFrame(index=range(len(values)))
     )
     return front, values, features
+
+
+def read_front(path: Path | str) -> tuple[pd.DataFrame, list[str]]:
+    """A table's columns other than its features, as ``pd.read_parquet`` reads them, and its
+    features' names."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    features = [n for n in names if n.startswith("px_")]
+    return pd.read_parquet(path, columns=[n for n in names if n not in features]), features
 
 
 def with_features(front: pd.DataFrame, values: np.ndarray, features: list[str]) -> pd.DataFrame:

@@ -495,7 +495,11 @@ def train(
                 raise StageError(lost) from None
         mlflow.set_tag("determinism", determinism(hp, ops))
         held = trainer.datamodule
-        where = "on the device" if held.placement == "device" else "streamed from host memory"
+        where = {
+            "device": "on the device",
+            "host": "streamed from host memory",
+            "disk": "streamed from disk (memory-mapped)",
+        }[held.placement]
         print(f"[train] data {where} ({held.placement_reason})")
         mlflow.set_tag("data.placement", held.placement)
         # What one optimizer step saw: the per-device batch on every process, accumulated,
@@ -576,7 +580,7 @@ def train_replica() -> None:
     writes ``models/``, which it does once every process has finished."""
     params = load_params()
     hp, model = merged_params(params)
-    data = load_prepared(splits=("train", "val"))
+    data = load_prepared(splits=("train", "val"), placement=hp.data_placement)
     ckpt = os.environ.get(CKPT_ENV) or None
     callbacks, _ = train_callbacks(hp, Resume(resume_key(hp, model)))
     fit(hp, model, data, callbacks, ckpt_path=Path(ckpt) if ckpt else None, distributed=True)
@@ -590,7 +594,7 @@ def train_stage() -> None:
     line = overridden(rows)
     if line:
         print(f"[train] {line}")
-    data = load_prepared(splits=("train", "val"))
+    data = load_prepared(splits=("train", "val"), placement=hp.data_placement)
     pretrained = f", weights {model.weights_path}" if model.weights_path else ""
     frozen = ", backbone frozen" if model.freeze_backbone else ""
     augment = f", augment {'+'.join(hp.augment)}" if hp.augment else ""

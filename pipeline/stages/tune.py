@@ -899,16 +899,21 @@ def torch_threads(threads: int | None):
 
 def prepare(params: Params):
     """The train and val splits, checked against every model the study may build, cut to
-    ``tune.train_samples`` and ``tune.val_samples`` (see :func:`subset`)."""
+    ``tune.train_samples`` and ``tune.val_samples`` (see :func:`subset`). Their tables keep
+    the ids and labels only: the trials take the features as tensors, and a cut split's
+    tensors are a copy in memory of the samples kept (of splits memory-mapped from disk too).
+    """
     from pipeline.data.loader import Prepared, load_prepared
+    from pipeline.data.table import features_of
     from pipeline.training import check_model
 
-    data = load_prepared(splits=("train", "val"))
+    data = load_prepared(splits=("train", "val"), placement=params.train.data_placement)
     for name in params.tune.search_space.model or [params.model.name]:
         model = params.model.model_copy(update={"name": name})
         check_model(model, data.manifest, params.train.augment)
     cfg = params.tune
-    tables, tensors = dict(data.tables), dict(data.tensors)
+    tables = {split: t.drop(columns=features_of(t)) for split, t in data.tables.items()}
+    tensors = dict(data.tensors)
     for split, most, role, key in (
         ("train", cfg.train_samples, "train on", "train_samples"),
         ("val", cfg.val_samples, "are judged on", "val_samples"),
@@ -923,7 +928,7 @@ def prepare(params: Params):
         )
         tables[split] = tables[split].iloc[keep.numpy()].reset_index(drop=True)
         tensors[split] = (x[keep], y[keep])
-    return Prepared(data.manifest, tables, tensors)
+    return Prepared(data.manifest, tables, tensors, data.storage, data.storage_reason)
 
 
 def subset(n: int, most: int | None, seed: int):
