@@ -110,7 +110,8 @@ def test_the_repro_rows_read_the_train_stages_epoch_lines_and_the_trials_table(
 @pytest.mark.slow
 def test_the_scale_comparison_runs_each_set_through_the_gate_and_restores_the_data(tmp_path):
     """scale.run on small sets: each set's ingest and validate run as stages in the scratch
-    project, two rows a set, and the project's own data section comes back at the end."""
+    project, two rows a set, three more for the image folder's splits memory-mapped, and the
+    project's own data section comes back at the end."""
     from functools import partial
 
     import yaml
@@ -136,6 +137,7 @@ def test_the_scale_comparison_runs_each_set_through_the_gate_and_restores_the_da
         "cifar10": 600 * 3 * 32 * 32,
         "image_folder": 500 * 3 * 24 * 24,
     }
+    rows, mapped = rows[:6], rows[6:]
     assert [r["metric"] for r in rows] == [
         f"{label}: {what}"
         for source, label, _, _ in sets
@@ -145,6 +147,17 @@ def test_the_scale_comparison_runs_each_set_through_the_gate_and_restores_the_da
         )
     ]
     assert [r["goal"] for r in rows] == ["<= 30 s", "<= 3x", "<= 60 s", "<= 3x", "—", "<= 3x"]
+    assert [r["metric"] for r in mapped] == [
+        "Image folder: train + val loaded for training, memory-mapped from disk / in memory: "
+        "anonymous memory added",
+        "Image folder: one shuffled pass of batch-128 gathers, memory-mapped / in memory",
+        "Image folder: loading memory-mapped, the first time (making the .npy files) / later",
+    ]
+    assert [r["goal"] for r in mapped] == ["<= 0.5x", "<= 1.10x", "—"]
+    assert len(mapped[1]["round_ratios"]) == 5 and mapped[0]["reference"] > 0
+    # the splits' memory-mapped files, made by the first mapped load (and kept by the second)
+    files = sorted(p.name.split("-")[0] for p in (project / ".runway/prepared").glob("*.npy"))
+    assert files == ["train", "val"]
     assert [r.get("informational", False) for r in rows[::2]] == [False, False, True]
     report = ctx.report["scale"]
     assert list(report) == ["digits", "mnist", "cifar10", "image_folder"]
