@@ -21,8 +21,10 @@ from pipeline.data.table import (
     LABEL_COLUMN,
     PREPARED_DIR,
     Manifest,
+    feature_dtype,
     features_of,
     file_sha256,
+    is_feature,
     read_features,
     read_front,
     with_features,
@@ -167,14 +169,10 @@ def input_bytes(path: Path) -> int:
     """What a prepared split's inputs take in memory, from its Parquet footer alone."""
     import pyarrow.parquet as pq
 
-    dtypes = []
-    for column in pq.read_schema(path):
-        if column.name.startswith("px_"):
-            try:
-                dtypes.append(np.dtype(column.type.to_pandas_dtype()))
-            except NotImplementedError:  # not numeric: to_tensors would make it float32
-                dtypes.append(np.dtype(object))
-    return pq.read_metadata(path).num_rows * len(dtypes) * input_dtype(dtypes).itemsize
+    schema = pq.read_schema(path)
+    features = sum(map(is_feature, schema.names))
+    dtype = input_dtype([np.dtype(feature_dtype(schema))])
+    return pq.read_metadata(path).num_rows * features * dtype.itemsize
 
 
 def storage(asked: str, nbytes: int, available: int | None = None) -> tuple[str, str]:

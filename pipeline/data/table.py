@@ -29,8 +29,28 @@ RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
 
 
+FEATURE_PREFIX = "px_"  # a feature column's name is the prefix and its position
+
+
+def is_feature(name: str) -> bool:
+    return name.startswith(FEATURE_PREFIX)
+
+
 def feature_columns(n_features: int) -> list[str]:
-    return [f"px_{i}" for i in range(n_features)]
+    return [f"{FEATURE_PREFIX}{i}" for i in range(n_features)]
+
+
+def feature_dtype(schema) -> str:
+    """The features' one NumPy dtype in an Arrow schema (``uint8``, ``float32``), ``float32``
+    if they differ."""
+    names = set()
+    for column in schema:
+        if is_feature(column.name):
+            try:
+                names.add(np.dtype(column.type.to_pandas_dtype()).name)
+            except NotImplementedError:  # a type with no NumPy equivalent
+                names.add("object")
+    return names.pop() if len(names) == 1 else "float32"
 
 
 # Rows converted to float32 at a time by content_ids: at most this many bytes of them.
@@ -84,7 +104,7 @@ def arrow_rows(features: np.ndarray, schema, others: dict):
     a C-ordered one) is not copied."""
     import pyarrow as pa
 
-    n_features = sum(name.startswith("px_") for name in schema.names)
+    n_features = sum(map(is_feature, schema.names))
     if features.ndim != 2 or features.shape[1] != n_features:
         raise ValueError(f"features {features.shape} for {n_features} feature columns")
     by_column = np.ascontiguousarray(features.T)  # each feature's values side by side
@@ -92,7 +112,7 @@ def arrow_rows(features: np.ndarray, schema, others: dict):
     return pa.Table.from_arrays(
         [
             pa.array(next(feature), field.type, from_pandas=True)
-            if field.name.startswith("px_")
+            if is_feature(field.name)
             else others[field.name]
             for field in schema
         ],
@@ -149,7 +169,7 @@ def write_parquet(path: Path | str, tables, schema=None) -> tuple[int, object]:
 
 
 def features_of(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c.startswith("px_")]
+    return [c for c in table.columns if is_feature(c)]
 
 
 @dataclass(frozen=True)
@@ -178,8 +198,8 @@ class Manifest:
 
     def feature_name(self, column: str) -> str:
         """``px_3`` → ``px_3 (petal_width)`` when the source named its columns."""
-        if self.feature_names and column.startswith("px_"):
-            index = int(column[3:])
+        if self.feature_names and is_feature(column):
+            index = int(column[len(FEATURE_PREFIX) :])
             if index < len(self.feature_names) and self.feature_names[index] != column:
                 return f"{column} ({self.feature_names[index]})"
         return column
@@ -220,7 +240,7 @@ def read_features(path: Path | str, into=None) -> tuple[pd.DataFrame, np.ndarray
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow
     names = schema.names
-    features = [n for n in names if n.startswith("px_")]
+    features = [n for n in names if is_feature(n)]
     others = names[: len(names) - len(features)]
     types = {schema.field(n).type for n in features}
     if not features or names[len(others) :] != features or len(types) != 1:
@@ -263,7 +283,7 @@ def read_front(path: Path | str) -> tuple[pd.DataFrame, list[str]]:
     import pyarrow.parquet as pq
 
     names = pq.read_schema(path).names
-    features = [n for n in names if n.startswith("px_")]
+    features = [n for n in names if is_feature(n)]
     return pd.read_parquet(path, columns=[n for n in names if n not in features]), features
 
 

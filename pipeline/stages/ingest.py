@@ -12,11 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.config import DataParams, load_params
 from pipeline.data.sources import SOURCES
-from pipeline.data.table import RAW_DIR, Manifest, file_sha256, write_parquet
+from pipeline.data.table import RAW_DIR, Manifest, feature_dtype, file_sha256, write_parquet
 from pipeline.io import StageError, atomic_dir, run_stage, write_json
 
 
@@ -32,18 +30,6 @@ def ingest(params: DataParams) -> tuple[Iterable, dict]:
     else:
         tables = [pa.Table.from_pandas(loaded.pop("table"), preserve_index=False)]
     return tables, {"source": params.source, **loaded}
-
-
-def feature_dtype(schema) -> str:
-    """The features' one NumPy dtype (``uint8``, ``float32``), ``float32`` if they differ."""
-    names = set()
-    for field in schema:
-        if field.name.startswith("px_"):
-            try:
-                names.add(np.dtype(field.type.to_pandas_dtype()).name)
-            except NotImplementedError:  # a type with no NumPy equivalent
-                names.add("object")
-    return names.pop() if len(names) == 1 else "float32"
 
 
 def write_raw(tables: Iterable, info: dict, out_dir: Path = RAW_DIR) -> Manifest:

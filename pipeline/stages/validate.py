@@ -31,6 +31,7 @@ from pipeline.data.table import (
     Manifest,
     arrow_rows,
     features_of,
+    is_feature,
     read_table,
     write_parquet,
 )
@@ -156,7 +157,7 @@ def write_prepared(kept: pd.DataFrame, manifest: Manifest, out_dir: Path = PREPA
     others = {  # as Arrow once: sample ids stay out of Python strings
         f.name: pa.array(kept[f.name], f.type, from_pandas=True)
         for f in schema
-        if not f.name.startswith("px_")
+        if not is_feature(f.name)
     }
 
     def row_groups(rows: np.ndarray):

@@ -81,7 +81,7 @@ def class_count_problems(counts: pd.DataFrame, names: list[str], min_per_class: 
 
 def feature_stats(table: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
     """One row per expected feature column present: dtype and counts of bad values."""
-    columns = [f"px_{i}" for i in range(manifest.n_features) if f"px_{i}" in table]
+    columns = [c for c in feature_columns(manifest.n_features) if c in table]
     dtypes = dict(zip(table.columns, table.dtypes, strict=False))  # one per name
     nulls, nonfinite, outside = (np.zeros(len(columns), dtype=np.int64) for _ in range(3))
     for start, values in feature_chunks(table, columns):  # a few columns at a time
