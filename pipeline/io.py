@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import glob
 import json
 import os
@@ -281,6 +282,24 @@ NO_TELEMETRY = {
 }
 
 
+RESEND_AFTER_S = 0.05
+
+
+def interrupt_again(previous: Callable, unraisable) -> None:
+    """``sys.unraisablehook`` for a stage: a ^C whose KeyboardInterrupt is raised where
+    Python cannot raise it (a weakref or garbage-collection callback, a ``__del__``: Python
+    prints "Exception ignored in …" and drops it) is sent again, so that it stops the stage as
+    any ^C does. Anything else goes to ``previous``."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        # Sent to the main thread (which it wakes from a blocking call) from another thread,
+        # RESEND_AFTER_S after this hook has returned: a signal sent from here would run the
+        # handler inside the hook, where its KeyboardInterrupt would be dropped again.
+        main = threading.main_thread().ident
+        threading.Timer(RESEND_AFTER_S, signal.pthread_kill, (main, signal.SIGINT)).start()
+    else:
+        previous(unraisable)
+
+
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main() as the stage process; on an expected failure print one clear
     line and exit 1 (130 on ^C, 143 on SIGTERM)."""
@@ -288,6 +307,8 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
 
     for key, value in NO_TELEMETRY.items():
         os.environ.setdefault(key, value)
+    previous = sys.unraisablehook
+    sys.unraisablehook = functools.partial(interrupt_again, previous)
     try:
         if not stop_with_dvc():
             raise Terminated("the dvc process that started this stage has exited")
@@ -305,6 +326,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         print(f"[{name}] terminated" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         sys.exit(143)
     finally:
+        sys.unraisablehook = previous
         _write_params_read(name)
 
 

@@ -74,3 +74,37 @@ def test_killed_between_two_moves_the_previous_output_comes_back(tmp_path):
         raise RuntimeError("this writer fails too")
     assert (tmp_path / "out" / "version").read_text() == "1"  # put back before anything else
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# A stage whose ^C lands while a weakref callback runs: Python cannot raise the
+# KeyboardInterrupt there, prints "Exception ignored in: ..." and drops it.
+LOST_INTERRUPT = """
+import time, weakref
+from pipeline.io import run_stage
+
+class Held:
+    pass
+
+def callback(_):
+    raise KeyboardInterrupt  # what Python's SIGINT handler raises in whatever code runs
+
+def main():
+    held = Held()
+    ref = weakref.ref(held, callback)
+    del held  # the callback runs here
+    time.sleep(30)
+    print("ran on", flush=True)
+
+run_stage("demo", main)
+"""
+
+
+def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_stage_with_one_line(tmp_path):
+    import time
+
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", LOST_INTERRUPT], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "[demo] interrupted\n")
+    assert time.monotonic() - start < 20  # stopped in its sleep, not after it
