@@ -295,7 +295,9 @@ def interrupt_again(previous: Callable, unraisable) -> None:
         # RESEND_AFTER_S after this hook has returned: a signal sent from here would run the
         # handler inside the hook, where its KeyboardInterrupt would be dropped again.
         main = threading.main_thread().ident
-        threading.Timer(RESEND_AFTER_S, signal.pthread_kill, (main, signal.SIGINT)).start()
+        resend = threading.Timer(RESEND_AFTER_S, signal.pthread_kill, (main, signal.SIGINT))
+        resend.daemon = True  # a stage ending meanwhile does not wait for it
+        resend.start()
     else:
         previous(unraisable)
 
