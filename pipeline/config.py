@@ -288,8 +288,9 @@ class TrainParams(_Section):
     # gathered there), host (batches gathered in pinned host memory and copied as they are
     # needed: data larger than the GPU), disk (memory-mapped from a copy of their pixels under
     # .runway/prepared/, batches gathered from it: data larger than host memory), or auto:
-    # disk when they take more than half of the host's available memory, else device when
-    # they take at most half of the GPU's free memory (always on a CPU), else host.
+    # device when they take at most half of the GPU's free memory (on a CPU: when they are
+    # in memory), else disk when they would take more than half of the host's available
+    # memory (a copy per process loading them), else host.
     data_placement: Literal["auto", "device", "host", "disk"] = "auto"
     # torch.compile the network for training and validation (a one-time compile of tens of
     # seconds, then faster steps on a GPU); the logged model is the plain network.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import glob
 import json
 import os
@@ -28,6 +27,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -282,24 +282,53 @@ NO_TELEMETRY = {
 }
 
 
-RESEND_AFTER_S = 0.05
+class DroppedInterrupts:
+    """While entered, the stage's ``sys.unraisablehook``: a ^C whose KeyboardInterrupt is
+    raised where Python cannot raise it (a weakref or garbage-collection callback, a
+    ``__del__``: Python prints "Exception ignored in …" and drops it) is sent again, so that
+    it stops the stage as any ^C does. Anything else goes to the hook found.
 
+    The hook only sets an event; a thread of its own sends SIGINT to the main thread
+    ``RESEND_AFTER_S`` later, once the hook has returned (a signal sent from the hook would
+    run the handler inside it, where its KeyboardInterrupt would be dropped again), and wakes
+    it from a blocking call. None is sent once the block has ended."""
 
-def interrupt_again(previous: Callable, unraisable) -> None:
-    """``sys.unraisablehook`` for a stage: a ^C whose KeyboardInterrupt is raised where
-    Python cannot raise it (a weakref or garbage-collection callback, a ``__del__``: Python
-    prints "Exception ignored in …" and drops it) is sent again, so that it stops the stage as
-    any ^C does. Anything else goes to ``previous``."""
-    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-        # Sent to the main thread (which it wakes from a blocking call) from another thread,
-        # RESEND_AFTER_S after this hook has returned: a signal sent from here would run the
-        # handler inside the hook, where its KeyboardInterrupt would be dropped again.
+    RESEND_AFTER_S = 0.05
+
+    def __init__(self) -> None:
+        self.dropped = threading.Event()
+        self.lock = threading.Lock()
+        self.ended = False
+        self.previous = sys.unraisablehook
+
+    def hook(self, unraisable) -> None:
+        interrupt = unraisable.exc_type is not None and issubclass(
+            unraisable.exc_type, KeyboardInterrupt
+        )
+        if interrupt and hasattr(signal, "pthread_kill"):  # not on Windows
+            self.dropped.set()
+        else:
+            self.previous(unraisable)
+
+    def resend(self, main: int) -> None:
+        while self.dropped.wait():
+            time.sleep(self.RESEND_AFTER_S)
+            self.dropped.clear()
+            with self.lock:
+                if self.ended:
+                    return
+                signal.pthread_kill(main, signal.SIGINT)
+
+    def __enter__(self) -> DroppedInterrupts:
         main = threading.main_thread().ident
-        resend = threading.Timer(RESEND_AFTER_S, signal.pthread_kill, (main, signal.SIGINT))
-        resend.daemon = True  # a stage ending meanwhile does not wait for it
-        resend.start()
-    else:
-        previous(unraisable)
+        threading.Thread(target=self.resend, args=(main,), daemon=True).start()
+        sys.unraisablehook = self.hook
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            self.ended = True
+        sys.unraisablehook = self.previous
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
@@ -309,27 +338,25 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
 
     for key, value in NO_TELEMETRY.items():
         os.environ.setdefault(key, value)
-    previous = sys.unraisablehook
-    sys.unraisablehook = functools.partial(interrupt_again, previous)
-    try:
-        if not stop_with_dvc():
-            raise Terminated("the dvc process that started this stage has exited")
-        main()
-    except (StageError, ParamsError) as exc:
-        print(f"[{name}] error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except FileNotFoundError as exc:  # an input no check above named: still one line
-        print(f"[{name}] error: {exc.filename or exc}: file not found", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"[{name}] interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Terminated as exc:
-        print(f"[{name}] terminated" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
-        sys.exit(143)
-    finally:
-        sys.unraisablehook = previous
-        _write_params_read(name)
+    with DroppedInterrupts():
+        try:
+            if not stop_with_dvc():
+                raise Terminated("the dvc process that started this stage has exited")
+            main()
+        except (StageError, ParamsError) as exc:
+            print(f"[{name}] error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        except FileNotFoundError as exc:  # an input no check above named: still one line
+            print(f"[{name}] error: {exc.filename or exc}: file not found", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print(f"[{name}] interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Terminated as exc:
+            print(f"[{name}] terminated" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
+            sys.exit(143)
+        finally:
+            _write_params_read(name)
 
 
 def load_error(exc: BaseException) -> str:

@@ -68,8 +68,8 @@ DEVICE_SHARE = 0.5
 
 
 def placement(asked: str, nbytes: int, device: torch.device) -> tuple[str, str]:
-    """Where the splits in memory live while training (``train.data_placement``) and why, in
-    words. (Splits memory-mapped from disk stay there: see ``load_prepared``.)"""
+    """Where the splits live while training (``train.data_placement``) and why, in words.
+    (Splits that ``load_prepared`` memory-mapped stay there unless this says a GPU.)"""
     size = megabytes(nbytes)
     if asked != "auto":
         return asked, f"{size}, train.data_placement: {asked}"
@@ -104,14 +104,13 @@ class InMemoryData(pl.LightningDataModule):
         device = self.trainer.strategy.root_device
         splits = {k: v for k, v in self.data.tensors.items() if k in ("train", "val")}
         nbytes = sum(t.nbytes for pair in splits.values() for t in pair)
-        if self.data.storage == "disk":  # load_prepared memory-mapped them
-            self.placement, self.placement_reason = "disk", self.data.storage_reason
-        else:
-            # The first process decides for all: data-parallel processes step together, at
-            # the pace of the slowest.
-            self.placement, self.placement_reason = self.trainer.strategy.broadcast(
-                placement(self.asked, nbytes, device), src=0
-            )
+        where = placement(self.asked, nbytes, device)
+        # Memory-mapped by load_prepared: streamed from there, unless they go to a GPU.
+        if self.data.storage == "disk" and not (where[0] == "device" and device.type == "cuda"):
+            where = "disk", self.data.storage_reason
+        # The first process decides for all: data-parallel processes step together, at the
+        # pace of the slowest (and one that loaded the splits otherwise streams them alike).
+        self.placement, self.placement_reason = self.trainer.strategy.broadcast(where, src=0)
         if self.streamed:
             self.on_device = splits  # batches are gathered and copied as they are needed
         else:

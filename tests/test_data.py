@@ -244,12 +244,12 @@ def write_splits(folder, manifest, seed: int, dtype: str = "uint8", rows=(90, 30
 @pytest.mark.parametrize("dtype", ["uint8", "float64"])
 def test_splits_memory_mapped_from_disk_are_the_splits_read_into_memory(tmp_path, manifest, dtype):
     """train.data_placement: disk gives the tensors (and ids and labels) that memory gives,
-    from a .npy file per split named by its Parquet file's hash, made once and replaced when
-    the split changes."""
+    from a .npy file per split named by its Parquet file's identity, made once, made again
+    when it is not the split's array, and replaced when the split changes."""
     import pandas as pd
 
-    from pipeline.data.loader import load_prepared
-    from pipeline.data.table import features_of, file_sha256
+    from pipeline.data.loader import file_identity, load_prepared
+    from pipeline.data.table import features_of
 
     prepared, mapped = tmp_path / "prepared", tmp_path / "mapped"
     prepared.mkdir()
@@ -259,7 +259,7 @@ def test_splits_memory_mapped_from_disk_are_the_splits_read_into_memory(tmp_path
         return sorted(p.name for p in mapped.glob("*.npy"))
 
     def named(split):
-        return f"{split}-{file_sha256(prepared / f'{split}.parquet')[:16]}.npy"
+        return f"{split}-{file_identity(prepared / f'{split}.parquet')}.npy"
 
     in_memory = load_prepared(prepared, ("train", "val"))
     on_disk = load_prepared(prepared, ("train", "val"), placement="disk", mapped_dir=mapped)
@@ -283,6 +283,14 @@ def test_splits_memory_mapped_from_disk_are_the_splits_read_into_memory(tmp_path
     again = load_prepared(prepared, ("train",), placement="disk", mapped_dir=mapped)
     assert (mapped / named("train")).stat().st_mtime_ns == made  # read, not made again
     assert torch.equal(again.tensors["train"][0], in_memory.tensors["train"][0])
+    other = np.float32 if dtype == "uint8" else np.uint8
+    for broken in (b"not an array", None):  # cut short; the right shape, another dtype
+        if broken is None:
+            np.save(mapped / named("train"), np.zeros((90, 64), dtype=other))
+        else:
+            (mapped / named("train")).write_bytes(broken)
+        remade = load_prepared(prepared, ("train",), placement="disk", mapped_dir=mapped)
+        assert torch.equal(remade.tensors["train"][0], in_memory.tensors["train"][0])
 
     old_train, old_val = named("train"), named("val")
     write_splits(prepared, manifest, seed=4, dtype=dtype)  # new data
@@ -304,6 +312,10 @@ def test_splits_are_memory_mapped_when_they_take_over_half_the_available_memory(
     assert storage("auto", 5 * gb, available=8 * gb) == (
         "disk",
         "5120 MB, 8.0 GB available in host memory: more than 50% of it",
+    )
+    assert storage("auto", 3 * gb, available=8 * gb, processes=2) == (  # tune workers, DDP
+        "disk",
+        "3072 MB × 2 processes, 8.0 GB available in host memory: more than 50% of it",
     )
     assert storage("disk", 2**20) == ("disk", "1.0 MB, train.data_placement: disk")
     assert storage("host", 2**20) == ("memory", "1.0 MB, train.data_placement: host")

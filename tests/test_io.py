@@ -79,7 +79,7 @@ def test_killed_between_two_moves_the_previous_output_comes_back(tmp_path):
 # A stage whose ^C lands while a weakref callback runs: Python cannot raise the
 # KeyboardInterrupt there, prints "Exception ignored in: ..." and drops it.
 LOST_INTERRUPT = """
-import time, weakref
+import sys, time, weakref
 from pipeline.io import run_stage
 
 class Held:
@@ -92,10 +92,13 @@ def main():
     held = Held()
     ref = weakref.ref(held, callback)
     del held  # the callback runs here
-    time.sleep(30)
-    print("ran on", flush=True)
+    if sys.argv[1] == "sleeps":
+        time.sleep(30)
+        print("ran on", flush=True)
 
 run_stage("demo", main)
+time.sleep(0.5)  # after the stage, as the interpreter's exit work (atexit) would run
+print("after the stage", flush=True)
 """
 
 
@@ -104,7 +107,21 @@ def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_stage_with_one_line(tmp_
 
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-c", LOST_INTERRUPT], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", LOST_INTERRUPT, "sleeps"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "[demo] interrupted\n")
     assert time.monotonic() - start < 20  # stopped in its sleep, not after it
+
+
+def test_a_ctrl_c_dropped_as_the_stage_ends_is_not_sent_after_it(tmp_path):
+    """The stage has done its work: the ^C is not sent into what follows it."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOST_INTERRUPT, "returns"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "after the stage\n", "")

@@ -514,10 +514,12 @@ def test_data_placement_is_chosen_by_size_and_named(digits_prepared):
         parse_params({"train": {"data_placement": "ssd"}})
 
 
-@pytest.mark.slow  # trains three times
+@pytest.mark.slow  # trains four times
 def test_data_streamed_from_host_memory_or_disk_trains_exactly_as_data_on_the_device(
     digits_prepared, tmp_path
 ):
+    """Placements as asked; splits memory-mapped (by load_prepared) are streamed from disk
+    under auto too, on a CPU."""
     from pipeline.data.loader import load_prepared
     from pipeline.io import write_json
 
@@ -527,15 +529,21 @@ def test_data_streamed_from_host_memory_or_disk_trains_exactly_as_data_on_the_de
     mapped = load_prepared(tmp_path, ("train", "val"), "disk", mapped_dir=tmp_path / "mapped")
     assert mapped.storage == "disk"
     histories = []
-    for where, data in (("device", digits_prepared), ("host", digits_prepared), ("disk", mapped)):
-        hp = TrainParams(max_epochs=2, accelerator="cpu", data_placement=where)
+    runs = (
+        ("device", digits_prepared, "device"),
+        ("host", digits_prepared, "host"),
+        ("disk", mapped, "disk"),
+        ("auto", mapped, "disk"),
+    )
+    for asked, data, where in runs:
+        hp = TrainParams(max_epochs=2, accelerator="cpu", data_placement=asked)
         history = MetricHistory()
         _, trainer = fit(hp, ModelParams(channels=8), data, [history])
         assert trainer.datamodule.placement == where
         histories.append(
             [{k: v for k, v in h.items() if "samples_per_s" not in k} for h in history.history]
         )
-    assert histories[0] == histories[1]
+    assert histories[0] == histories[1] == histories[2] == histories[3]
 
 
 def test_fit_refuses_a_device_this_machine_lacks(digits_prepared):

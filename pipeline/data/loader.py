@@ -23,7 +23,6 @@ from pipeline.data.table import (
     Manifest,
     feature_dtype,
     features_of,
-    file_sha256,
     is_feature,
     read_features,
     read_front,
@@ -35,7 +34,7 @@ from pipeline.io import StageError, atomic_path, read_json, require
 # available memory, and memory-mapped from a copy on disk otherwise (see load_prepared).
 HOST_SHARE = 0.5
 # Where those copies live: one .npy file of a split's inputs, named by the split and its
-# Parquet file's content hash, made on first use and replacing that split's earlier copy.
+# Parquet file's identity, made on first use and replacing that split's earlier copy.
 MAPPED_DIR = Path(".runway/prepared")
 
 
@@ -165,20 +164,30 @@ def megabytes(nbytes: int) -> str:
     return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
-def input_bytes(path: Path) -> int:
-    """What a prepared split's inputs take in memory, from its Parquet footer alone."""
+def input_layout(path: Path) -> tuple[tuple[int, int], np.dtype]:
+    """The shape (rows × features) and dtype of a prepared split's inputs, from its Parquet
+    footer alone."""
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(path)
+    metadata = pq.read_metadata(path)
+    schema = metadata.schema.to_arrow_schema()
     features = sum(map(is_feature, schema.names))
-    dtype = input_dtype([np.dtype(feature_dtype(schema))])
-    return pq.read_metadata(path).num_rows * features * dtype.itemsize
+    return (metadata.num_rows, features), input_dtype([np.dtype(feature_dtype(schema))])
 
 
-def storage(asked: str, nbytes: int, available: int | None = None) -> tuple[str, str]:
+def input_bytes(path: Path) -> int:
+    """What a prepared split's inputs take in memory."""
+    (rows, features), dtype = input_layout(path)
+    return rows * features * dtype.itemsize
+
+
+def storage(
+    asked: str, nbytes: int, available: int | None = None, processes: int = 1
+) -> tuple[str, str]:
     """Whether the splits' inputs (``nbytes``) are read into ``memory`` or memory-mapped from
     ``disk`` (``train.data_placement``), and why, in words. Under ``auto`` it is disk when
-    they take more than ``HOST_SHARE`` of ``available`` (the host's available memory)."""
+    ``processes`` copies of them (each of the processes that load them at once holds one)
+    take more than ``HOST_SHARE`` of ``available`` (the host's available memory)."""
     size = megabytes(nbytes)
     if asked != "auto":
         return "disk" if asked == "disk" else "memory", f"{size}, train.data_placement: {asked}"
@@ -186,46 +195,70 @@ def storage(asked: str, nbytes: int, available: int | None = None) -> tuple[str,
         import psutil
 
         available = psutil.virtual_memory().available
-    why = f"{size}, {available / 2**30:.1f} GB available in host memory"
-    if nbytes <= HOST_SHARE * available:
+    copies = f" × {processes} processes" if processes > 1 else ""
+    why = f"{size}{copies}, {available / 2**30:.1f} GB available in host memory"
+    if nbytes * processes <= HOST_SHARE * available:
         return "memory", why
     return "disk", f"{why}: more than {HOST_SHARE:.0%} of it"
 
 
+def file_identity(path: Path) -> str:
+    """16 hex digits that change when the file is replaced or rewritten: a hash of its size,
+    modification time and inode (reading a file of tens of GB to hash its content would
+    take minutes in every process that loads it)."""
+    import hashlib
+
+    info = path.stat()
+    key = f"{info.st_size}-{info.st_mtime_ns}-{info.st_ino}-{info.st_dev}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def mapped_file(target: Path, layout: tuple[tuple[int, int], np.dtype]) -> np.ndarray | None:
+    """The inputs in ``target``, memory-mapped, if it holds an array of this (shape, dtype)."""
+    if not target.exists():
+        return None
+    try:
+        # Copy-on-write: a writable array (as torch.from_numpy wants) that no write can carry
+        # back to the file.
+        values = np.load(target, mmap_mode="c")
+    except (OSError, ValueError):  # cut short or not an .npy file: made again
+        return None
+    return values if (values.shape, values.dtype) == layout else None
+
+
 def mapped_features(path: Path, stem: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """A prepared split as :func:`~pipeline.data.table.read_features` reads it, with its
-    features as its inputs (:func:`input_dtype`) memory-mapped from ``{stem}-{hash}.npy``,
-    ``hash`` being the Parquet file's content hash. The file is made on first use, from the
-    Parquet file a row group at a time, and replaces the one of an earlier version of the
-    split; one process makes it while the others wait for it."""
+    features as its inputs (:func:`input_dtype`) memory-mapped from ``{stem}-{id}.npy``,
+    ``id`` being the Parquet file's :func:`file_identity`. The file is made on first use,
+    from the Parquet file a row group at a time, and replaces the one of an earlier version
+    of the split; one process makes it while the others wait for it."""
     from filelock import FileLock
 
-    target = stem.with_name(f"{stem.name}-{file_sha256(path)[:16]}.npy")
+    target = stem.with_name(f"{stem.name}-{file_identity(path)}.npy")
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(stem.with_name(f"{stem.name}.lock")):
-        if target.exists():
-            front, features = read_front(path)
-        else:
+        front, features = read_front(path)
+        values = mapped_file(target, input_layout(path))
+        if values is None:
             with atomic_path(target) as tmp:
 
                 def into(shape, dtype):
                     dtype = input_dtype([dtype])
                     return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
 
-                front, values, features = read_features(path, into)
-                if values is None:
+                _, written, _ = read_features(path, into)
+                if written is None:
                     raise StageError(
                         f"{path}: its features are not one block of numbers without nulls, "
                         "so they cannot be memory-mapped; set train.data_placement: host"
                     )
-                values.flush()
-                del values
+                written.flush()
+                del written
             for earlier in target.parent.glob(f"{stem.name}-*.npy"):
                 if earlier != target:
                     earlier.unlink(missing_ok=True)
-    # Copy-on-write: the inputs are a writable array (as torch.from_numpy wants) that no
-    # write can carry back to the file.
-    return front, np.load(target, mmap_mode="c"), features
+            values = np.load(target, mmap_mode="c")
+    return front, values, features
 
 
 @dataclass
@@ -245,18 +278,21 @@ def load_prepared(
     splits=("train", "val", "test"),
     placement: str = "auto",
     mapped_dir: Path = MAPPED_DIR,
+    processes: int = 1,
 ) -> Prepared:
     """Read the validated splits and their manifest. A split's table and its inputs share
     one copy of the features when they are read as one block (uint8 or float32).
 
     With ``placement`` (``train.data_placement``) ``disk``, or ``auto`` when the splits'
-    inputs take more than ``HOST_SHARE`` of the host's available memory, that copy is a
+    inputs, once in each of the ``processes`` that load them at the same time, take more
+    than ``HOST_SHARE`` of the host's available memory, that copy is a
     memory-mapped file under ``mapped_dir`` (:func:`mapped_features`): the operating system
     reads the pages a batch needs and can drop them again, so the splits need not fit in
     memory."""
     manifest = Manifest.from_dict(read_json(require(prepared_dir / "manifest.json", "validate")))
     paths = {split: require(prepared_dir / f"{split}.parquet", "validate") for split in splits}
-    where, why = storage(placement, sum(input_bytes(path) for path in paths.values()))
+    nbytes = sum(input_bytes(path) for path in paths.values())
+    where, why = storage(placement, nbytes, processes=processes)
     tables, tensors = {}, {}
     for split, path in paths.items():
         if where == "disk":

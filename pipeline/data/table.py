@@ -224,7 +224,9 @@ def file_sha256(path: Path | str) -> str:
 READ_COLUMNS = 64
 
 
-def read_features(path: Path | str, into=None) -> tuple[pd.DataFrame, np.ndarray | None, list[str]]:
+def read_features(
+    path: Path | str, into=None
+) -> tuple[pd.DataFrame | None, np.ndarray | None, list[str]]:
     """A table the pipeline wrote, as ``(front, values, features)``: when the features are the
     last columns, share one numeric type and hold no null, ``values`` is them as one
     C-ordered, writable (rows × features) array, read ``READ_COLUMNS`` at a time, ``front``
@@ -234,8 +236,12 @@ def read_features(path: Path | str, into=None) -> tuple[pd.DataFrame, np.ndarray
     ``into(shape, dtype)``, when given, makes the array the features are written into (a
     memory-mapped file, say; its dtype may differ from the table's, and the values are cast
     as NumPy casts). It is then filled a row group at a time, so that each part of it is
-    written in one pass."""
+    written in one pass, and nothing else is read: ``front`` is None, and so are ``values``
+    where the features cannot be read that way."""
     import pyarrow.parquet as pq
+
+    def whole():
+        return (pd.read_parquet(path) if into is None else None), None, []
 
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow
@@ -244,14 +250,14 @@ def read_features(path: Path | str, into=None) -> tuple[pd.DataFrame, np.ndarray
     others = names[: len(names) - len(features)]
     types = {schema.field(n).type for n in features}
     if not features or names[len(others) :] != features or len(types) != 1:
-        return pd.read_parquet(path), None, []
+        return whole()
     (arrow_type,) = types
     try:
         dtype = np.dtype(arrow_type.to_pandas_dtype())
     except NotImplementedError:
-        return pd.read_parquet(path), None, []
+        return whole()
     if dtype.kind not in "uif":
-        return pd.read_parquet(path), None, []
+        return whole()
     shape = (parquet.metadata.num_rows, len(features))
     if into is None:
         values = np.empty(shape, dtype=dtype)
@@ -267,8 +273,10 @@ def read_features(path: Path | str, into=None) -> tuple[pd.DataFrame, np.ndarray
             group = read(columns=features[start : start + READ_COLUMNS])
             for offset, column in enumerate(group.columns):
                 if column.null_count:  # pandas would make the column float with NaN
-                    return pd.read_parquet(path), None, []
+                    return whole()
                 values[rows, start + offset] = column.to_numpy()
+    if into is not None:
+        return None, values, features
     front = (
         parquet.read(columns=others).to_pandas()
         if others

@@ -169,7 +169,7 @@ def plot_confusion(y_true, y_pred, names: list[str], classes: list[int], path: P
 
 def main() -> None:
     params = load_params()
-    data = load_prepared(splits=("test",))
+    data = load_prepared(splits=("test",), placement=params.train.data_placement)
     net, spec = load_model()
     names = class_names(data.manifest)
     if spec.get("class_names", names) != names:

@@ -297,7 +297,7 @@ def main() -> None:
         test_metrics = check_evaluation(read_json(METRICS))
     except (ValueError, AttributeError):
         raise StageError(f"{METRICS}: not a metrics file; run evaluate again") from None
-    data = load_prepared(splits=("test",))
+    data = load_prepared(splits=("test",), placement=params.train.data_placement)
     print(f"[register] device {devices.describe(devices.available(params.train.accelerator))}")
     with tracking.store_errors():  # a store locked or broken mid-way: one line, not a trace
         record = register(params, run, test_metrics, data)

@@ -573,6 +573,11 @@ def main() -> None:
         train_stage()
 
 
+def processes_per_host(hp: TrainParams) -> int:
+    """The training processes on each machine, each of which loads the splits."""
+    return hp.devices if isinstance(hp.devices, int) else 1
+
+
 def train_replica() -> None:
     """Another process of a data-parallel training (``train.devices`` > 1, or another of
     ``train.num_nodes`` machines): the same model, data and callbacks, from the checkpoint
@@ -580,7 +585,9 @@ def train_replica() -> None:
     writes ``models/``, which it does once every process has finished."""
     params = load_params()
     hp, model = merged_params(params)
-    data = load_prepared(splits=("train", "val"), placement=hp.data_placement)
+    data = load_prepared(
+        splits=("train", "val"), placement=hp.data_placement, processes=processes_per_host(hp)
+    )
     ckpt = os.environ.get(CKPT_ENV) or None
     callbacks, _ = train_callbacks(hp, Resume(resume_key(hp, model)))
     fit(hp, model, data, callbacks, ckpt_path=Path(ckpt) if ckpt else None, distributed=True)
@@ -594,7 +601,9 @@ def train_stage() -> None:
     line = overridden(rows)
     if line:
         print(f"[train] {line}")
-    data = load_prepared(splits=("train", "val"), placement=hp.data_placement)
+    data = load_prepared(
+        splits=("train", "val"), placement=hp.data_placement, processes=processes_per_host(hp)
+    )
     pretrained = f", weights {model.weights_path}" if model.weights_path else ""
     frozen = ", backbone frozen" if model.freeze_backbone else ""
     augment = f", augment {'+'.join(hp.augment)}" if hp.augment else ""

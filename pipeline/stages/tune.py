@@ -907,7 +907,11 @@ def prepare(params: Params):
     from pipeline.data.table import features_of
     from pipeline.training import check_model
 
-    data = load_prepared(splits=("train", "val"), placement=params.train.data_placement)
+    data = load_prepared(
+        splits=("train", "val"),
+        placement=params.train.data_placement,
+        processes=params.tune.workers,  # all load at once
+    )
     for name in params.tune.search_space.model or [params.model.name]:
         model = params.model.model_copy(update={"name": name})
         check_model(model, data.manifest, params.train.augment)
