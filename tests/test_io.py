@@ -102,26 +102,21 @@ print("after the stage", flush=True)
 """
 
 
+def dropped_interrupt(folder: Path, then: str) -> tuple[int, str, str]:
+    result = subprocess.run(
+        [sys.executable, "-c", LOST_INTERRUPT, then], cwd=folder, capture_output=True, text=True
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
 def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_stage_with_one_line(tmp_path):
     import time
 
     start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", LOST_INTERRUPT, "sleeps"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert (result.returncode, result.stdout, result.stderr) == (130, "", "[demo] interrupted\n")
+    assert dropped_interrupt(tmp_path, "sleeps") == (130, "", "[demo] interrupted\n")
     assert time.monotonic() - start < 20  # stopped in its sleep, not after it
 
 
 def test_a_ctrl_c_dropped_as_the_stage_ends_is_not_sent_after_it(tmp_path):
     """The stage has done its work: the ^C is not sent into what follows it."""
-    result = subprocess.run(
-        [sys.executable, "-c", LOST_INTERRUPT, "returns"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert (result.returncode, result.stdout, result.stderr) == (0, "after the stage\n", "")
+    assert dropped_interrupt(tmp_path, "returns") == (0, "after the stage\n", "")
