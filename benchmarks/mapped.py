@@ -76,7 +76,7 @@ def rows(project: Path, label: str) -> list[dict]:
     """The rows for the data prepared in ``project``; its mapped files are made afresh."""
     import shutil
 
-    from pipeline.data.loader import MAPPED_DIR
+    from pipeline.data.mapped import MAPPED_DIR
 
     shutil.rmtree(project / MAPPED_DIR, ignore_errors=True)
     memory = child(project, "host")

@@ -28,7 +28,8 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.profilers import PassThroughProfiler
 
 from pipeline.config import ModelParams, TrainParams
-from pipeline.data.loader import Prepared, TensorBatches, megabytes
+from pipeline.data.loader import Prepared, TensorBatches
+from pipeline.data.mapped import megabytes
 from pipeline.data.table import Manifest
 from pipeline.device import available, resolve
 from pipeline.io import StageError, atomic_path, set_env

@@ -197,3 +197,59 @@ def test_feature_stats_count_nulls_of_numpy_and_pandas_columns(manifest):
         "non_finite": [0, 2, 0, 1, 2, 0],
         "out_of_range": [0, 1, 0, 0, 0, 2],  # inf is above the range too
     }
+
+
+def memory_mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` is (a view of) a memory-mapped file."""
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = array.base
+    return False
+
+
+def test_a_raw_table_memory_mapped_from_disk_is_validated_and_written_as_in_memory(
+    digits_table, manifest, tmp_path, monkeypatch
+):
+    """The raw features memory-mapped, and the rows kept copied into another mapped file
+    (rows are quarantined), the gate and the prepared files are those of the table read into
+    memory, byte for byte."""
+    from pipeline.data import mapped
+    from pipeline.data.table import file_sha256
+    from pipeline.io import write_json
+    from pipeline.stages.validate import read_raw, write_prepared
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mapped, "TAKE_VALUES", 64 * 100)  # 100 rows a block
+    t = digits_table.copy()
+    t.loc[1, "px_3"] = np.nan  # written as a null, read as NaN
+    t.loc[2, "px_4"] = np.inf
+    t.loc[3, "px_5"] = 17.0
+    t = pd.concat([t, t.iloc[[20]]], ignore_index=True)  # an exact duplicate
+    (tmp_path / "raw").mkdir()
+    t.to_parquet(tmp_path / "raw/samples.parquet", index=False, row_group_size=500)
+    write_json(tmp_path / "raw/manifest.json", manifest.to_dict())
+    results = {}
+    for placement in ("memory", "disk"):
+        table, found, why = read_raw(tmp_path / "raw", placement)
+        assert found == manifest
+        features = table.filter(like="px_").to_numpy()
+        assert memory_mapped(features) == (placement == "disk")
+        take = mapped.take_rows if why else None
+        kept, quarantine, summary = validate(table, manifest, ValidateParams(), tmp_path, take)
+        assert memory_mapped(kept.filter(like="px_").to_numpy()) == (placement == "disk")
+        write_prepared(kept, manifest, tmp_path / placement)
+        files = {s: file_sha256(tmp_path / placement / f"{s}.parquet") for s in SPLITS}
+        summary.pop("validation_results")  # GX's run times and ids
+        results[placement] = (why, quarantine, summary, files)
+    assert results["memory"][0] is None
+    assert results["disk"][0] == "0.4 MB, train.data_placement: disk"
+    pd.testing.assert_frame_equal(results["memory"][1], results["disk"][1])
+    assert list(results["disk"][1]["reason"]) == [
+        "non-finite feature: px_3=nan",
+        "non-finite feature: px_4=inf",
+        "feature outside [0, 16]: px_5=17",
+        "exact duplicate of row 20",
+    ]
+    assert results["memory"][2:] == results["disk"][2:]
+    assert not list(tmp_path.glob(".runway/prepared/*"))  # the mapped files had no name

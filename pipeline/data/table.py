@@ -228,7 +228,8 @@ def read_features(
     path: Path | str, into=None
 ) -> tuple[pd.DataFrame | None, np.ndarray | None, list[str]]:
     """A table the pipeline wrote, as ``(front, values, features)``: when the features are the
-    last columns, share one numeric type and hold no null, ``values`` is them as one
+    last columns, share one numeric type and hold no null (or are floats, nulls being NaN, as
+    pandas reads them), ``values`` is them as one
     C-ordered, writable (rows × features) array, read ``READ_COLUMNS`` at a time, ``front``
     the other columns and ``features`` their names. Otherwise ``front`` is the whole table as
     ``pd.read_parquet`` reads it and ``values`` is None.
@@ -272,9 +273,9 @@ def read_features(
         for start in range(0, len(features), READ_COLUMNS):
             group = read(columns=features[start : start + READ_COLUMNS])
             for offset, column in enumerate(group.columns):
-                if column.null_count:  # pandas would make the column float with NaN
+                if column.null_count and dtype.kind != "f":  # pandas would make it float
                     return whole()
-                values[rows, start + offset] = column.to_numpy()
+                values[rows, start + offset] = column.to_numpy(zero_copy_only=False)  # null: NaN
     if into is not None:
         return None, values, features
     front = (

@@ -9,12 +9,17 @@ needs no network), ``summary.json``, ``gx_results.json`` (GX's validation result
 ``quarantine.csv`` and Data Docs. On failure it prints one line per failed check, exits
 non-zero and leaves both as they were (the last good data stays in place); the failing report
 goes to ``.runway/validation-failed/`` and to the FAILED MLflow run. Imports no torch.
+
+A raw table whose features would take more than half of the host's available memory is
+memory-mapped (:mod:`pipeline.data.mapped`): checked a block of rows at a time, its kept rows
+copied into another mapped file, neither held in memory.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +38,7 @@ from pipeline.data.table import (
     features_of,
     is_feature,
     read_table,
+    with_features,
     write_parquet,
 )
 from pipeline.io import StageError, atomic_dir, read_json, require, run_stage, write_json
@@ -47,24 +53,43 @@ SUMMARY_HTML = "summary.html"
 DATA_DOCS_INDEX = "data_docs/index.html"
 
 
-def read_raw(raw_dir: Path = RAW_DIR) -> tuple[pd.DataFrame, Manifest]:
+def read_raw(
+    raw_dir: Path = RAW_DIR, placement: str = "auto"
+) -> tuple[pd.DataFrame, Manifest, str | None]:
+    """The raw table and its manifest, and why its features are memory-mapped (None when
+    they are in memory): they are when they take more than half of the host's available
+    memory (``placement`` ``auto``; ``disk`` or ``memory`` to choose)."""
+    from pipeline.data.mapped import read_mapped, storage, table_bytes
+
     samples, manifest = raw_dir / "samples.parquet", raw_dir / "manifest.json"
     for path in (samples, manifest):
         require(path, "ingest")
     try:
-        table = read_table(samples)
+        where, why = storage(placement, table_bytes(samples))
+        mapped = read_mapped(samples) if where == "disk" else None
+        if mapped is None:  # in memory, or features that are not one block of numbers
+            table, why = read_table(samples), None
+        else:
+            table = with_features(*mapped)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise StageError(f"{samples}: cannot read as parquet: {exc}") from None
-    return table, Manifest.from_dict(read_json(manifest))
+    return table, Manifest.from_dict(read_json(manifest)), why
 
 
-def validate(table: pd.DataFrame, manifest: Manifest, params: ValidateParams, docs_dir: Path):
-    """Clean, split and check; return (prepared table, quarantine, summary dict).
+def validate(
+    table: pd.DataFrame,
+    manifest: Manifest,
+    params: ValidateParams,
+    docs_dir: Path,
+    take: Callable | None = None,
+):
+    """Clean, split and check; return (prepared table, quarantine, summary dict). ``take``
+    makes the kept rows' table (see :func:`~pipeline.validation.cleaning.clean`).
 
     The summary's ``validation_results`` is GX's result JSON, one entry per suite."""
     if table.empty:
         raise StageError(f"{RAW_DIR}/samples.parquet has no rows")
-    kept, quarantine = clean(table, manifest)
+    kept, quarantine = clean(table, manifest, take)
     frac = len(quarantine) / len(table)
     if kept.empty:
         raise StageError(f"no rows left after cleaning ({len(quarantine)} quarantined)")
@@ -229,12 +254,17 @@ def log_to_mlflow(
 def main() -> None:
     params = load_params("validate")
     experiment = load_params("mlflow").experiment
-    table, manifest = read_raw()
-    print(f"[validate] checking {len(table)} rows from {manifest.source!r}")
+    from pipeline.data.mapped import take_rows
+
+    table, manifest, mapped = read_raw()
+    where = f" (features memory-mapped from disk: {mapped})" if mapped else ""
+    print(f"[validate] checking {len(table)} rows from {manifest.source!r}{where}")
     FAILED_DIR.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".validate.", dir=FAILED_DIR.parent) as staging:
         staged = Path(staging)
-        kept, quarantine, summary = validate(table, manifest, params, staged / "data_docs")
+        docs = staged / "data_docs"
+        take = take_rows if mapped else None
+        kept, quarantine, summary = validate(table, manifest, params, docs, take)
         del table  # kept holds what is needed (the same data, unless rows were dropped)
         quarantine.to_csv(staged / "quarantine.csv", index=False)
         results = summary.pop("validation_results")

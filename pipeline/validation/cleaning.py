@@ -28,15 +28,25 @@ def _show(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-# Feature columns checked at a time: a few MB in flight, not a copy of the whole table.
-CHUNK_COLUMNS = 64
+# Feature values checked at a time (a few MB in flight, not a copy of the whole table), in
+# blocks of whole rows: features memory-mapped from disk are read in file order, once.
+BLOCK_VALUES = 2**21
 
 
-def feature_chunks(table: pd.DataFrame, columns: list[str]):
-    """``(first column's position, values)`` for ``CHUNK_COLUMNS`` feature columns at a time
-    (see :func:`feature_values`)."""
-    for start in range(0, len(columns), CHUNK_COLUMNS):
-        yield start, feature_values(table, columns[start : start + CHUNK_COLUMNS])
+def feature_blocks(table: pd.DataFrame, columns: list[str]):
+    """``(rows, values)`` for blocks of whole rows: a slice of ``table``'s rows and their
+    ``columns`` (see :func:`feature_values`). Columns of one numeric dtype are sliced from
+    the table's own array (no copy where they are one block, as the pipeline's tables are);
+    others are converted a block at a time."""
+    frame = table[columns]
+    dtypes = set(frame.dtypes)
+    whole = None
+    if len(dtypes) == 1 and pd.api.types.is_numeric_dtype(next(iter(dtypes))):
+        whole = frame.to_numpy()
+    step = max(1, BLOCK_VALUES // max(1, len(columns)))
+    for start in range(0, len(table), step):
+        rows = slice(start, min(start + step, len(table)))
+        yield rows, whole[rows] if whole is not None else feature_values(frame.iloc[rows], columns)
 
 
 def feature_values(table: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -81,13 +91,13 @@ def find_bad_rows(table: pd.DataFrame, manifest: Manifest) -> pd.Series:
                 checks.append(
                     (lambda v: (v < low) | (v > high), f"feature outside [{low:g}, {high:g}]")
                 )
-    if checks:  # the first offending column of each row, per check, a chunk of columns at a time
+    if checks:  # the first offending column of each row, per check, a block of rows at a time
         first = {what: np.full(len(table), -1, dtype=np.int64) for _, what in checks}
-        for start, values in feature_chunks(table, columns):
+        for rows, values in feature_blocks(table, columns):
             for test, what in checks:
                 bad = test(values)
-                new = bad.any(axis=1) & (first[what] < 0)
-                first[what][new] = start + bad[new].argmax(axis=1)
+                hit = bad.any(axis=1)
+                first[what][rows][hit] = bad[hit].argmax(axis=1)
         for _, what in checks:
             where = first[what]
             _mark(
@@ -109,8 +119,12 @@ def find_bad_rows(table: pd.DataFrame, manifest: Manifest) -> pd.Series:
     return reasons.dropna()
 
 
-def clean(table: pd.DataFrame, manifest: Manifest) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split ``table`` into rows to keep and a quarantine table (row, sample_id, reason)."""
+def clean(
+    table: pd.DataFrame, manifest: Manifest, take: Callable | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``table`` into rows to keep and a quarantine table (row, sample_id, reason).
+    ``take(table, positions)``, when given, makes the kept rows' table where rows are
+    quarantined (see :func:`pipeline.data.mapped.take_rows`)."""
     reasons = find_bad_rows(table, manifest)
     quarantine = pd.DataFrame(
         {
@@ -123,11 +137,12 @@ def clean(table: pd.DataFrame, manifest: Manifest) -> tuple[pd.DataFrame, pd.Dat
     )
     # No copy of the data when every row is kept (the usual case: a copy is as large as the
     # data): a shallow copy shares it, and columns set or added later leave ``table`` alone.
-    kept = (
-        table.drop(index=reasons.index).reset_index(drop=True)
-        if len(reasons)
-        else table.copy(deep=False).reset_index(drop=True)
-    )
+    if not len(reasons):
+        kept = table.copy(deep=False).reset_index(drop=True)
+    elif take is None:
+        kept = table.drop(index=reasons.index).reset_index(drop=True)
+    else:
+        kept = take(table, np.flatnonzero(~table.index.isin(reasons.index)))
     if LABEL_COLUMN in kept and kept[LABEL_COLUMN].dtype != np.int64:
         labels = pd.to_numeric(kept[LABEL_COLUMN], errors="coerce")
         if labels.notna().all():

@@ -38,7 +38,7 @@ from pipeline.data.table import (
     Manifest,
     feature_columns,
 )
-from pipeline.validation.cleaning import feature_chunks
+from pipeline.validation.cleaning import feature_blocks
 
 
 @dataclass
@@ -84,18 +84,21 @@ def feature_stats(table: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
     columns = [c for c in feature_columns(manifest.n_features) if c in table]
     dtypes = dict(zip(table.columns, table.dtypes, strict=False))  # one per name
     nulls, nonfinite, outside = (np.zeros(len(columns), dtype=np.int64) for _ in range(3))
-    for start, values in feature_chunks(table, columns):  # a few columns at a time
-        part = slice(start, start + values.shape[1])
-        if all(isinstance(dtypes[c], np.dtype) and dtypes[c].kind in "iuf" for c in columns[part]):
-            if values.dtype.kind == "f":  # NumPy's own numbers: null is NaN, and ints have none
-                nulls[part] = np.isnan(values).sum(axis=0)
-        else:  # pandas' own dtypes, or cells that are not numbers (NaN in values)
-            nulls[part] = table[columns[part]].isna().sum().to_numpy(dtype=np.int64)
+    # NumPy's own numbers: null is NaN (counted from the values), and ints have none. pandas'
+    # own dtypes, or cells that are not numbers: counted by pandas.
+    plain = np.array(
+        [isinstance(dtypes[c], np.dtype) and dtypes[c].kind in "iuf" for c in columns], dtype=bool
+    )
+    if not plain.all():
+        others = [c for c, p in zip(columns, plain, strict=True) if not p]
+        nulls[~plain] = table[others].isna().sum().to_numpy(dtype=np.int64)
+    for _, values in feature_blocks(table, columns):  # a block of rows at a time
         if values.dtype.kind == "f":
-            nonfinite[part] = (~np.isfinite(values)).sum(axis=0)
+            nulls[plain] += np.isnan(values).sum(axis=0)[plain]
+            nonfinite += (~np.isfinite(values)).sum(axis=0)
         if manifest.pixel_range is not None and len(values):
             low, high = manifest.pixel_range
-            outside[part] = ((values < low) | (values > high)).sum(axis=0)
+            outside += ((values < low) | (values > high)).sum(axis=0)
     return pd.DataFrame(
         {
             "feature": [manifest.feature_name(c) for c in columns],

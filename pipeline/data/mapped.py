@@ -1,0 +1,188 @@
+"""Features too large for memory, memory-mapped from a copy on disk, and when to do so.
+
+:func:`storage` decides from the size of the data and the host's available memory;
+:func:`mapped_features` keeps a prepared split's inputs in a ``.npy`` file for tune and
+train (and evaluate, register) to share. Imports no torch: validate uses it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data.table import (
+    feature_dtype,
+    features_of,
+    is_feature,
+    read_features,
+    read_front,
+    with_features,
+)
+from pipeline.io import StageError, atomic_path
+
+# The splits are read into memory when their inputs take at most this share of the host's
+# available memory, and memory-mapped from a copy on disk otherwise (see load_prepared).
+HOST_SHARE = 0.5
+# Where those copies live: one .npy file of a split's inputs, named by the split and its
+# Parquet file's identity, made on first use and replacing that split's earlier copy.
+MAPPED_DIR = Path(".runway/prepared")
+
+
+def input_dtype(dtypes: Iterable[np.dtype]) -> np.dtype:
+    """The inputs' dtype for features of these dtypes: uint8 when all are, float32 otherwise."""
+    return np.dtype(np.uint8) if set(dtypes) == {np.dtype(np.uint8)} else np.dtype(np.float32)
+
+
+def megabytes(nbytes: int) -> str:
+    mb = nbytes / 2**20
+    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
+
+
+def input_layout(path: Path) -> tuple[tuple[int, int], np.dtype]:
+    """The shape (rows × features) and dtype of a prepared split's inputs, from its Parquet
+    footer alone."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_metadata(path)
+    schema = metadata.schema.to_arrow_schema()
+    features = sum(map(is_feature, schema.names))
+    return (metadata.num_rows, features), input_dtype([np.dtype(feature_dtype(schema))])
+
+
+def input_bytes(path: Path) -> int:
+    """What a prepared split's inputs take in memory."""
+    (rows, features), dtype = input_layout(path)
+    return rows * features * dtype.itemsize
+
+
+def storage(
+    asked: str, nbytes: int, available: int | None = None, processes: int = 1
+) -> tuple[str, str]:
+    """Whether the splits' inputs (``nbytes``) are read into ``memory`` or memory-mapped from
+    ``disk`` (``train.data_placement``), and why, in words. Under ``auto`` it is disk when
+    ``processes`` copies of them (each of the processes that load them at once holds one)
+    take more than ``HOST_SHARE`` of ``available`` (the host's available memory)."""
+    size = megabytes(nbytes)
+    if asked != "auto":
+        return "disk" if asked == "disk" else "memory", f"{size}, train.data_placement: {asked}"
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    copies = f" × {processes} processes" if processes > 1 else ""
+    why = f"{size}{copies}, {available / 2**30:.1f} GB available in host memory"
+    if nbytes * processes <= HOST_SHARE * available:
+        return "memory", why
+    return "disk", f"{why}: more than {HOST_SHARE:.0%} of it"
+
+
+def file_identity(path: Path) -> str:
+    """16 hex digits that change when the file is replaced or rewritten: a hash of its size,
+    modification time and inode (reading a file of tens of GB to hash its content would
+    take minutes in every process that loads it)."""
+    import hashlib
+
+    info = path.stat()
+    key = f"{info.st_size}-{info.st_mtime_ns}-{info.st_ino}-{info.st_dev}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def mapped_file(target: Path, layout: tuple[tuple[int, int], np.dtype]) -> np.ndarray | None:
+    """The inputs in ``target``, memory-mapped, if it holds an array of this (shape, dtype)."""
+    if not target.exists():
+        return None
+    try:
+        # Copy-on-write: a writable array (as torch.from_numpy wants) that no write can carry
+        # back to the file.
+        values = np.load(target, mmap_mode="c")
+    except (OSError, ValueError):  # cut short or not an .npy file: made again
+        return None
+    return values if (values.shape, values.dtype) == layout else None
+
+
+def mapped_features(path: Path, stem: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """A prepared split as :func:`~pipeline.data.table.read_features` reads it, with its
+    features as its inputs (:func:`input_dtype`) memory-mapped from ``{stem}-{id}.npy``,
+    ``id`` being the Parquet file's :func:`file_identity`. The file is made on first use,
+    from the Parquet file a row group at a time, and replaces the one of an earlier version
+    of the split; one process makes it while the others wait for it."""
+    from filelock import FileLock
+
+    target = stem.with_name(f"{stem.name}-{file_identity(path)}.npy")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(stem.with_name(f"{stem.name}.lock")):
+        front, features = read_front(path)
+        values = mapped_file(target, input_layout(path))
+        if values is None:
+            with atomic_path(target) as tmp:
+
+                def into(shape, dtype):
+                    dtype = input_dtype([dtype])
+                    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+
+                _, written, _ = read_features(path, into)
+                if written is None:
+                    raise StageError(
+                        f"{path}: its features are not one block of numbers, so they cannot "
+                        "be memory-mapped; set train.data_placement: host"
+                    )
+                written.flush()
+                del written
+            for earlier in target.parent.glob(f"{stem.name}-*.npy"):
+                if earlier != target:
+                    earlier.unlink(missing_ok=True)
+            values = np.load(target, mmap_mode="c")
+    return front, values, features
+
+
+def scratch_array(shape: tuple[int, ...], dtype, folder: Path = MAPPED_DIR) -> np.ndarray:
+    """A writable array of ``shape`` in a file of its own under ``folder``, which is gone once
+    nothing maps it (where the system allows it, it has no name from the start)."""
+    import tempfile
+
+    if not np.prod(shape):
+        return np.empty(shape, dtype=dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as file:
+        return np.memmap(file, dtype=dtype, mode="w+", shape=shape)
+
+
+def table_bytes(path: Path) -> int:
+    """What a table's features take in memory as written, from its Parquet footer alone."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_metadata(path)
+    schema = metadata.schema.to_arrow_schema()
+    features = sum(map(is_feature, schema.names))
+    return metadata.num_rows * features * np.dtype(feature_dtype(schema)).itemsize
+
+
+def read_mapped(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]] | None:
+    """A table as :func:`~pipeline.data.table.read_features` reads it, its features in a
+    :func:`scratch_array` (in their own dtype), or None where they cannot be read so."""
+    _, values, features = read_features(path, into=scratch_array)
+    if values is None:
+        return None
+    front, _ = read_front(path)
+    return front, values, features
+
+
+# Feature values copied at a time by take_rows.
+TAKE_VALUES = 2**22
+
+
+def take_rows(table: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    """``table``'s rows at positions ``rows``, its features copied into a
+    :func:`scratch_array` a block of rows at a time: for a table whose features are one
+    memory-mapped block, neither it nor the result is held in memory."""
+    columns = features_of(table)
+    block = table[columns].to_numpy()  # the table's own array when they are one block
+    out = scratch_array((len(rows), len(columns)), block.dtype)
+    step = max(1, TAKE_VALUES // max(1, len(columns)))
+    for start in range(0, len(rows), step):
+        out[start : start + step] = block[rows[start : start + step]]
+    front = table.drop(columns=columns).iloc[rows].reset_index(drop=True)
+    return with_features(front, out, columns)
