@@ -10,6 +10,10 @@ each load in a process of its own (``python -m benchmarks.mapped <placement>``).
   memory, in one process, rounds alternating, the file's pages in the page cache (as they are
   from the second epoch on when the splits fit it). Goal: within ``SPEED_GOAL``.
 - For information: the first mapped load, which makes the ``.npy`` files, and a later one.
+- For information: validate on the set's raw table (``python -m benchmarks.mapped validate
+  <placement>``: read, checked and written to a scratch folder), memory-mapped and in
+  memory: the anonymous memory at its peak (sampled every 5 ms) and the wall time. What a
+  mapped validate holds at its peak is the prepared write's row group, not the data.
 """
 
 from __future__ import annotations
@@ -31,6 +35,49 @@ def anonymous_bytes() -> int:
 
     info = psutil.Process().memory_info()
     return info.rss - info.shared  # Linux: RssAnon (shared is RssFile + RssShmem)
+
+
+class AnonymousPeak:
+    """The most anonymous memory seen while entered, sampled every 5 ms by a thread."""
+
+    def __enter__(self) -> AnonymousPeak:
+        import threading
+
+        self.top, self.done = anonymous_bytes(), False
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.done:
+            self.top = max(self.top, anonymous_bytes())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self.done = True
+        self.thread.join()
+
+
+def validate_raw(placement: str) -> dict:
+    """Validate the project's raw table with its features in memory or memory-mapped, the
+    prepared splits written to a scratch folder."""
+    import tempfile
+
+    from pipeline.config import load_params
+    from pipeline.data.mapped import take_rows
+    from pipeline.stages.validate import read_raw, validate, write_prepared
+
+    params = load_params("validate")
+    before = anonymous_bytes()
+    with tempfile.TemporaryDirectory() as scratch, AnonymousPeak() as peak:
+        start = time.perf_counter()
+        table, manifest, mapped = read_raw(placement=placement)
+        take = take_rows if mapped else None
+        kept, _, summary = validate(table, manifest, params, Path(scratch) / "docs", take)
+        write_prepared(kept, manifest, Path(scratch) / "prepared")
+        wall = time.perf_counter() - start
+    assert summary["success"], summary["failures"]
+    return {"mapped": bool(mapped), "wall_s": wall, "peak_mb": (peak.top - before) / 2**20}
 
 
 def one_pass(x, y):
@@ -66,9 +113,8 @@ def measure(placement: str, compare: bool) -> dict:
     return found
 
 
-def child(project: Path, placement: str, compare: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.mapped", placement, *(["compare"] if compare else [])]
-    _, text = timed(cmd, project)
+def child(project: Path, *args: str) -> dict:
+    _, text = timed([sys.executable, "-m", "benchmarks.mapped", *args], project)
     return json.loads(text.strip().splitlines()[-1])
 
 
@@ -81,15 +127,21 @@ def rows(project: Path, label: str) -> list[dict]:
     shutil.rmtree(project / MAPPED_DIR, ignore_errors=True)
     memory = child(project, "host")
     made = child(project, "disk")
-    mapped = child(project, "disk", compare=True)
+    mapped = child(project, "disk", "compare")
+    checked = {p: child(project, "validate", p) for p in ("memory", "disk")}
+    assert [checked[p]["mapped"] for p in checked] == [False, True]
     assert (memory["storage"], made["storage"], mapped["storage"]) == ("memory", "disk", "disk")
     ratio = mapped["anonymous_mb"] / memory["anonymous_mb"]
     print(
         f"  splits loaded in memory {memory['load_s']:.1f} s, +{memory['anonymous_mb']:.0f} MB; "
         f"memory-mapped {made['load_s']:.1f} s (files made), {mapped['load_s']:.1f} s, "
-        f"+{mapped['anonymous_mb']:.0f} MB",
+        f"+{mapped['anonymous_mb']:.0f} MB; validate in memory "
+        f"{checked['memory']['wall_s']:.1f} s, +{checked['memory']['peak_mb']:.0f} MB at the "
+        f"peak; memory-mapped {checked['disk']['wall_s']:.1f} s, "
+        f"+{checked['disk']['peak_mb']:.0f} MB",
         flush=True,
     )
+    peak = checked["disk"]["peak_mb"] / checked["memory"]["peak_mb"]
     return [
         result(
             f"{label}: train + val loaded for training, memory-mapped from disk / in memory: "
@@ -112,8 +164,28 @@ def rows(project: Path, label: str) -> list[dict]:
             [mapped["load_s"]],
             None,
         ),
+        result(
+            f"{label}: validate, raw table memory-mapped from disk / in memory: anonymous "
+            "memory at the peak",
+            round(checked["disk"]["peak_mb"]),
+            round(checked["memory"]["peak_mb"]),
+            round(peak, 2),
+            "—",
+            True,
+            "MB",
+            informational=True,
+        ),
+        ratio_row(
+            f"{label}: validate, raw table memory-mapped from disk / in memory: wall time",
+            [checked["disk"]["wall_s"]],
+            [checked["memory"]["wall_s"]],
+            None,
+        ),
     ]
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], compare="compare" in sys.argv[2:])))
+    if sys.argv[1] == "validate":
+        print(json.dumps(validate_raw(sys.argv[2])))
+    else:
+        print(json.dumps(measure(sys.argv[1], compare="compare" in sys.argv[2:])))
