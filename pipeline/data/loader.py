@@ -18,8 +18,8 @@ import torch
 
 from pipeline.data.mapped import (
     MAPPED_DIR,
-    input_bytes,
     input_dtype,
+    input_layout,
     mapped_features,
     storage,
 )
@@ -180,12 +180,13 @@ def load_prepared(
     memory."""
     manifest = Manifest.from_dict(read_json(require(prepared_dir / "manifest.json", "validate")))
     paths = {split: require(prepared_dir / f"{split}.parquet", "validate") for split in splits}
-    nbytes = sum(input_bytes(path) for path in paths.values())
+    layouts = {split: input_layout(path) for split, path in paths.items()}
+    nbytes = sum(layout.nbytes for layout in layouts.values())
     where, why = storage(placement, nbytes, processes=processes)
     tables, tensors = {}, {}
     for split, path in paths.items():
         if where == "disk":
-            front, values, features = mapped_features(path, mapped_dir / split)
+            front, values, features = mapped_features(path, mapped_dir / split, layouts[split])
         else:
             front, values, features = read_features(path)
         tables[split] = front if values is None else with_features(front, values, features)

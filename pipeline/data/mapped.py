@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -41,21 +42,35 @@ def megabytes(nbytes: int) -> str:
     return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
-def input_layout(path: Path) -> tuple[tuple[int, int], np.dtype]:
-    """The shape (rows × features) and dtype of a prepared split's inputs, from its Parquet
-    footer alone."""
+class Layout(NamedTuple):
+    """A prepared split's inputs as its Parquet footer gives them: their shape (rows ×
+    features) and dtype, and the names of the features and of the table's other columns.
+    (A wide table's footer takes tens of MB to read: it is read once.)"""
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    features: list[str]
+    others: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+
+def input_layout(path: Path) -> Layout:
     import pyarrow.parquet as pq
 
-    metadata = pq.read_metadata(path)
-    schema = metadata.schema.to_arrow_schema()
-    features = sum(map(is_feature, schema.names))
-    return (metadata.num_rows, features), input_dtype([np.dtype(feature_dtype(schema))])
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    features = [name for name in schema.names if is_feature(name)]
+    others = [name for name in schema.names if not is_feature(name)]
+    shape = (parquet.metadata.num_rows, len(features))
+    return Layout(shape, input_dtype([np.dtype(feature_dtype(schema))]), features, others)
 
 
 def input_bytes(path: Path) -> int:
     """What a prepared split's inputs take in memory."""
-    (rows, features), dtype = input_layout(path)
-    return rows * features * dtype.itemsize
+    return input_layout(path).nbytes
 
 
 def storage(
@@ -90,8 +105,8 @@ def file_identity(path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def mapped_file(target: Path, layout: tuple[tuple[int, int], np.dtype]) -> np.ndarray | None:
-    """The inputs in ``target``, memory-mapped, if it holds an array of this (shape, dtype)."""
+def mapped_file(target: Path, layout: Layout) -> np.ndarray | None:
+    """The inputs in ``target``, memory-mapped, if it holds an array of their shape and dtype."""
     if not target.exists():
         return None
     try:
@@ -100,22 +115,26 @@ def mapped_file(target: Path, layout: tuple[tuple[int, int], np.dtype]) -> np.nd
         values = np.load(target, mmap_mode="c")
     except (OSError, ValueError):  # cut short or not an .npy file: made again
         return None
-    return values if (values.shape, values.dtype) == layout else None
+    return values if (values.shape, values.dtype) == (layout.shape, layout.dtype) else None
 
 
-def mapped_features(path: Path, stem: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+def mapped_features(
+    path: Path, stem: Path, layout: Layout | None = None
+) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """A prepared split as :func:`~pipeline.data.table.read_features` reads it, with its
     features as its inputs (:func:`input_dtype`) memory-mapped from ``{stem}-{id}.npy``,
     ``id`` being the Parquet file's :func:`file_identity`. The file is made on first use,
     from the Parquet file a row group at a time, and replaces the one of an earlier version
-    of the split; one process makes it while the others wait for it."""
+    of the split; one process makes it while the others wait for it. ``layout`` is the
+    split's :func:`input_layout`, if it was read already."""
     from filelock import FileLock
 
     target = stem.with_name(f"{stem.name}-{file_identity(path)}.npy")
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(stem.with_name(f"{stem.name}.lock")):
-        front, features = read_front(path)
-        values = mapped_file(target, input_layout(path))
+        layout = layout or input_layout(path)
+        front = pd.read_parquet(path, columns=layout.others)
+        values = mapped_file(target, layout)
         if values is None:
             with atomic_path(target) as tmp:
 
@@ -135,7 +154,7 @@ def mapped_features(path: Path, stem: Path) -> tuple[pd.DataFrame, np.ndarray, l
                 if earlier != target:
                     earlier.unlink(missing_ok=True)
             values = np.load(target, mmap_mode="c")
-    return front, values, features
+    return front, values, layout.features
 
 
 def scratch_array(shape: tuple[int, ...], dtype, folder: Path = MAPPED_DIR) -> np.ndarray:

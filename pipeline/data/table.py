@@ -44,12 +44,11 @@ def feature_dtype(schema) -> str:
     """The features' one NumPy dtype in an Arrow schema (``uint8``, ``float32``), ``float32``
     if they differ."""
     names = set()
-    for column in schema:
-        if is_feature(column.name):
-            try:
-                names.add(np.dtype(column.type.to_pandas_dtype()).name)
-            except NotImplementedError:  # a type with no NumPy equivalent
-                names.add("object")
+    for arrow_type in {column.type for column in schema if is_feature(column.name)}:
+        try:
+            names.add(np.dtype(arrow_type.to_pandas_dtype()).name)
+        except NotImplementedError:  # a type with no NumPy equivalent
+            names.add("object")
     return names.pop() if len(names) == 1 else "float32"
 
 
@@ -293,7 +292,7 @@ def read_front(path: Path | str) -> tuple[pd.DataFrame, list[str]]:
 
     names = pq.read_schema(path).names
     features = [n for n in names if is_feature(n)]
-    return pd.read_parquet(path, columns=[n for n in names if n not in features]), features
+    return pd.read_parquet(path, columns=[n for n in names if not is_feature(n)]), features
 
 
 def with_features(front: pd.DataFrame, values: np.ndarray, features: list[str]) -> pd.DataFrame:
