@@ -228,6 +228,24 @@ def test_a_prepared_splits_table_and_inputs_share_one_copy_of_its_features(
     assert shared == (dtype != "float64")
 
 
+def test_a_table_with_nullable_or_null_floats_is_read_as_pandas_reads_it(tmp_path):
+    """read_table reads what pd.read_parquet reads: pandas' own Float32 with NA stays Float32,
+    a null in a float32 column is NaN."""
+    import pandas as pd
+
+    from pipeline.data.table import read_table
+
+    table = make_table(np.arange(4 * 64, dtype=np.float32).reshape(4, 64), np.arange(4))
+    table.loc[1, "px_2"] = np.nan
+    table.to_parquet(tmp_path / "numpy.parquet", index=False)
+    table["px_5"] = pd.array([1.0, None, 2.0, 3.0], dtype="Float32")
+    table.to_parquet(tmp_path / "pandas.parquet", index=False)
+    for name in ("numpy", "pandas"):
+        path = tmp_path / f"{name}.parquet"
+        pd.testing.assert_frame_equal(read_table(path), pd.read_parquet(path))
+    assert read_table(tmp_path / "pandas.parquet")["px_5"].dtype == "Float32"
+
+
 def write_splits(folder, manifest, seed: int, dtype: str = "uint8", rows=(90, 30)) -> None:
     """Train and val splits as validate writes them, in row groups of 16 rows."""
     from pipeline.data.table import features_of

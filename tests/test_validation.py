@@ -181,21 +181,44 @@ def test_the_columns_suite_names_misplaced_columns_and_gx_records_each_position(
     ]
 
 
-def test_feature_stats_count_nulls_of_numpy_and_pandas_columns(manifest):
+@pytest.mark.parametrize("text", [True, False], ids=["with-text", "numbers-only"])
+def test_feature_stats_count_nulls_of_numpy_and_pandas_columns(manifest, monkeypatch, text):
     """NaN in a float32 column and NA in pandas' own Int64 and object columns are nulls; an
-    integer column has none; a text cell is no null but no number either (non-finite)."""
+    integer column has none; a text cell is no null but no number either (non-finite). The
+    same with no text column (the features then read as numbers with NaN for NA), two rows
+    at a time."""
+    from pipeline.validation import cleaning
+
+    monkeypatch.setattr(cleaning, "BLOCK_VALUES", 2 * 64)
     table = pd.DataFrame({f"px_{i}": np.zeros(3, dtype=np.float32) for i in range(64)})
     table["px_1"] = np.array([np.nan, 1.0, np.inf], dtype=np.float32)
     table["px_2"] = np.array([1, 2, 3], dtype=np.int64)
     table["px_3"] = pd.array([1, None, 3], dtype="Int64")
-    table["px_4"] = pd.Series(["1", None, "x"], dtype=object)
+    if text:
+        table["px_4"] = pd.Series(["1", None, "x"], dtype=object)
     table["px_5"] = np.array([0.0, 17.0, -1.0], dtype=np.float32)
     stats = feature_stats(table, manifest).set_index("feature").iloc[:6]
     assert stats.to_dict(orient="list") == {
-        "dtype": ["float32", "float32", "int64", "Int64", "object", "float32"],
-        "nulls": [0, 1, 0, 1, 1, 0],
-        "non_finite": [0, 2, 0, 1, 2, 0],
+        "dtype": ["float32", "float32", "int64", "Int64", "object" if text else "float32"]
+        + ["float32"],
+        "nulls": [0, 1, 0, 1, int(text), 0],
+        "non_finite": [0, 2, 0, 1, 2 * text, 0],
         "out_of_range": [0, 1, 0, 0, 0, 2],  # inf is above the range too
+    }
+
+
+def test_na_in_pandas_integer_features_is_quarantined_with_one_line(manifest):
+    """pandas' own Int64 can hold NA (NumPy's integers cannot): its rows are quarantined as a
+    NaN is (before, np.iinfo of the dtype raised)."""
+    table = pd.DataFrame({f"px_{i}": pd.array([1, 2, 3, 4], dtype="Int64") for i in range(64)})
+    table.insert(0, "label", np.array([0, 1, 2, 3]))
+    table.insert(0, "sample_id", ["a", "b", "c", "d"])
+    table.loc[1, "px_7"] = None
+    table.loc[2, "px_9"] = 17
+    _, quarantine = clean(table, manifest)
+    assert dict(zip(quarantine["row"], quarantine["reason"], strict=True)) == {
+        1: "non-finite feature: px_7=nan",
+        2: "feature outside [0, 16]: px_9=17",
     }
 
 
@@ -204,23 +227,25 @@ def memory_mapped(array: np.ndarray) -> bool:
     while array is not None:
         if isinstance(array, np.memmap):
             return True
-        array = array.base
+        array = getattr(array, "base", None)  # an ndarray's, or None past it
     return False
 
 
 def test_a_raw_table_memory_mapped_from_disk_is_validated_and_written_as_in_memory(
     digits_table, manifest, tmp_path, monkeypatch
 ):
-    """The raw features memory-mapped, and the rows kept copied into another mapped file
-    (rows are quarantined), the gate and the prepared files are those of the table read into
-    memory, byte for byte."""
+    """The raw features memory-mapped, checked 70 rows at a time, and the rows kept copied
+    into another mapped file (rows are quarantined): the gate and the prepared files are
+    those of the table read into memory, byte for byte."""
     from pipeline.data import mapped
     from pipeline.data.table import file_sha256
     from pipeline.io import write_json
     from pipeline.stages.validate import read_raw, write_prepared
+    from pipeline.validation import cleaning
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(mapped, "TAKE_VALUES", 64 * 100)  # 100 rows a block
+    monkeypatch.setattr(mapped, "TAKE_VALUES", 64 * 100)  # 100 rows a copy
+    monkeypatch.setattr(cleaning, "BLOCK_VALUES", 64 * 70)  # 70 rows a check
     t = digits_table.copy()
     t.loc[1, "px_3"] = np.nan  # written as a null, read as NaN
     t.loc[2, "px_4"] = np.inf
@@ -252,4 +277,3 @@ def test_a_raw_table_memory_mapped_from_disk_is_validated_and_written_as_in_memo
         "exact duplicate of row 20",
     ]
     assert results["memory"][2:] == results["disk"][2:]
-    assert not list(tmp_path.glob(".runway/prepared/*"))  # the mapped files had no name

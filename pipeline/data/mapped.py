@@ -7,6 +7,7 @@ train (and evaluate, register) to share. Imports no torch: validate uses it too.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -140,7 +141,10 @@ def mapped_features(
 
                 def into(shape, dtype):
                     dtype = input_dtype([dtype])
-                    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+                    values = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+                    with open(tmp, "r+b") as file:
+                        reserve(file.fileno(), tmp.stat().st_size)
+                    return values
 
                 _, written, _ = read_features(path, into)
                 if written is None:
@@ -162,11 +166,27 @@ def scratch_array(shape: tuple[int, ...], dtype, folder: Path = MAPPED_DIR) -> n
     nothing maps it (where the system allows it, it has no name from the start)."""
     import tempfile
 
-    if not np.prod(shape):
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if not nbytes:
         return np.empty(shape, dtype=dtype)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder) as file:
-        return np.memmap(file, dtype=dtype, mode="w+", shape=shape)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as file:
+            reserve(file.fileno(), nbytes)
+            return np.memmap(file, dtype=dtype, mode="w+", shape=shape)
+    except OSError as exc:
+        raise StageError(
+            f"{folder}: cannot make a scratch file of {megabytes(nbytes)} for memory-mapped "
+            f"features: {exc.strerror or exc}"
+        ) from None
+
+
+def reserve(fd: int, nbytes: int) -> None:
+    """Allocate ``nbytes`` of the open file ``fd`` on disk now, where the system can: a full
+    disk then fails here, with a message, not as a crash (SIGBUS) when a page of a mapping
+    of it is first written."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, nbytes)
 
 
 def table_bytes(path: Path) -> int:

@@ -227,8 +227,7 @@ def read_features(
     path: Path | str, into=None
 ) -> tuple[pd.DataFrame | None, np.ndarray | None, list[str]]:
     """A table the pipeline wrote, as ``(front, values, features)``: when the features are the
-    last columns, share one numeric type and hold no null (or are floats, nulls being NaN, as
-    pandas reads them), ``values`` is them as one
+    last columns, share one numeric type and hold no null, ``values`` is them as one
     C-ordered, writable (rows × features) array, read ``READ_COLUMNS`` at a time, ``front``
     the other columns and ``features`` their names. Otherwise ``front`` is the whole table as
     ``pd.read_parquet`` reads it and ``values`` is None.
@@ -237,7 +236,7 @@ def read_features(
     memory-mapped file, say; its dtype may differ from the table's, and the values are cast
     as NumPy casts). It is then filled a row group at a time, so that each part of it is
     written in one pass, and nothing else is read: ``front`` is None, and so are ``values``
-    where the features cannot be read that way."""
+    where the features cannot be read that way. Null floats are NaN there."""
     import pyarrow.parquet as pq
 
     def whole():
@@ -272,9 +271,12 @@ def read_features(
         for start in range(0, len(features), READ_COLUMNS):
             group = read(columns=features[start : start + READ_COLUMNS])
             for offset, column in enumerate(group.columns):
-                if column.null_count and dtype.kind != "f":  # pandas would make it float
+                # pandas reads a null as NaN or NA, in a column of its own dtype: a table in
+                # memory is read as pandas reads it, one memory-mapped (too large for that)
+                # holds NaN for a null float
+                if column.null_count and (into is None or dtype.kind != "f"):
                     return whole()
-                values[rows, start + offset] = column.to_numpy(zero_copy_only=False)  # null: NaN
+                values[rows, start + offset] = column.to_numpy(zero_copy_only=False)
     if into is not None:
         return None, values, features
     front = (

@@ -67,10 +67,18 @@ def read_raw(
     try:
         where, why = storage(placement, table_bytes(samples))
         mapped = read_mapped(samples) if where == "disk" else None
-        if mapped is None:  # in memory, or features that are not one block of numbers
+        if where == "disk" and mapped is None:
+            print(
+                f"[validate] {samples}: its features are not one block of numbers, so they "
+                f"cannot be memory-mapped: read into memory ({why})",
+                flush=True,
+            )
+        if mapped is None:
             table, why = read_table(samples), None
         else:
             table = with_features(*mapped)
+    except StageError:  # no room for the memory-mapped copy
+        raise
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise StageError(f"{samples}: cannot read as parquet: {exc}") from None
     return table, Manifest.from_dict(read_json(manifest)), why

@@ -35,27 +35,33 @@ BLOCK_VALUES = 2**21
 
 def feature_blocks(table: pd.DataFrame, columns: list[str]):
     """``(rows, values)`` for blocks of whole rows: a slice of ``table``'s rows and their
-    ``columns`` (see :func:`feature_values`). Columns of one numeric dtype are sliced from
-    the table's own array (no copy where they are one block, as the pipeline's tables are);
-    others are converted a block at a time."""
+    ``columns`` as :func:`feature_values` makes them (where the features are one block of
+    the table, as in the pipeline's tables, a view of it: no copy)."""
     frame = table[columns]
-    dtypes = set(frame.dtypes)
-    whole = None
-    if len(dtypes) == 1 and pd.api.types.is_numeric_dtype(next(iter(dtypes))):
-        whole = frame.to_numpy()
+    convert = converter(frame)
     step = max(1, BLOCK_VALUES // max(1, len(columns)))
     for start in range(0, len(table), step):
         rows = slice(start, min(start + step, len(table)))
-        yield rows, whole[rows] if whole is not None else feature_values(frame.iloc[rows], columns)
+        yield rows, convert(frame.iloc[rows])
+
+
+def converter(frame: pd.DataFrame):
+    """How :func:`feature_values` turns ``frame``'s columns (and any rows of them) into one
+    array, chosen once from their dtypes."""
+    dtypes = set(frame.dtypes)
+    if all(isinstance(t, np.dtype) and t.kind in "iuf" for t in dtypes):
+        return lambda part: part.to_numpy()
+    if all(pd.api.types.is_numeric_dtype(t) for t in dtypes):  # pandas' own: NA as NaN
+        return lambda part: part.to_numpy(dtype=np.float64, na_value=np.nan)
+    return lambda part: part.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
 
 
 def feature_values(table: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """The feature block as one array in its stored dtype (uint8 or float32, no copy to float64);
+    """The feature block as one array in its stored dtype (uint8 or float32, no copy to
+    float64); columns of pandas' own numeric dtypes become float64 with NaN for NA, and
     columns that are not numeric (a damaged table) are coerced, so bad cells become NaN."""
     frame = table[columns]
-    if all(pd.api.types.is_numeric_dtype(t) for t in frame.dtypes):
-        return frame.to_numpy()
-    return frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    return converter(frame)(frame)
 
 
 def find_bad_rows(table: pd.DataFrame, manifest: Manifest) -> pd.Series:
@@ -81,8 +87,9 @@ def find_bad_rows(table: pd.DataFrame, manifest: Manifest) -> pd.Series:
     checks = []
     if columns:
         dtypes = set(table.dtypes[columns])
-        integers = all(pd.api.types.is_integer_dtype(t) for t in dtypes)
-        if not integers:  # integers cannot be NaN or infinite
+        # NumPy's integers cannot be NaN or infinite (pandas' own can be NA: read as NaN)
+        integers = all(isinstance(t, np.dtype) and t.kind in "iu" for t in dtypes)
+        if not integers:
             checks.append((lambda v: ~np.isfinite(v), "non-finite feature"))
         if manifest.pixel_range is not None:
             low, high = manifest.pixel_range

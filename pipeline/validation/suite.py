@@ -93,7 +93,7 @@ def feature_stats(table: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
         others = [c for c, p in zip(columns, plain, strict=True) if not p]
         nulls[~plain] = table[others].isna().sum().to_numpy(dtype=np.int64)
     for _, values in feature_blocks(table, columns):  # a block of rows at a time
-        if values.dtype.kind == "f":
+        if values.dtype.kind == "f":  # NaN: a null where the column is NumPy's own
             nulls[plain] += np.isnan(values).sum(axis=0)[plain]
             nonfinite += (~np.isfinite(values)).sum(axis=0)
         if manifest.pixel_range is not None and len(values):
