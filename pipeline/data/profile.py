@@ -40,9 +40,11 @@ def profile(table: pd.DataFrame, manifest: Manifest) -> dict:
     columns = features_of(table)
     step = max(1, BLOCK_VALUES // max(1, len(columns)))
 
+    features = table[columns]  # selected once: 12,288 names cost about 10 ms a selection
+
     def blocks():
         for start in range(0, len(table), step):
-            yield table.iloc[start : start + step][columns].to_numpy(dtype=np.float64)
+            yield features.iloc[start : start + step].to_numpy(dtype=np.float64)
 
     # Two passes over the rows (NaNs left out): the mean, then the squared deviations from it.
     count, total = np.zeros(len(columns)), np.zeros(len(columns))
