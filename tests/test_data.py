@@ -321,7 +321,7 @@ def test_splits_memory_mapped_from_disk_are_the_splits_read_into_memory(tmp_path
 
 
 def test_splits_are_memory_mapped_when_they_take_over_half_the_available_memory(tmp_path, manifest):
-    from pipeline.data.mapped import input_bytes, storage
+    from pipeline.data.mapped import input_layout, storage
 
     gb = 2**30
     assert storage("auto", 3 * gb, available=8 * gb) == (
@@ -340,9 +340,9 @@ def test_splits_are_memory_mapped_when_they_take_over_half_the_available_memory(
     assert storage("host", 2**20) == ("memory", "1.0 MB, train.data_placement: host")
     assert storage("device", 2**20) == ("memory", "1.0 MB, train.data_placement: device")
     write_splits(tmp_path, manifest, seed=5, dtype="uint8")
-    assert input_bytes(tmp_path / "train.parquet") == 90 * 64  # uint8 inputs
+    assert input_layout(tmp_path / "train.parquet").nbytes == 90 * 64  # uint8 inputs
     write_splits(tmp_path, manifest, seed=5, dtype="float64")
-    assert input_bytes(tmp_path / "train.parquet") == 90 * 64 * 4  # float32 inputs
+    assert input_layout(tmp_path / "train.parquet").nbytes == 90 * 64 * 4  # float32 inputs
 
 
 def test_features_that_are_not_one_block_of_numbers_stop_a_mapped_load_with_one_line(

@@ -69,11 +69,6 @@ def input_layout(path: Path) -> Layout:
     return Layout(shape, input_dtype([np.dtype(feature_dtype(schema))]), features, others)
 
 
-def input_bytes(path: Path) -> int:
-    """What a prepared split's inputs take in memory."""
-    return input_layout(path).nbytes
-
-
 def storage(
     asked: str, nbytes: int, available: int | None = None, processes: int = 1
 ) -> tuple[str, str]:
