@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -362,3 +365,116 @@ def test_features_that_are_not_one_block_of_numbers_stop_a_mapped_load_with_one_
         "cannot be memory-mapped; set train.data_placement: host"
     )
     assert sorted(p.name for p in (tmp_path / "mapped").iterdir()) == ["train.lock"]
+
+
+FULL_DISK = """
+import sys
+from pathlib import Path
+
+from pipeline.io import run_stage
+
+
+def train():
+    from pipeline.data.loader import load_prepared
+
+    load_prepared(Path("prepared"), ("train",), placement="disk", mapped_dir=Path("mapped"))
+
+
+def validate():
+    from pipeline.stages.validate import read_raw
+
+    read_raw(Path("raw"), "disk")
+
+
+run_stage(sys.argv[1], {"train": train, "validate": validate}[sys.argv[1]])
+"""
+
+
+def test_no_room_for_memory_mapped_features_stops_with_one_line(tmp_path, manifest):
+    """A disk that cannot take the mapped copy of a split, or validate's scratch copy of the
+    raw features, stops the stage with one line naming the folder, exit 1, and no file left
+    (instead of a traceback, or SIGBUS when a page of the mapping is first written). The
+    process may write files of at most 4 kB (RLIMIT_FSIZE: writes past it fail with EFBIG,
+    as they fail with ENOSPC on a full disk); each copy takes 90 × 64 × 4 B."""
+    import resource
+    import subprocess
+    import sys
+
+    from pipeline.io import write_json
+    from tests.conftest import project_env
+
+    (tmp_path / "prepared").mkdir()
+    write_splits(tmp_path / "prepared", manifest, seed=6, dtype="float64")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "prepared/train.parquet").rename(tmp_path / "raw/samples.parquet")
+    write_json(tmp_path / "raw/manifest.json", manifest.to_dict())
+    write_splits(tmp_path / "prepared", manifest, seed=6, dtype="float64")
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    lines = {}
+    for stage in ("train", "validate"):
+        done = subprocess.run(
+            [sys.executable, "-c", FULL_DISK, stage],
+            cwd=tmp_path,
+            env=project_env(),
+            capture_output=True,
+            text=True,
+            preexec_fn=small_files,
+        )
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        lines[stage] = done.stderr
+    assert lines == {
+        "train": "[train] error: mapped: cannot make a file of 0.0 MB for memory-mapped "
+        "features: File too large\n",
+        "validate": "[validate] error: .runway/prepared: cannot make a file of 0.0 MB for "
+        "memory-mapped features: File too large\n",
+    }
+    assert sorted(p.name for p in (tmp_path / "mapped").iterdir()) == ["train.lock"]
+    assert list((tmp_path / ".runway/prepared").iterdir()) == []
+
+
+def load_mapped_together(barrier, prepared, mapped, results) -> None:
+    """One of several processes loading the train split memory-mapped at the same moment:
+    puts the inodes of the .npy files this process maps and the inputs it got."""
+    from pipeline.data.loader import load_prepared
+
+    barrier.wait()
+    data = load_prepared(prepared, ("train",), placement="disk", mapped_dir=mapped)
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    inodes = {line.split()[4] for line in maps if ".npy" in line}
+    deleted = any(line.endswith("(deleted)") for line in maps if ".npy" in line)
+    digest = hashlib.sha256(data.tensors["train"][0].numpy().tobytes()).hexdigest()
+    results.put((sorted(inodes), deleted, digest))
+
+
+def test_processes_loading_at_once_make_the_mapped_file_once_and_share_it(tmp_path, manifest):
+    """Tune's workers (or data-parallel processes) load the splits at the same moment: one
+    makes the split's .npy file while the others wait for it, and all map that one file (no
+    process maps a file another replaced)."""
+    import multiprocessing
+
+    from pipeline.data.loader import load_prepared
+    from pipeline.data.mapped import file_identity
+
+    prepared, mapped = tmp_path / "prepared", tmp_path / "mapped"
+    prepared.mkdir()
+    write_splits(prepared, manifest, seed=7, dtype="float64", rows=(2000, 30))
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(3), context.Queue()
+    workers = [
+        context.Process(target=load_mapped_together, args=(barrier, prepared, mapped, results))
+        for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    got = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    npy = mapped / f"train-{file_identity(prepared / 'train.parquet')}.npy"
+    inputs = load_prepared(prepared, ("train",)).tensors["train"][0].numpy()
+    expected = hashlib.sha256(inputs.tobytes()).hexdigest()
+    assert got == [([str(npy.stat().st_ino)], False, expected)] * 3
+    assert sorted(p.name for p in mapped.iterdir()) == [npy.name, "train.lock"]

@@ -460,3 +460,14 @@ def test_where_the_data_lives_is_no_reason_to_start_afresh():
     key = stage.resume_key(HP, MODEL)
     assert stage.resume_key(HP.model_copy(update={"data_placement": "host"}), MODEL) == key
     assert stage.resume_key(HP.model_copy(update={"lr": 0.01}), MODEL) != key
+
+
+def test_processes_per_host_counts_what_lightning_starts(monkeypatch):
+    """The `auto` memory rule counts one copy of the splits per training process on a machine:
+    train.devices as given, or for `auto` every GPU on a CUDA machine and one process else."""
+    assert stage.processes_per_host(HP.model_copy(update={"devices": 3})) == 3
+    assert stage.processes_per_host(HP.model_copy(update={"devices": "auto"})) == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    on_gpus = HP.model_copy(update={"devices": "auto", "accelerator": "cuda"})
+    assert stage.processes_per_host(on_gpus) == 4
+    assert stage.processes_per_host(on_gpus.model_copy(update={"devices": 2})) == 2

@@ -277,3 +277,28 @@ def test_a_raw_table_memory_mapped_from_disk_is_validated_and_written_as_in_memo
         "exact duplicate of row 20",
     ]
     assert results["memory"][2:] == results["disk"][2:]
+
+
+def test_a_raw_table_whose_features_cannot_be_mapped_is_read_into_memory_with_a_line(
+    digits_table, manifest, tmp_path, monkeypatch, capsys
+):
+    """Text among the raw features: validate cannot memory-map them, says so in a line, and
+    reads the table as pandas does, for the gate to report what is wrong with it."""
+    from pipeline.io import write_json
+    from pipeline.stages.validate import read_raw
+
+    monkeypatch.chdir(tmp_path)
+    t = digits_table.copy()
+    t["px_5"] = t["px_5"].astype(str)
+    (tmp_path / "raw").mkdir()
+    t.to_parquet(tmp_path / "raw/samples.parquet", index=False)
+    write_json(tmp_path / "raw/manifest.json", manifest.to_dict())
+    table, found, why = read_raw(tmp_path / "raw", "disk")
+    assert (found, why) == (manifest, None)
+    pd.testing.assert_frame_equal(table, pd.read_parquet(tmp_path / "raw/samples.parquet"))
+    assert capsys.readouterr().out == (
+        f"[validate] {tmp_path / 'raw/samples.parquet'}: its features are not one block of "
+        "numbers, so they cannot be memory-mapped: read into memory (0.4 MB, "
+        "train.data_placement: disk)\n"
+    )
+    assert not (tmp_path / ".runway").exists()  # no scratch file was begun

@@ -136,9 +136,14 @@ def mapped_features(
 
                 def into(shape, dtype):
                     dtype = input_dtype([dtype])
-                    values = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-                    with open(tmp, "r+b") as file:
-                        reserve(file.fileno(), tmp.stat().st_size)
+                    try:
+                        values = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+                        with open(tmp, "r+b") as file:
+                            reserve(file.fileno(), tmp.stat().st_size)
+                    except OSError as exc:
+                        raise no_room(
+                            target.parent, int(np.prod(shape)) * dtype.itemsize, exc
+                        ) from None
                     return values
 
                 _, written, _ = read_features(path, into)
@@ -170,10 +175,15 @@ def scratch_array(shape: tuple[int, ...], dtype, folder: Path = MAPPED_DIR) -> n
             reserve(file.fileno(), nbytes)
             return np.memmap(file, dtype=dtype, mode="w+", shape=shape)
     except OSError as exc:
-        raise StageError(
-            f"{folder}: cannot make a scratch file of {megabytes(nbytes)} for memory-mapped "
-            f"features: {exc.strerror or exc}"
-        ) from None
+        raise no_room(folder, nbytes, exc) from None
+
+
+def no_room(folder: Path, nbytes: int, exc: OSError) -> StageError:
+    """The one line for a file of memory-mapped features that ``folder`` has no room for."""
+    return StageError(
+        f"{folder}: cannot make a file of {megabytes(nbytes)} for memory-mapped features: "
+        f"{exc.strerror or exc}"
+    )
 
 
 def reserve(fd: int, nbytes: int) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pandas as pd
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -56,7 +57,7 @@ from pipeline.config import (
 from pipeline.data.loader import Prepared, load_prepared
 from pipeline.data.profile import PROFILE_ARTIFACT, profile
 from pipeline.data.table import PREPARED_DIR
-from pipeline.device import available, describe
+from pipeline.device import available, describe, resolve
 from pipeline.io import (
     StageError,
     Terminated,
@@ -574,8 +575,11 @@ def main() -> None:
 
 
 def processes_per_host(hp: TrainParams) -> int:
-    """The training processes on each machine, each of which loads the splits."""
-    return hp.devices if isinstance(hp.devices, int) else 1
+    """The training processes on each machine, each of which loads the splits: ``devices: auto``
+    is every GPU Lightning sees on a CUDA machine (its ``auto_device_count``), else one."""
+    if isinstance(hp.devices, int):
+        return hp.devices
+    return CUDAAccelerator.auto_device_count() if resolve(hp.accelerator).type == "cuda" else 1
 
 
 def train_replica() -> None:
