@@ -504,3 +504,48 @@ def test_the_workers_lock_names_an_unreachable_database_and_warns_where_it_has_n
         "[tune worker 1] the study database (mysql) has no lock the workers share: the study "
         "may end with a trial or two more than tune.n_trials\n"
     )
+
+
+def test_the_cut_of_memory_mapped_splits_stays_memory_mapped(
+    digits_prepared, tmp_path, monkeypatch
+):
+    """Splits too large for memory are memory-mapped; so is the part of them the trials
+    train and are judged on (it may be large too: tune.train_samples is any number). The
+    trials get the same samples as from splits in memory."""
+    import torch
+
+    from pipeline.data.table import PREPARED_DIR
+    from pipeline.io import write_json
+    from pipeline.stages import tune
+
+    def mapping(tensor) -> str:
+        """The file (if any) mapped where ``tensor``'s data lies (Linux's /proc/self/maps)."""
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            span, _, _, _, _, *path = line.split(maxsplit=5)
+            start, end = (int(bound, 16) for bound in span.split("-"))
+            if start <= tensor.data_ptr() < end:
+                return path[0] if path else ""
+        raise AssertionError("not in any mapping")
+
+    monkeypatch.chdir(tmp_path)
+    PREPARED_DIR.mkdir(parents=True)
+    for split in ("train", "val"):
+        digits_prepared.tables[split].to_parquet(PREPARED_DIR / f"{split}.parquet", index=False)
+    write_json(PREPARED_DIR / "manifest.json", digits_prepared.manifest.to_dict())
+    cuts = {}
+    for placement in ("host", "disk"):
+        params = parse_params(
+            {
+                "train": {"data_placement": placement},
+                "tune": {"train_samples": 300, "val_samples": 100},
+            }
+        )
+        cuts[placement] = tune.prepare(params)
+    assert (cuts["host"].storage, cuts["disk"].storage) == ("memory", "disk")
+    for split, n in (("train", 300), ("val", 100)):
+        (x, y), (mapped_x, mapped_y) = (cuts[p].tensors[split] for p in ("host", "disk"))
+        assert len(mapped_x) == n
+        assert torch.equal(mapped_x, x) and torch.equal(mapped_y, y)
+        assert not mapping(x).startswith("/")  # the heap or anonymous memory, not a file
+        assert mapping(mapped_x).startswith(f"{tmp_path / '.runway/prepared'}/")
+        assert cuts["disk"].tables[split].equals(cuts["host"].tables[split])

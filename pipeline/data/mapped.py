@@ -214,19 +214,25 @@ def read_mapped(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]] | None
     return front, values, features
 
 
-# Feature values copied at a time by take_rows.
+# Values copied at a time by take.
 TAKE_VALUES = 2**22
 
 
+def take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``values[rows]`` in a :func:`scratch_array`, copied a block of rows at a time: when
+    ``values`` is memory-mapped, neither it nor the result is held in memory."""
+    out = scratch_array((len(rows), *values.shape[1:]), values.dtype)
+    step = max(1, TAKE_VALUES // max(1, int(np.prod(values.shape[1:]))))
+    for start in range(0, len(rows), step):
+        out[start : start + step] = values[rows[start : start + step]]
+    return out
+
+
 def take_rows(table: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
-    """``table``'s rows at positions ``rows``, its features copied into a
-    :func:`scratch_array` a block of rows at a time: for a table whose features are one
-    memory-mapped block, neither it nor the result is held in memory."""
+    """``table``'s rows at positions ``rows``, its features copied by :func:`take`: for a
+    table whose features are one memory-mapped block, neither it nor the result is held in
+    memory."""
     columns = features_of(table)
     block = table[columns].to_numpy()  # the table's own array when they are one block
-    out = scratch_array((len(rows), len(columns)), block.dtype)
-    step = max(1, TAKE_VALUES // max(1, len(columns)))
-    for start in range(0, len(rows), step):
-        out[start : start + step] = block[rows[start : start + step]]
     front = table.drop(columns=columns).iloc[rows].reset_index(drop=True)
-    return with_features(front, out, columns)
+    return with_features(front, take(block, rows), columns)

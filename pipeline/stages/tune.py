@@ -900,10 +900,14 @@ def torch_threads(threads: int | None):
 def prepare(params: Params):
     """The train and val splits, checked against every model the study may build, cut to
     ``tune.train_samples`` and ``tune.val_samples`` (see :func:`subset`). Their tables keep
-    the ids and labels only: the trials take the features as tensors, and a cut split's
-    tensors are a copy in memory of the samples kept (of splits memory-mapped from disk too).
+    the ids and labels only: the trials take the features as tensors. A cut split's inputs
+    are a copy of the samples kept: in memory, or for splits memory-mapped from disk in a
+    memory-mapped scratch file (:func:`~pipeline.data.mapped.take`), whatever its size.
     """
+    import torch
+
     from pipeline.data.loader import Prepared, load_prepared
+    from pipeline.data.mapped import take
     from pipeline.data.table import features_of
     from pipeline.training import check_model
 
@@ -931,7 +935,10 @@ def prepare(params: Params):
             f"(tune.{key}); the train stage uses them all"
         )
         tables[split] = tables[split].iloc[keep.numpy()].reset_index(drop=True)
-        tensors[split] = (x[keep], y[keep])
+        if data.storage == "disk":
+            tensors[split] = (torch.from_numpy(take(x.numpy(), keep.numpy())), y[keep])
+        else:
+            tensors[split] = (x[keep], y[keep])
     return Prepared(data.manifest, tables, tensors, data.storage, data.storage_reason)
 
 
