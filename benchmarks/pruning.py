@@ -6,7 +6,7 @@ study trains. Goal ≤ 0.5×.
 
 The studies are the tune stage's own: ``open_study`` (its sampler and pruner; here in a
 scratch SQLite store), ``suggest`` for each trial's params, ``pipeline.training.fit`` with
-Optuna's Lightning pruning callback, and ``optimize``."""
+its pruning callback, and ``optimize``."""
 
 from __future__ import annotations
 
@@ -19,10 +19,8 @@ WITHIN = 0.002  # of the no-pruning study's best val accuracy
 def study(ctx: Context, params, pruner: str) -> dict:
     """Run one new study with ``tune.pruner: <pruner>``; each trial's (epochs trained, best
     val/acc), in trial order."""
-    from optuna_integration import PyTorchLightningPruningCallback
-
     from pipeline.config import direction
-    from pipeline.stages.tune import open_study, optimize, suggest
+    from pipeline.stages.tune import open_study, optimize, pruning_callback, suggest
     from pipeline.training import MetricHistory, fit
 
     params = params.model_copy(update={"tune": params.tune.model_copy(update={"pruner": pruner})})
@@ -36,7 +34,7 @@ def study(ctx: Context, params, pruner: str) -> dict:
         history = MetricHistory()
         try:
             with quiet():
-                fit(hp, model, data, [PyTorchLightningPruningCallback(trial, cfg.metric), history])
+                fit(hp, model, data, [history, pruning_callback(trial, cfg.metric)])
         finally:
             accs = [h["val/acc"] for h in history.history if "val/acc" in h]
             log.append((len(history.history), max(accs, default=0.0)))

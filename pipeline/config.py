@@ -207,6 +207,10 @@ class TuneParams(_Section):
     seed: int = 42
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
+    # A trial validates every val_check_interval of an epoch (Lightning's val_check_interval,
+    # a fraction) and reports each check to the pruner: 0.25 lets it stop a bad trial inside
+    # its first epoch, for four validations an epoch. The pruners count checks.
+    val_check_interval: Annotated[float, Field(gt=0, le=1)] = 1.0
     # Trials train on at most train_samples of the training split and are judged on at most
     # val_samples of the val split (the same random ones, drawn with tune.seed, for every
     # trial and worker); the train stage uses every sample. null: the whole split. Below

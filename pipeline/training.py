@@ -189,7 +189,8 @@ class NoOpProfiler(PassThroughProfiler):
 
 
 class MetricHistory(pl.Callback):
-    """Collects every epoch's logged metrics (``history[i]`` is epoch i's dict)."""
+    """Collects the logged metrics at every validation (``history[i]`` is the i-th one's
+    dict: epoch i's when a training validates once an epoch)."""
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
@@ -272,12 +273,17 @@ def build_module(hp: TrainParams, model: ModelParams, data: Prepared) -> Classif
 
 
 def trainer_options(
-    hp: TrainParams, checkpointing: bool = False, distributed: bool = False
+    hp: TrainParams,
+    checkpointing: bool = False,
+    distributed: bool = False,
+    val_check_interval: float = 1.0,
 ) -> dict:
     """The keyword arguments :func:`fit` builds its Trainer with (besides logger, callbacks
     and root directory). ``checkpointing``: whether the callbacks include a ModelCheckpoint
     (without one Lightning would add its own). ``distributed``: train.devices, strategy and
-    num_nodes apply (the train stage); else one device (tuning trials)."""
+    num_nodes apply (the train stage); else one device (tuning trials).
+    ``val_check_interval``: the fraction of an epoch between validations (a trial's
+    ``tune.val_check_interval``)."""
     parallel = {"devices": 1}
     if distributed:
         parallel = {"devices": hp.devices, "strategy": hp.strategy, "num_nodes": hp.num_nodes}
@@ -285,6 +291,7 @@ def trainer_options(
         "accelerator": hp.accelerator,
         **parallel,
         "max_epochs": hp.max_epochs,
+        "val_check_interval": val_check_interval,
         "precision": hp.precision,
         "deterministic": hp.deterministic,
         "gradient_clip_val": hp.gradient_clip_val,
@@ -447,8 +454,10 @@ def fit(
     ckpt_path: Path | None = None,
     plain_cuda_check: bool | None = None,
     distributed: bool = False,
+    val_check_interval: float = 1.0,
 ) -> tuple[Classifier, pl.Trainer]:
-    """Seed, build and train one model on the train split, validating on val every epoch.
+    """Seed, build and train one model on the train split, validating on val every epoch
+    (every ``val_check_interval`` of one: see :func:`trainer_options`).
 
     With ``ckpt_path``, training continues from that checkpoint (loaded weights-only).
     ``plain_cuda_check`` (None: :data:`PLAIN_CUDA_CHECK`): see :func:`fit_environment`.
@@ -471,7 +480,7 @@ def fit(
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     with fit_scope(fit_environment(hp, plain_cuda_check)), signals.deferring():
         trainer = pl.Trainer(
-            **trainer_options(hp, checkpointing, distributed),
+            **trainer_options(hp, checkpointing, distributed, val_check_interval),
             logger=logger,
             callbacks=callbacks,
             default_root_dir=default_root_dir,

@@ -208,6 +208,7 @@ def test_a_section_read_records_the_keys_read(monkeypatch, tmp_path):
         "train.seed",
         "model.dropout",
         *(f"tune.{k}" for k in ("metric", "epochs", "seed", "sampler", "pruner", "storage")),
+        "tune.val_check_interval",
         "tune.workers",
         "tune.train_samples",
         "tune.val_samples",

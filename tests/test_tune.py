@@ -549,3 +549,51 @@ def test_the_cut_of_memory_mapped_splits_stays_memory_mapped(
         assert not mapping(x).startswith("/")  # the heap or anonymous memory, not a file
         assert mapping(mapped_x).startswith(f"{tmp_path / '.runway/prepared'}/")
         assert cuts["disk"].tables[split].equals(cuts["host"].tables[split])
+
+
+def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(
+    mlflow_store, digits_prepared, monkeypatch, capsys
+):
+    """tune.val_check_interval: 0.25 validates a trial four times an epoch (20 batches of 64:
+    every 5), each check a step the pruner sees and the trial's run logs; a pruner that stops
+    trial 1 at step 2 stops it three quarters through its first epoch."""
+    import mlflow
+    import optuna
+
+    from pipeline import tracking
+    from pipeline.config import TuneParams
+    from pipeline.data import loader
+    from pipeline.stages import tune
+
+    class PruneSecondTrialAtStep2(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return trial.number == 1 and trial.last_step == 2
+
+    monkeypatch.setattr(loader, "load_prepared", lambda **_: digits_prepared)
+    monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
+    monkeypatch.setattr(tune, "_pruner", lambda _: PruneSecondTrialAtStep2())
+    space = {**GRID, "lr": [0.001, 0.01], "batch_size": [64], "channels": [8]}
+    section = {"n_trials": 2, "epochs": 2, "sampler": "grid", "search_space": space}
+    params = parse_params({"tune": {**section, "val_check_interval": 0.25}})
+    out = mlflow_store / "reports"
+    out.mkdir()
+    tune.tune(params, out)
+    lines = capsys.readouterr().out
+    assert "trial 0: COMPLETE after 8 check(s)" in lines
+    assert "trial 1: PRUNED   after 3 check(s)" in lines
+
+    name = study_name(params, "digits.dir", code_hash())
+    study = optuna.load_study(study_name=name, storage=tune.study_storage())
+    first, second = study.trials
+    assert sorted(first.intermediate_values) == list(range(8))  # 2 epochs × 4 checks
+    assert sorted(second.intermediate_values) == [0, 1, 2]
+    assert len(set(first.intermediate_values.values())) == 8  # each after more training
+    client = mlflow.MlflowClient()
+    for trial in (first, second):
+        run_id = trial.user_attrs[tune.TRIAL_RUN]
+        logged = client.get_metric_history(run_id, "val/loss")
+        assert {m.step: m.value for m in logged} == trial.intermediate_values
+    # The pruners' budgets are checks: Hyperband's largest is a whole trial's.
+    assert tune.checks(TuneParams(epochs=10, val_check_interval=0.25)) == 40
+    assert tune.checks(TuneParams(epochs=10, val_check_interval=0.3)) == 30  # every 3/10
+    assert tune.checks(TuneParams(epochs=10)) == 10

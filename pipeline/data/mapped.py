@@ -7,6 +7,7 @@ train (and evaluate, register) to share. Imports no torch: validate uses it too.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -141,7 +142,7 @@ def mapped_features(
                         with open(tmp, "r+b") as file:
                             reserve(file.fileno(), tmp.stat().st_size)
                     except OSError as exc:
-                        raise no_room(
+                        raise cannot_map(
                             target.parent, int(np.prod(shape)) * dtype.itemsize, exc
                         ) from None
                     return values
@@ -175,11 +176,12 @@ def scratch_array(shape: tuple[int, ...], dtype, folder: Path = MAPPED_DIR) -> n
             reserve(file.fileno(), nbytes)
             return np.memmap(file, dtype=dtype, mode="w+", shape=shape)
     except OSError as exc:
-        raise no_room(folder, nbytes, exc) from None
+        raise cannot_map(folder, nbytes, exc) from None
 
 
-def no_room(folder: Path, nbytes: int, exc: OSError) -> StageError:
-    """The one line for a file of memory-mapped features that ``folder`` has no room for."""
+def cannot_map(folder: Path, nbytes: int, exc: OSError) -> StageError:
+    """The one line for a file of memory-mapped features that cannot be made in ``folder``
+    (no room, say)."""
     return StageError(
         f"{folder}: cannot make a file of {megabytes(nbytes)} for memory-mapped features: "
         f"{exc.strerror or exc}"
@@ -191,7 +193,11 @@ def reserve(fd: int, nbytes: int) -> None:
     disk then fails here, with a message, not as a crash (SIGBUS) when a page of a mapping
     of it is first written."""
     if hasattr(os, "posix_fallocate"):
-        os.posix_fallocate(fd, 0, nbytes)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):  # a system without it
+                raise
 
 
 def table_bytes(path: Path) -> int:

@@ -579,7 +579,9 @@ def processes_per_host(hp: TrainParams) -> int:
     is every GPU Lightning sees on a CUDA machine (its ``auto_device_count``), else one."""
     if isinstance(hp.devices, int):
         return hp.devices
-    return CUDAAccelerator.auto_device_count() if resolve(hp.accelerator).type == "cuda" else 1
+    if resolve(hp.accelerator).type == "cuda":
+        return max(1, CUDAAccelerator.auto_device_count())  # none: train stops on its line
+    return 1
 
 
 def train_replica() -> None:
@@ -605,6 +607,7 @@ def train_stage() -> None:
     line = overridden(rows)
     if line:
         print(f"[train] {line}")
+    available(hp.accelerator)  # a device this machine lacks: one line, before any data is read
     data = load_prepared(
         splits=("train", "val"), placement=hp.data_placement, processes=processes_per_host(hp)
     )

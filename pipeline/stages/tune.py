@@ -16,7 +16,9 @@ of them); a study that has tried every point is done.
 
 MLflow gets one parent run ``tune · <study>`` (tagged with the training device) and one
 nested run per trial, ``<study> · trial <n> · <state>``, tagged with the trial's final state
-and holding every epoch it trained (the one that pruned it included). A pruned trial's run
+and holding every epoch it trained (the one that pruned it included; every check, with
+``tune.val_check_interval`` below 1: the pruner then sees a trial several times an epoch and
+can stop it inside its first). A pruned trial's run
 ends FINISHED; only a trial that raised ends FAILED. Writes ``reports/tune/best_params.json``
 (an input of train, never written back to params.yaml), ``trials.csv``,
 ``optimization_history.png`` and ``intermediate_values.png`` (drawn by Optuna's matplotlib
@@ -240,14 +242,53 @@ def _sampler(tune: TuneParams, trials_so_far: int = 0):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, tune.n_trials))
 
 
+def checks(tune: TuneParams) -> int:
+    """The validations a trial that is not pruned reports (the pruners' steps), on an epoch
+    of many batches: Lightning validates every ``int(batches × val_check_interval)``."""
+    return tune.epochs * math.floor(1 / tune.val_check_interval + 1e-9)
+
+
+def step_unit(tune: TuneParams) -> str:
+    """What a trial's reported steps count: epochs, or checks within them."""
+    return "epoch" if tune.val_check_interval == 1 else "check"
+
+
 def _pruner(tune: TuneParams):
+    """The study's pruner; its steps are a trial's validations (:func:`checks`): the median
+    pruner prunes from the third, Hyperband's smallest budget is two."""
     import optuna
 
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=tune.epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=checks(tune))
     return optuna.pruners.NopPruner()
+
+
+def pruning_callback(trial, monitor: str):
+    """A Lightning callback that reports ``monitor`` to ``trial`` at every validation (step
+    0, 1, ... in order) and raises ``optuna.TrialPruned`` when the pruner says so.
+    optuna-integration's ``PyTorchLightningPruningCallback`` reports at most once an epoch
+    (its step is the epoch), which ``tune.val_check_interval`` below 1 needs more than."""
+    import lightning.pytorch as pl
+    import optuna
+
+    class PruneAtChecks(pl.Callback):
+        def __init__(self) -> None:
+            self.step = 0
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            step, self.step = self.step, self.step + 1
+            value = trainer.callback_metrics.get(monitor)
+            if value is None:  # the objective says so once the training ends
+                return
+            trial.report(value.item(), step=step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"Trial was pruned at step {step}.")
+
+    return PruneAtChecks()
 
 
 def requeue_interrupted(study, running: bool = True) -> tuple[int, list[int]]:
@@ -473,10 +514,11 @@ def optimize(study, objective, n_trials: int, callbacks=None) -> None:
             raise KeyboardInterrupt from None
 
 
-def write_plots(study, metric: str, out_dir: Path) -> None:
+def write_plots(study, metric: str, out_dir: Path, unit: str = "epoch") -> None:
     """``optimization_history.png``: each completed trial's value and the best so far; and,
-    when trials reported epochs, ``intermediate_values.png``: each trial's curve, pruned ones
-    included. Without a completed trial (``tune.n_trials: 0``) the history is a placeholder."""
+    when trials reported epochs (or checks within them: ``unit``),
+    ``intermediate_values.png``: each trial's curve, pruned ones included. Without a
+    completed trial (``tune.n_trials: 0``) the history is a placeholder."""
     import warnings
 
     import matplotlib
@@ -502,7 +544,7 @@ def write_plots(study, metric: str, out_dir: Path) -> None:
         figures = {"optimization_history.png": ax}
         if any(t.intermediate_values for t in trials):
             figures["intermediate_values.png"] = plots.plot_intermediate_values(study)
-            figures["intermediate_values.png"].set(xlabel="epoch", ylabel=metric)
+            figures["intermediate_values.png"].set(xlabel=unit, ylabel=metric)
         for name, ax in figures.items():
             if log and values:
                 ax.set_yscale("log")
@@ -525,11 +567,11 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
     import optuna
     from mlflow.entities import Metric
     from optuna.exceptions import ExperimentalWarning
-    from optuna_integration import PyTorchLightningPruningCallback
 
     from pipeline.training import MetricHistory, fit
 
     cfg, metric = params.tune, params.tune.metric
+    unit = step_unit(cfg)
     client = mlflow.MlflowClient()
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -558,9 +600,9 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
             trial.set_user_attr(WORKER, worker)
             tracking.log_values(trial_values(params, hp, model, trial.params))
             try:
-                pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
-                # History first: it records the epoch whose value prunes the trial.
-                fit(hp, model, data, [history, pruning])
+                pruning = pruning_callback(trial, metric)
+                # History first: it records the check whose value prunes the trial.
+                fit(hp, model, data, [history, pruning], val_check_interval=cfg.val_check_interval)
                 values = [h[metric] for h in history.history if metric in h]
                 if not values:
                     raise StageError(f"trial {trial.number} logged no {metric}")
@@ -573,20 +615,22 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
                 state, pruned = "PRUNED", exc
             finally:
                 # One call for the whole trial: each call is a round trip to the store.
+                # Step: the epoch, or the check (tune.val_check_interval below 1), as the
+                # pruner counts.
                 now = int(time.time() * 1000)
-                epochs = [
-                    Metric(k, v, now, epoch)
-                    for epoch, h in enumerate(history.history)
+                steps = [
+                    Metric(k, v, now, step)
+                    for step, h in enumerate(history.history)
                     for k, v in h.items()
                     if math.isfinite(v)
                 ]
-                if epochs:
-                    client.log_batch(run.info.run_id, metrics=epochs)
+                if steps:
+                    client.log_batch(run.info.run_id, metrics=steps)
                 client.set_tag(run.info.run_id, "optuna.trial_state", state)
                 client.update_run(run.info.run_id, name=f"{name} · {state}")
                 print(
                     f"{label} trial {trial.number}: {state:<8} after {len(history.history)} "
-                    f"epoch(s) ({time.perf_counter() - start:.1f}s)  "
+                    f"{unit}(s) ({time.perf_counter() - start:.1f}s)  "
                     + ", ".join(
                         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in trial.params.items()
@@ -1030,7 +1074,7 @@ def run_study(params: Params, out_dir: Path, workers: ExitStack, storage) -> dic
         tracking.log_params(best.params)
         mlflow.set_tag("optuna.best_trial", str(best.number))
         study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
-        write_plots(study, metric, out_dir)
+        write_plots(study, metric, out_dir, step_unit(cfg))
         write_json(out_dir / "best_params.json", best.params)
         mlflow.log_artifacts(str(out_dir), artifact_path="tune")
     print(
