@@ -34,7 +34,13 @@ def study(ctx: Context, params, pruner: str) -> dict:
         history = MetricHistory()
         try:
             with quiet():
-                fit(hp, model, data, [history, pruning_callback(trial, cfg.metric)])
+                fit(
+                    hp,
+                    model,
+                    data,
+                    [history, pruning_callback(trial, cfg.metric, cfg.checks_per_epoch)],
+                    checks_per_epoch=cfg.checks_per_epoch,
+                )
         finally:
             accs = [h["val/acc"] for h in history.history if "val/acc" in h]
             log.append((len(history.history), max(accs, default=0.0)))

@@ -208,9 +208,25 @@ class TuneParams(_Section):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     # A trial validates every val_check_interval of an epoch (Lightning's val_check_interval,
-    # a fraction) and reports each check to the pruner: 0.25 lets it stop a bad trial inside
-    # its first epoch, for four validations an epoch. The pruners count checks.
+    # a fraction: 1 over a whole number, so that each epoch ends on a check) and reports each
+    # check to the pruner: 0.25 lets it stop a bad trial inside its first epoch, for four
+    # validations an epoch. The pruners count checks.
     val_check_interval: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+    @field_validator("val_check_interval")
+    @classmethod
+    def _whole_checks(cls, value: float) -> float:
+        if abs(1 / value - round(1 / value)) > 1e-6:
+            raise ValueError(
+                f"{value:g}: expected 1 over a whole number of checks an epoch (1, 0.5, 0.25, "
+                "0.2, 0.1, ...), so that every epoch ends on a check"
+            )
+        return value
+
+    @property
+    def checks_per_epoch(self) -> int:
+        return round(1 / self.val_check_interval)
+
     # Trials train on at most train_samples of the training split and are judged on at most
     # val_samples of the val split (the same random ones, drawn with tune.seed, for every
     # trial and worker); the train stage uses every sample. null: the whole split. Below
@@ -333,6 +349,18 @@ class Params(_Section):
     register_: RegisterParams = Field(default=RegisterParams(), alias="register")
     retrain: RetrainParams = RetrainParams()
     mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _checks_between_steps(self) -> Params:
+        accumulate = self.train.accumulate_grad_batches
+        if self.tune.val_check_interval < 1 and accumulate > 1:
+            raise ValueError(
+                f"tune.val_check_interval: {self.tune.val_check_interval:g} validates trials "
+                f"inside an epoch, and train.accumulate_grad_batches: {accumulate} steps the "
+                "optimiser once every few batches, so a check could fall between its steps; "
+                "set one of them to 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _weights_for_resnet(self) -> Params:

@@ -273,17 +273,12 @@ def build_module(hp: TrainParams, model: ModelParams, data: Prepared) -> Classif
 
 
 def trainer_options(
-    hp: TrainParams,
-    checkpointing: bool = False,
-    distributed: bool = False,
-    val_check_interval: float = 1.0,
+    hp: TrainParams, checkpointing: bool = False, distributed: bool = False
 ) -> dict:
     """The keyword arguments :func:`fit` builds its Trainer with (besides logger, callbacks
     and root directory). ``checkpointing``: whether the callbacks include a ModelCheckpoint
     (without one Lightning would add its own). ``distributed``: train.devices, strategy and
-    num_nodes apply (the train stage); else one device (tuning trials).
-    ``val_check_interval``: the fraction of an epoch between validations (a trial's
-    ``tune.val_check_interval``)."""
+    num_nodes apply (the train stage); else one device (tuning trials)."""
     parallel = {"devices": 1}
     if distributed:
         parallel = {"devices": hp.devices, "strategy": hp.strategy, "num_nodes": hp.num_nodes}
@@ -291,7 +286,6 @@ def trainer_options(
         "accelerator": hp.accelerator,
         **parallel,
         "max_epochs": hp.max_epochs,
-        "val_check_interval": val_check_interval,
         "precision": hp.precision,
         "deterministic": hp.deterministic,
         "gradient_clip_val": hp.gradient_clip_val,
@@ -302,6 +296,21 @@ def trainer_options(
         "num_sanity_val_steps": 0,
         "profiler": NoOpProfiler(),
     }
+
+
+def check_schedule(batches: int, checks: int) -> dict:
+    """Trainer options that validate ``checks`` times an epoch of ``batches`` batches, the
+    last time at its end: every ``batches // checks`` batches, the epoch cut to ``checks``
+    times that (fewer than ``checks`` batches left out), or after each batch when an epoch
+    has fewer than ``checks``. (Lightning's fractional ``val_check_interval`` validates every
+    ``int(batches × fraction)`` batches and not at the epoch's end: 5 times an epoch of 10
+    batches for 0.25, and the batches after the last check go unjudged.)"""
+    if checks == 1:
+        return {}
+    every = batches // checks
+    if every == 0:
+        return {"val_check_interval": 1}
+    return {"val_check_interval": every, "limit_train_batches": every * checks}
 
 
 def fit_environment(hp: TrainParams, plain_cuda_check: bool | None = None) -> dict:
@@ -454,10 +463,10 @@ def fit(
     ckpt_path: Path | None = None,
     plain_cuda_check: bool | None = None,
     distributed: bool = False,
-    val_check_interval: float = 1.0,
+    checks_per_epoch: int = 1,
 ) -> tuple[Classifier, pl.Trainer]:
     """Seed, build and train one model on the train split, validating on val every epoch
-    (every ``val_check_interval`` of one: see :func:`trainer_options`).
+    (``checks_per_epoch`` times an epoch, one device: see :func:`check_schedule`).
 
     With ``ckpt_path``, training continues from that checkpoint (loaded weights-only).
     ``plain_cuda_check`` (None: :data:`PLAIN_CUDA_CHECK`): see :func:`fit_environment`.
@@ -480,7 +489,8 @@ def fit(
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     with fit_scope(fit_environment(hp, plain_cuda_check)), signals.deferring():
         trainer = pl.Trainer(
-            **trainer_options(hp, checkpointing, distributed, val_check_interval),
+            **trainer_options(hp, checkpointing, distributed),
+            **check_schedule(-(-len(data.tensors["train"][1]) // hp.batch_size), checks_per_epoch),
             logger=logger,
             callbacks=callbacks,
             default_root_dir=default_root_dir,

@@ -27,6 +27,15 @@ def test_repository_params_are_valid():
         ({"tune": {"n_trials": -1}}, "tune.n_trials"),
         ({"register": {"min_delta": 2}}, "register.min_delta"),
         ({"data": {"source": "imagenet"}}, "data.source: 'imagenet' is not allowed"),
+        (
+            {"tune": {"val_check_interval": 0.3}},
+            "tune.val_check_interval: 0.3: expected 1 over a whole number of checks an epoch",
+        ),
+        (
+            {"tune": {"val_check_interval": 0.5}, "train": {"accumulate_grad_batches": 2}},
+            "tune.val_check_interval: 0.5 validates trials inside an epoch, and "
+            "train.accumulate_grad_batches: 2 steps the optimiser once every few batches",
+        ),
     ],
 )
 def test_bad_values_name_the_key(raw, expected):

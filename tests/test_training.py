@@ -131,7 +131,7 @@ def test_epoch_metrics_are_torchmetrics_logged_once_per_epoch(digits_prepared):
     assert [step for step, _ in logged] == [0, 1, 2]
     names = {"train/loss", "train/acc", "val/loss", "val/acc", "train/samples_per_s"}
     assert all(set(m) == names for _, m in logged)
-    assert module.epoch_samples == len(digits_prepared.tables["train"])  # the last epoch's
+    assert module.rated_samples == len(digits_prepared.tables["train"])  # the last epoch's
     assert all(m["train/samples_per_s"] > 0 for _, m in logged)
     assert history.history == [m for _, m in logged]
     # val/acc is the plain accuracy of the model as it ended the last epoch.
@@ -555,3 +555,20 @@ def test_fit_refuses_a_device_this_machine_lacks(digits_prepared):
     hp = TrainParams(max_epochs=1, accelerator="mps")  # never present on Linux
     with pytest.raises(StageError, match=r"^params.yaml: train.accelerator: 'mps' needs an MPS"):
         fit(hp, ModelParams(channels=8), digits_prepared, [])
+
+
+def test_checks_inside_an_epoch_each_log_the_training_since_the_last(digits_prepared):
+    """Four checks an epoch (a trial's tune.val_check_interval: 0.25), 20 batches of 64: one
+    every 5 batches, the last at the epoch's end; each logs the train loss and throughput of
+    the 5 batches before it (the last 4 × 64 + 36 samples), not of the epoch so far."""
+    history = MetricHistory()
+    hp = TrainParams(max_epochs=1, batch_size=64, accelerator="cpu")
+    module, trainer = fit(
+        hp, ModelParams(channels=8), digits_prepared, [history], checks_per_epoch=4
+    )
+    assert len(history.history) == 4
+    assert trainer.global_step == 20  # every batch trained
+    assert all(h["train/samples_per_s"] > 0 for h in history.history)
+    assert module.rated_samples == 1252 - 15 * 64  # batches 16-20, the last one of 36
+    losses = [h["train/loss"] for h in history.history]
+    assert losses == sorted(losses, reverse=True)  # later stretches of training fit better

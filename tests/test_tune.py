@@ -554,9 +554,11 @@ def test_the_cut_of_memory_mapped_splits_stays_memory_mapped(
 def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(
     mlflow_store, digits_prepared, monkeypatch, capsys
 ):
-    """tune.val_check_interval: 0.25 validates a trial four times an epoch (20 batches of 64:
-    every 5), each check a step the pruner sees and the trial's run logs; a pruner that stops
-    trial 1 at step 2 stops it three quarters through its first epoch."""
+    """tune.val_check_interval: 0.25 validates a trial four times an epoch, the last at its
+    end, each check a step the pruner sees and the trial's run logs. Batch 64 (20 batches
+    an epoch) checks every 5 batches, steps 0-3 in epoch 1 and 4-7 in epoch 2; a pruner
+    that stops it at step 2 stops it three quarters through its first epoch. Batch 512 (3
+    batches) checks after each, at the steps of the same shares of its training: 1, 2, 3."""
     import mlflow
     import optuna
 
@@ -564,36 +566,44 @@ def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(
     from pipeline.config import TuneParams
     from pipeline.data import loader
     from pipeline.stages import tune
+    from pipeline.training import check_schedule
 
-    class PruneSecondTrialAtStep2(optuna.pruners.BasePruner):
+    class PruneBatch64AtStep2(optuna.pruners.BasePruner):
         def prune(self, study, trial) -> bool:
-            return trial.number == 1 and trial.last_step == 2
+            return trial.params["train.batch_size"] == 64 and trial.last_step == 2
 
     monkeypatch.setattr(loader, "load_prepared", lambda **_: digits_prepared)
     monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
-    monkeypatch.setattr(tune, "_pruner", lambda _: PruneSecondTrialAtStep2())
-    space = {**GRID, "lr": [0.001, 0.01], "batch_size": [64], "channels": [8]}
+    monkeypatch.setattr(tune, "_pruner", lambda _: PruneBatch64AtStep2())
+    space = {**GRID, "lr": [0.01], "batch_size": [64, 512], "channels": [8]}
     section = {"n_trials": 2, "epochs": 2, "sampler": "grid", "search_space": space}
     params = parse_params({"tune": {**section, "val_check_interval": 0.25}})
     out = mlflow_store / "reports"
     out.mkdir()
     tune.tune(params, out)
     lines = capsys.readouterr().out
-    assert "trial 0: COMPLETE after 8 check(s)" in lines
-    assert "trial 1: PRUNED   after 3 check(s)" in lines
 
     name = study_name(params, "digits.dir", code_hash())
     study = optuna.load_study(study_name=name, storage=tune.study_storage())
-    first, second = study.trials
-    assert sorted(first.intermediate_values) == list(range(8))  # 2 epochs × 4 checks
-    assert sorted(second.intermediate_values) == [0, 1, 2]
-    assert len(set(first.intermediate_values.values())) == 8  # each after more training
+    trials = {t.params["train.batch_size"]: t for t in study.trials}
+    assert trials[64].state == optuna.trial.TrialState.PRUNED
+    assert sorted(trials[64].intermediate_values) == [0, 1, 2]
+    assert trials[512].state == optuna.trial.TrialState.COMPLETE
+    assert sorted(trials[512].intermediate_values) == [1, 2, 3, 5, 6, 7]
+    assert len(set(trials[512].intermediate_values.values())) == 6  # each after more training
+    assert f"trial {trials[64].number}: PRUNED   after 3 check(s)" in lines
+    assert f"trial {trials[512].number}: COMPLETE after 6 check(s)" in lines
     client = mlflow.MlflowClient()
-    for trial in (first, second):
+    for trial in trials.values():
         run_id = trial.user_attrs[tune.TRIAL_RUN]
         logged = client.get_metric_history(run_id, "val/loss")
         assert {m.step: m.value for m in logged} == trial.intermediate_values
+    # The checks: every batches // 4, the epoch cut to 4 times that; each batch when fewer.
+    assert check_schedule(20, 4) == {"val_check_interval": 5, "limit_train_batches": 20}
+    assert check_schedule(14, 4) == {"val_check_interval": 3, "limit_train_batches": 12}
+    assert check_schedule(3, 4) == {"val_check_interval": 1}
+    assert check_schedule(3, 1) == {}
     # The pruners' budgets are checks: Hyperband's largest is a whole trial's.
     assert tune.checks(TuneParams(epochs=10, val_check_interval=0.25)) == 40
-    assert tune.checks(TuneParams(epochs=10, val_check_interval=0.3)) == 30  # every 3/10
+    assert tune.checks(TuneParams(epochs=10, val_check_interval=0.2)) == 50
     assert tune.checks(TuneParams(epochs=10)) == 10

@@ -98,8 +98,11 @@ class Classifier(pl.LightningModule):
         self.lr = lr
         self.batch_size, self.lr_batch_size, self.lr_scaling = batch_size, lr_batch_size, lr_scaling
         self.effective_lr = lr
-        self.epoch_start: float | None = None
-        self.epoch_samples, self.train_seconds = 0, None
+        # Training since the epoch's start or its last validation: when, samples, seconds
+        # (the throughput logged at a validation covers that stretch; rated_samples, its
+        # samples).
+        self.since: float | None = None
+        self.samples, self.train_seconds, self.rated_samples = 0, None, 0
         self.optimizer_name = optimizer
         self.weight_decay = weight_decay
         self.max_epochs = max_epochs
@@ -147,16 +150,16 @@ class Classifier(pl.LightningModule):
         return self._step(x, y, self.train_loss, self.train_acc)
 
     def on_train_epoch_start(self) -> None:
-        self.epoch_start, self.epoch_samples, self.train_seconds = time.perf_counter(), 0, None
+        self.since, self.samples, self.train_seconds = time.perf_counter(), 0, None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.epoch_samples += len(batch[1])
+        self.samples += len(batch[1])
 
     def on_validation_epoch_start(self) -> None:
-        if self.epoch_start is not None and self.train_seconds is None and self.epoch_samples:
+        if self.since is not None and self.train_seconds is None and self.samples:
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # once per epoch: the steps are queued
-            self.train_seconds = time.perf_counter() - self.epoch_start
+                torch.cuda.synchronize(self.device)  # once per check: the steps are queued
+            self.train_seconds = time.perf_counter() - self.since
         self.val_loss.reset()
         self.val_acc.reset()
 
@@ -167,7 +170,7 @@ class Classifier(pl.LightningModule):
         if self.trainer.sanity_checking or not self.train_loss.update_called:
             return
         train_loss = self.train_loss.compute()
-        if not torch.isfinite(train_loss):  # one check per epoch
+        if not torch.isfinite(train_loss):  # at each validation: once an epoch, but in trials
             raise NonFiniteLoss(
                 f"training diverged: train/loss is {train_loss.item()} at epoch "
                 f"{self.current_epoch + 1} ({self.optimizer_name}, lr {self.effective_lr:g}); "
@@ -182,12 +185,15 @@ class Classifier(pl.LightningModule):
         }
         if self.train_seconds:
             world = self.trainer.world_size
-            metrics["train/samples_per_s"] = self.epoch_samples * world / self.train_seconds
+            metrics["train/samples_per_s"] = self.samples * world / self.train_seconds
+            self.rated_samples = self.samples
         # sync_dist: the values are the same in every process of a data-parallel training
         # (torchmetrics' compute() gathers them); Lightning asks for it all the same.
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         for metric in (self.train_loss, self.train_acc, self.val_loss, self.val_acc):
             metric.reset()
+        # Training resumes (a trial may validate inside an epoch: tune.val_check_interval).
+        self.since, self.samples, self.train_seconds = time.perf_counter(), 0, None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         rng = {"torch": torch.get_rng_state()}

@@ -243,9 +243,8 @@ def _sampler(tune: TuneParams, trials_so_far: int = 0):
 
 
 def checks(tune: TuneParams) -> int:
-    """The validations a trial that is not pruned reports (the pruners' steps), on an epoch
-    of many batches: Lightning validates every ``int(batches × val_check_interval)``."""
-    return tune.epochs * math.floor(1 / tune.val_check_interval + 1e-9)
+    """The validations a trial that is not pruned reports: the pruners' steps."""
+    return tune.epochs * tune.checks_per_epoch
 
 
 def step_unit(tune: TuneParams) -> str:
@@ -265,9 +264,13 @@ def _pruner(tune: TuneParams):
     return optuna.pruners.NopPruner()
 
 
-def pruning_callback(trial, monitor: str):
-    """A Lightning callback that reports ``monitor`` to ``trial`` at every validation (step
-    0, 1, ... in order) and raises ``optuna.TrialPruned`` when the pruner says so.
+def pruning_callback(trial, monitor: str, checks_per_epoch: int = 1):
+    """A Lightning callback that reports ``monitor`` to ``trial`` at every validation and
+    raises ``optuna.TrialPruned`` when the pruner says so; ``steps`` lists the step of each.
+    A check's step is where it falls on a grid of ``checks_per_epoch`` an epoch: ``epoch ×
+    checks_per_epoch + j``, for the check after the (j + 1)-th part of the epoch's batches.
+    So a trial whose epoch has fewer batches than checks (a large batch size) reports the
+    same steps for the same share of its training as the others, skipping some.
     optuna-integration's ``PyTorchLightningPruningCallback`` reports at most once an epoch
     (its step is the epoch), which ``tune.val_check_interval`` below 1 needs more than."""
     import lightning.pytorch as pl
@@ -275,12 +278,21 @@ def pruning_callback(trial, monitor: str):
 
     class PruneAtChecks(pl.Callback):
         def __init__(self) -> None:
-            self.step = 0
+            self.steps: list[int] = []
+            self.batches = 0  # trained this epoch
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.batches = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.batches = batch_idx + 1
 
         def on_validation_end(self, trainer, pl_module) -> None:
             if trainer.sanity_checking:
                 return
-            step, self.step = self.step, self.step + 1
+            part = math.ceil(self.batches * checks_per_epoch / trainer.num_training_batches)
+            step = trainer.current_epoch * checks_per_epoch + max(part, 1) - 1
+            self.steps.append(step)
             value = trainer.callback_metrics.get(monitor)
             if value is None:  # the objective says so once the training ends
                 return
@@ -593,6 +605,7 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
         name = f"{study.study_name} · trial {trial.number}"
         parent = study.user_attrs.get(PARENT_RUN)
         pruned = None
+        pruning = pruning_callback(trial, metric, cfg.checks_per_epoch)
         with tracking.run(
             experiment_id, f"{name} · RUNNING", trial_tags, nested=True, parent_run_id=parent
         ) as run:
@@ -600,9 +613,8 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
             trial.set_user_attr(WORKER, worker)
             tracking.log_values(trial_values(params, hp, model, trial.params))
             try:
-                pruning = pruning_callback(trial, metric)
                 # History first: it records the check whose value prunes the trial.
-                fit(hp, model, data, [history, pruning], val_check_interval=cfg.val_check_interval)
+                fit(hp, model, data, [history, pruning], checks_per_epoch=cfg.checks_per_epoch)
                 values = [h[metric] for h in history.history if metric in h]
                 if not values:
                     raise StageError(f"trial {trial.number} logged no {metric}")
@@ -620,7 +632,7 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
                 now = int(time.time() * 1000)
                 steps = [
                     Metric(k, v, now, step)
-                    for step, h in enumerate(history.history)
+                    for step, h in zip(pruning.steps, history.history, strict=True)
                     for k, v in h.items()
                     if math.isfinite(v)
                 ]
