@@ -299,17 +299,18 @@ def trainer_options(
 
 
 def check_schedule(batches: int, checks: int) -> dict:
-    """Trainer options that validate ``checks`` times an epoch of ``batches`` batches, the
-    last time at its end: every ``batches // checks`` batches, the epoch cut to ``checks``
-    times that (fewer than ``checks`` batches left out), or after each batch when an epoch
-    has fewer than ``checks``. (Lightning's fractional ``val_check_interval`` validates every
-    ``int(batches × fraction)`` batches and not at the epoch's end: 5 times an epoch of 10
-    batches for 0.25, and the batches after the last check go unjudged.)"""
+    """Trainer options that validate at least ``checks`` times an epoch of ``batches``
+    batches, the last time at its end: every ``batches // checks`` batches, the epoch cut to
+    ``checks`` times that (fewer than ``checks`` batches left out), or after each batch when
+    an epoch has fewer than twice ``checks`` (where that cut could leave out a third of it).
+    (Lightning's fractional ``val_check_interval`` validates every ``int(batches ×
+    fraction)`` batches and not at the epoch's end: 5 times an epoch of 10 batches for 0.25,
+    and the batches after the last check go unjudged.)"""
     if checks == 1:
         return {}
-    every = batches // checks
-    if every == 0:
+    if batches < 2 * checks:
         return {"val_check_interval": 1}
+    every = batches // checks
     return {"val_check_interval": every, "limit_train_batches": every * checks}
 
 
@@ -476,6 +477,8 @@ def fit(
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    if checks_per_epoch > 1 and distributed:
+        raise ValueError("checks inside an epoch count one device's batches: tuning trials only")
     device = available(hp.accelerator)  # a device this machine lacks: one line, before the Trainer
     if hp.precision == "16-mixed" and device.type != "cuda":
         raise StageError(

@@ -31,6 +31,7 @@ def test_repository_params_are_valid():
             {"tune": {"val_check_interval": 0.3}},
             "tune.val_check_interval: 0.3: expected 1 over a whole number of checks an epoch",
         ),
+        ({"tune": {"val_check_interval": 0.001}}, "tune.val_check_interval: Input should be"),
         (
             {"tune": {"val_check_interval": 0.5}, "train": {"accumulate_grad_batches": 2}},
             "tune.val_check_interval: 0.5 validates trials inside an epoch, and "

@@ -557,8 +557,10 @@ def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(
     """tune.val_check_interval: 0.25 validates a trial four times an epoch, the last at its
     end, each check a step the pruner sees and the trial's run logs. Batch 64 (20 batches
     an epoch) checks every 5 batches, steps 0-3 in epoch 1 and 4-7 in epoch 2; a pruner
-    that stops it at step 2 stops it three quarters through its first epoch. Batch 512 (3
-    batches) checks after each, at the steps of the same shares of its training: 1, 2, 3."""
+    that stops it at step 2 stops it three quarters through its first epoch. Batches 256
+    (5 an epoch) and 512 (3) check after each; step j is the first check that has trained at
+    least the (j + 1)-th quarter: 256 reports after batches 2-5 of each epoch, 512 after
+    batches 1, 2 and 3 as steps 0, 1 and 3."""
     import mlflow
     import optuna
 
@@ -575,8 +577,8 @@ def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(
     monkeypatch.setattr(loader, "load_prepared", lambda **_: digits_prepared)
     monkeypatch.setattr(tracking, "dvc_hash", lambda _: "digits.dir")
     monkeypatch.setattr(tune, "_pruner", lambda _: PruneBatch64AtStep2())
-    space = {**GRID, "lr": [0.01], "batch_size": [64, 512], "channels": [8]}
-    section = {"n_trials": 2, "epochs": 2, "sampler": "grid", "search_space": space}
+    space = {**GRID, "lr": [0.01], "batch_size": [64, 256, 512], "channels": [8]}
+    section = {"n_trials": 3, "epochs": 2, "sampler": "grid", "search_space": space}
     params = parse_params({"tune": {**section, "val_check_interval": 0.25}})
     out = mlflow_store / "reports"
     out.mkdir()
@@ -588,19 +590,23 @@ def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(
     trials = {t.params["train.batch_size"]: t for t in study.trials}
     assert trials[64].state == optuna.trial.TrialState.PRUNED
     assert sorted(trials[64].intermediate_values) == [0, 1, 2]
-    assert trials[512].state == optuna.trial.TrialState.COMPLETE
-    assert sorted(trials[512].intermediate_values) == [1, 2, 3, 5, 6, 7]
+    assert trials[256].state == trials[512].state == optuna.trial.TrialState.COMPLETE
+    assert sorted(trials[256].intermediate_values) == list(range(8))
+    assert sorted(trials[512].intermediate_values) == [0, 1, 3, 4, 5, 7]
     assert len(set(trials[512].intermediate_values.values())) == 6  # each after more training
     assert f"trial {trials[64].number}: PRUNED   after 3 check(s)" in lines
+    assert f"trial {trials[256].number}: COMPLETE after 8 check(s)" in lines
     assert f"trial {trials[512].number}: COMPLETE after 6 check(s)" in lines
     client = mlflow.MlflowClient()
     for trial in trials.values():
         run_id = trial.user_attrs[tune.TRIAL_RUN]
         logged = client.get_metric_history(run_id, "val/loss")
         assert {m.step: m.value for m in logged} == trial.intermediate_values
-    # The checks: every batches // 4, the epoch cut to 4 times that; each batch when fewer.
+    # The checks: every batches // 4, the epoch cut to 4 times that; each batch below 8.
     assert check_schedule(20, 4) == {"val_check_interval": 5, "limit_train_batches": 20}
     assert check_schedule(14, 4) == {"val_check_interval": 3, "limit_train_batches": 12}
+    assert check_schedule(8, 4) == {"val_check_interval": 2, "limit_train_batches": 8}
+    assert check_schedule(7, 4) == {"val_check_interval": 1}
     assert check_schedule(3, 4) == {"val_check_interval": 1}
     assert check_schedule(3, 1) == {}
     # The pruners' budgets are checks: Hyperband's largest is a whole trial's.

@@ -65,15 +65,16 @@ class Classifier(pl.LightningModule):
     to training batches on the device.
 
     The metrics are torchmetrics accumulated on the device: no step waits for the device. A
-    NaN or infinite loss makes the epoch's mean loss non-finite, which raises
-    :class:`NonFiniteLoss` once per epoch. The training metrics' running sums and the random
+    NaN or infinite loss makes the mean loss since the last validation non-finite, which
+    raises :class:`NonFiniteLoss` at the next one (once an epoch, but in tuning trials that
+    validate inside their epochs). The training metrics' running sums and the random
     number generators' states are part of a checkpoint, so a run resumed mid-epoch goes on as
     if it had not stopped.
 
     ``compile``: training and validation call ``torch.compile(net.forward)``; the network
-    (what is checkpointed and logged) stays a plain module. Each epoch also logs
-    ``train/samples_per_s``: training samples over the time from the epoch's start to its
-    last step's end (waited for once, on a GPU), all processes together."""
+    (what is checkpointed and logged) stays a plain module. Each validation also logs
+    ``train/samples_per_s``: the samples trained since the epoch's start or the last
+    validation over the time they took (waited for once, on a GPU), all processes together."""
 
     def __init__(
         self,

@@ -265,12 +265,14 @@ def _pruner(tune: TuneParams):
 
 
 def pruning_callback(trial, monitor: str, checks_per_epoch: int = 1):
-    """A Lightning callback that reports ``monitor`` to ``trial`` at every validation and
-    raises ``optuna.TrialPruned`` when the pruner says so; ``steps`` lists the step of each.
-    A check's step is where it falls on a grid of ``checks_per_epoch`` an epoch: ``epoch ×
-    checks_per_epoch + j``, for the check after the (j + 1)-th part of the epoch's batches.
-    So a trial whose epoch has fewer batches than checks (a large batch size) reports the
-    same steps for the same share of its training as the others, skipping some.
+    """A Lightning callback that reports ``monitor`` to ``trial`` at its validations and
+    raises ``optuna.TrialPruned`` when the pruner says so. Step ``epoch × checks_per_epoch +
+    j`` is the first validation that has trained at least the (j + 1)-th part of the epoch's
+    batches; a validation that reaches no new part is not reported (an epoch of fewer batches
+    than twice ``checks_per_epoch`` validates after each: see
+    :func:`~pipeline.training.check_schedule`). So trials of any batch size report the same
+    steps for (at least) the same shares of their training. ``steps`` lists each
+    validation's step, None where it was not reported.
     optuna-integration's ``PyTorchLightningPruningCallback`` reports at most once an epoch
     (its step is the epoch), which ``tune.val_check_interval`` below 1 needs more than."""
     import lightning.pytorch as pl
@@ -278,7 +280,7 @@ def pruning_callback(trial, monitor: str, checks_per_epoch: int = 1):
 
     class PruneAtChecks(pl.Callback):
         def __init__(self) -> None:
-            self.steps: list[int] = []
+            self.steps: list[int | None] = []
             self.batches = 0  # trained this epoch
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -290,8 +292,12 @@ def pruning_callback(trial, monitor: str, checks_per_epoch: int = 1):
         def on_validation_end(self, trainer, pl_module) -> None:
             if trainer.sanity_checking:
                 return
-            part = math.ceil(self.batches * checks_per_epoch / trainer.num_training_batches)
-            step = trainer.current_epoch * checks_per_epoch + max(part, 1) - 1
+            parts = self.batches * checks_per_epoch // trainer.num_training_batches
+            step = trainer.current_epoch * checks_per_epoch + parts - 1
+            reported = [s for s in self.steps if s is not None]
+            if parts == 0 or (reported and step <= reported[-1]):
+                self.steps.append(None)
+                return
             self.steps.append(step)
             value = trainer.callback_metrics.get(monitor)
             if value is None:  # the objective says so once the training ends
@@ -633,6 +639,7 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
                 steps = [
                     Metric(k, v, now, step)
                     for step, h in zip(pruning.steps, history.history, strict=True)
+                    if step is not None
                     for k, v in h.items()
                     if math.isfinite(v)
                 ]
@@ -641,7 +648,8 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
                 client.set_tag(run.info.run_id, "optuna.trial_state", state)
                 client.update_run(run.info.run_id, name=f"{name} · {state}")
                 print(
-                    f"{label} trial {trial.number}: {state:<8} after {len(history.history)} "
+                    f"{label} trial {trial.number}: {state:<8} "
+                    f"after {sum(s is not None for s in pruning.steps)} "
                     f"{unit}(s) ({time.perf_counter() - start:.1f}s)  "
                     + ", ".join(
                         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
