@@ -208,8 +208,8 @@ class TuneParams(_Section):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     # A trial validates every val_check_interval of an epoch (named as Lightning's option, a
-    # fraction: 1 over a whole number up to 100, so that each epoch ends on a check) and
-    # reports each check to the pruner: 0.25 lets it stop a bad trial inside its first
+    # fraction: 1 over a whole number k up to 100, so that each epoch ends on a check) and
+    # reports k checks an epoch to the pruner: 0.25 lets it stop a bad trial inside its first
     # epoch, for four validations an epoch. The pruners count checks.
     val_check_interval: Annotated[float, Field(ge=0.01, le=1)] = 1.0
 

@@ -597,6 +597,15 @@ def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(
     assert f"trial {trials[64].number}: PRUNED   after 3 check(s)" in lines
     assert f"trial {trials[256].number}: COMPLETE after 8 check(s)" in lines
     assert f"trial {trials[512].number}: COMPLETE after 6 check(s)" in lines
+    # A trial's value is the best reported check (batch 256 validated 10 times, reported 8):
+    # an unreported one, which its run never logged, is not it.
+    for size in (256, 512):
+        assert trials[size].value == min(trials[size].intermediate_values.values())
+    history = [{"val/loss": 0.1, "val/acc": 0.99}, {"val/loss": 0.3, "val/acc": 0.9}]
+    history += [{"val/loss": 0.2, "val/acc": 0.95}]
+    assert tune.trial_value("val/loss", [None, 0, 1], history) == 0.2
+    assert tune.trial_value("val/acc", [None, 0, 1], history) == 0.95
+    assert tune.trial_value("val/loss", [None, None, None], history) is None
     client = mlflow.MlflowClient()
     for trial in trials.values():
         run_id = trial.user_attrs[tune.TRIAL_RUN]

@@ -16,10 +16,10 @@ of them); a study that has tried every point is done.
 
 MLflow gets one parent run ``tune · <study>`` (tagged with the training device) and one
 nested run per trial, ``<study> · trial <n> · <state>``, tagged with the trial's final state
-and holding every epoch it trained (the one that pruned it included; every check, with
-``tune.val_check_interval`` below 1: the pruner then sees a trial several times an epoch and
-can stop it inside its first). A pruned trial's run
-ends FINISHED; only a trial that raised ends FAILED. Writes ``reports/tune/best_params.json``
+and holding every epoch it trained (the one that pruned it included; every reported check,
+with ``tune.val_check_interval`` below 1: the pruner then sees a trial several times an epoch
+and can stop it inside its first). A pruned trial's run ends FINISHED; only a trial that
+raised ends FAILED. Writes ``reports/tune/best_params.json``
 (an input of train, never written back to params.yaml), ``trials.csv``,
 ``optimization_history.png`` and ``intermediate_values.png`` (drawn by Optuna's matplotlib
 backend). ``tune.n_trials: 0`` skips tuning: best_params.json is ``{}``, train uses
@@ -621,10 +621,9 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
             try:
                 # History first: it records the check whose value prunes the trial.
                 fit(hp, model, data, [history, pruning], checks_per_epoch=cfg.checks_per_epoch)
-                values = [h[metric] for h in history.history if metric in h]
-                if not values:
+                value = trial_value(metric, pruning.steps, history.history)
+                if value is None:
                     raise StageError(f"trial {trial.number} logged no {metric}")
-                value = min(values) if direction(metric) == "minimize" else max(values)
                 tracking.finite_metrics({metric: value})
                 state = "COMPLETE"
                 return value
@@ -660,6 +659,20 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
         raise pruned
 
     return objective
+
+
+def trial_value(metric: str, steps: list, history: list[dict]) -> float | None:
+    """A trial's value: the best ``metric`` of its reported checks (``steps`` not None, see
+    :func:`pruning_callback`; ``history``, the metrics of each validation), one its run logged
+    and its pruner saw; None if none has it."""
+    values = [
+        h[metric]
+        for step, h in zip(steps, history, strict=True)
+        if step is not None and metric in h
+    ]
+    if not values:
+        return None
+    return min(values) if direction(metric) == "minimize" else max(values)
 
 
 def counts(study) -> dict[str, int]:
