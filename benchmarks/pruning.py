@@ -18,9 +18,9 @@ WITHIN = 0.002  # of the no-pruning study's best val accuracy
 
 def study(ctx: Context, params, pruner: str) -> dict:
     """Run one new study with ``tune.pruner: <pruner>``; each trial's (epochs trained, best
-    val/acc), in trial order."""
-    from pipeline.config import direction
-    from pipeline.stages.tune import open_study, optimize, pruning_callback, suggest
+    val/acc), in trial order. Its trials are the stage's (``tune.val_check_interval``: 1):
+    a trial's value is :func:`~pipeline.stages.tune.trial_value` of its reported checks."""
+    from pipeline.stages.tune import open_study, optimize, pruning_callback, suggest, trial_value
     from pipeline.training import MetricHistory, fit
 
     params = params.model_copy(update={"tune": params.tune.model_copy(update={"pruner": pruner})})
@@ -32,20 +32,14 @@ def study(ctx: Context, params, pruner: str) -> dict:
     def objective(trial) -> float:
         hp, model = suggest(trial, cfg, params.train, params.model)
         history = MetricHistory()
+        pruning = pruning_callback(trial, cfg.metric, cfg.checks_per_epoch)
         try:
             with quiet():
-                fit(
-                    hp,
-                    model,
-                    data,
-                    [history, pruning_callback(trial, cfg.metric, cfg.checks_per_epoch)],
-                    checks_per_epoch=cfg.checks_per_epoch,
-                )
+                fit(hp, model, data, [history, pruning], checks_per_epoch=cfg.checks_per_epoch)
         finally:
             accs = [h["val/acc"] for h in history.history if "val/acc" in h]
-            log.append((len(history.history), max(accs, default=0.0)))
-        values = [h[cfg.metric] for h in history.history]
-        return min(values) if direction(cfg.metric) == "minimize" else max(values)
+            log.append((len(history.history) // cfg.checks_per_epoch, max(accs, default=0.0)))
+        return trial_value(cfg.metric, pruning.steps, history.history)
 
     optimize(s, objective, todo)
     return {"log": log, "epochs": sum(e for e, _ in log), "best_acc": max(a for _, a in log)}

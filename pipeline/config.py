@@ -216,10 +216,11 @@ class TuneParams(_Section):
     @field_validator("val_check_interval")
     @classmethod
     def _whole_checks(cls, value: float) -> float:
-        if abs(1 / value - round(1 / value)) > 1e-6:
+        checks = round(1 / value)
+        if abs(value * checks - 1) > 0.005:  # 0.333 is 1/3; 0.3 is not 1/k
             raise ValueError(
                 f"{value:g}: expected 1 over a whole number of checks an epoch (1, 0.5, 0.25, "
-                "0.2, 0.1, ...), so that every epoch ends on a check"
+                f"0.2, 0.1, ...; the nearest is 1/{checks}), so that every epoch ends on a check"
             )
         return value
 
@@ -353,7 +354,7 @@ class Params(_Section):
     @model_validator(mode="after")
     def _checks_between_steps(self) -> Params:
         accumulate = self.train.accumulate_grad_batches
-        if self.tune.val_check_interval < 1 and accumulate > 1:
+        if self.tune.n_trials and self.tune.val_check_interval < 1 and accumulate > 1:
             raise ValueError(
                 f"tune.val_check_interval: {self.tune.val_check_interval:g} validates trials "
                 f"inside an epoch, and train.accumulate_grad_batches: {accumulate} steps the "

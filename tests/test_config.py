@@ -40,6 +40,7 @@ def test_repository_params_are_valid():
     ],
 )
 def test_bad_values_name_the_key(raw, expected):
+    """(And the values next to them that are fine.)"""
     with pytest.raises(ParamsError, match=expected.replace(".", r"\.").replace("(", r"\(")):
         parse_params(raw)
 
@@ -60,3 +61,13 @@ def test_a_stage_with_a_bad_param_exits_non_zero_and_writes_nothing(tmp_path):
     assert "data.source: 'mnsit' is not allowed" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (project / "data/raw").exists()
+
+
+def test_check_fractions_and_their_neighbours():
+    assert parse_params({"tune": {"val_check_interval": 0.333}}).tune.checks_per_epoch == 3
+    assert parse_params({"tune": {"val_check_interval": 0.01}}).tune.checks_per_epoch == 100
+    with pytest.raises(ParamsError, match=r"0\.3: .*; the nearest is 1/3\)"):
+        parse_params({"tune": {"val_check_interval": 0.3}})
+    # Tuning off: the checks never run, so accumulating gradients is no conflict.
+    off = {"n_trials": 0, "val_check_interval": 0.5}
+    assert parse_params({"tune": off, "train": {"accumulate_grad_batches": 2}}).tune.n_trials == 0

@@ -462,7 +462,7 @@ def test_where_the_data_lives_is_no_reason_to_start_afresh():
     assert stage.resume_key(HP.model_copy(update={"lr": 0.01}), MODEL) != key
 
 
-def test_processes_per_host_counts_what_lightning_starts():
+def test_processes_per_host_counts_what_lightning_starts(monkeypatch):
     """The `auto` memory rule counts one copy of the splits per training process on a machine:
     train.devices as given, or for `auto` as many as Lightning starts (every GPU on a CUDA
     machine, one process on a CPU), and never none."""
@@ -474,3 +474,9 @@ def test_processes_per_host_counts_what_lightning_starts():
             continue
         trainer = pl.Trainer(accelerator=accelerator, devices="auto", logger=False)
         assert stage.processes_per_host(hp) == trainer.num_devices
+    # A machine with 4 GPUs, as Lightning's public count would see it (none here).
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    on_gpus = HP.model_copy(update={"devices": "auto", "accelerator": "cuda"})
+    monkeypatch.setattr(CUDAAccelerator, "auto_device_count", staticmethod(lambda: 4))
+    assert stage.processes_per_host(on_gpus) == 4

@@ -3,6 +3,8 @@ options and what a fit leaves behind in the process."""
 
 from __future__ import annotations
 
+import time
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -560,15 +562,23 @@ def test_fit_refuses_a_device_this_machine_lacks(digits_prepared):
 def test_checks_inside_an_epoch_each_log_the_training_since_the_last(digits_prepared):
     """Four checks an epoch (a trial's tune.val_check_interval: 0.25), 20 batches of 64: one
     every 5 batches, the last at the epoch's end; each logs the train loss and throughput of
-    the 5 batches before it (the last 4 × 64 + 36 samples), not of the epoch so far."""
+    the 5 batches before it (the last 4 × 64 + 36 samples), not of the epoch so far, nor the
+    time callbacks take after a check (a pruner asking its database, here 1 s)."""
+
+    class SlowAfterChecks(pl.Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            time.sleep(1.0)
+
     history = MetricHistory()
     hp = TrainParams(max_epochs=1, batch_size=64, accelerator="cpu")
+    callbacks = [history, SlowAfterChecks()]
     module, trainer = fit(
-        hp, ModelParams(channels=8), digits_prepared, [history], checks_per_epoch=4
+        hp, ModelParams(channels=8), digits_prepared, callbacks, checks_per_epoch=4
     )
     assert len(history.history) == 4
     assert trainer.global_step == 20  # every batch trained
-    assert all(h["train/samples_per_s"] > 0 for h in history.history)
+    # 320 samples in well under 0.3 s, not in over 1 s (the sleep)
+    assert all(h["train/samples_per_s"] > 1000 for h in history.history)
     assert module.rated_samples == 1252 - 15 * 64  # batches 16-20, the last one of 36
     losses = [h["train/loss"] for h in history.history]
     assert losses == sorted(losses, reverse=True)  # later stretches of training fit better

@@ -104,6 +104,7 @@ class Classifier(pl.LightningModule):
         # samples).
         self.since: float | None = None
         self.samples, self.train_seconds, self.rated_samples = 0, None, 0
+        self.restart = False  # a stretch starts at the next batch (after a check inside an epoch)
         self.optimizer_name = optimizer
         self.weight_decay = weight_decay
         self.max_epochs = max_epochs
@@ -152,6 +153,11 @@ class Classifier(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.since, self.samples, self.train_seconds = time.perf_counter(), 0, None
+        self.restart = False
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.restart:  # not the time the callbacks took after the check (a pruner's, say)
+            self.since, self.restart = time.perf_counter(), False
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.samples += len(batch[1])
@@ -194,7 +200,7 @@ class Classifier(pl.LightningModule):
         for metric in (self.train_loss, self.train_acc, self.val_loss, self.val_acc):
             metric.reset()
         # Training resumes (a trial may validate inside an epoch: tune.val_check_interval).
-        self.since, self.samples, self.train_seconds = time.perf_counter(), 0, None
+        self.samples, self.train_seconds, self.restart = 0, None, True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         rng = {"torch": torch.get_rng_state()}

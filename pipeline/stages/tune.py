@@ -637,7 +637,8 @@ def make_objective(params: Params, study, data, experiment_id: str, tags: dict, 
                 now = int(time.time() * 1000)
                 steps = [
                     Metric(k, v, now, step)
-                    for step, h in zip(pruning.steps, history.history, strict=True)
+                    # Not strict: this runs as an error leaves too, which it must not hide.
+                    for step, h in zip(pruning.steps, history.history, strict=False)
                     if step is not None
                     for k, v in h.items()
                     if math.isfinite(v)
