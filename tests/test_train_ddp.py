@@ -114,18 +114,19 @@ def test_a_dead_process_fails_the_stage_and_keeps_the_previous_model(tmp_path):
             stage.kill()
     assert stage.returncode != 0
     assert "Traceback" not in out
-    # Whichever comes first: the first process's next collective fails (one line), or
-    # Lightning's watch of the other processes kills it (SIGKILL), saying why.
+    # The first process's next collective fails (one line), and Lightning's watch of the
+    # other processes kills it (SIGKILL), saying why; either may come first, and the kill
+    # may land before our line is printed.
     ours = [line for line in out.splitlines() if line.startswith("[train] error:")]
     lightnings = [line for line in out.splitlines() if "Forcefully terminating" in line]
-    assert len(ours) + len(lightnings) == 1, out[-3000:]
-    if ours:
-        assert ours[0].startswith(
+    assert len(ours) <= 1 and len(lightnings) <= 1 and ours + lightnings, out[-3000:]
+    for line in ours:
+        assert line.startswith(
             "[train] error: another process of the data-parallel training (2 processes) stopped: "
         )
-        assert ours[0].endswith("; nothing was kept")
-    else:
-        assert f"terminated with code {-signal.SIGKILL}" in lightnings[0]
+        assert line.endswith("; nothing was kept")
+    for line in lightnings:
+        assert f"terminated with code {-signal.SIGKILL}" in line
     assert (project / "models/model.pt").read_bytes() == before
     # Nothing lost: the next run resumes the same MLflow run from the last epoch's checkpoint.
     again = run(["dvc", "repro", "train"], project).stdout

@@ -281,6 +281,7 @@ def pruning_callback(trial, monitor: str, checks_per_epoch: int = 1):
     class PruneAtChecks(pl.Callback):
         def __init__(self) -> None:
             self.steps: list[int | None] = []
+            self.last = -1  # the last step reported
             self.batches = 0  # trained this epoch
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -294,11 +295,11 @@ def pruning_callback(trial, monitor: str, checks_per_epoch: int = 1):
                 return
             parts = self.batches * checks_per_epoch // trainer.num_training_batches
             step = trainer.current_epoch * checks_per_epoch + parts - 1
-            reported = [s for s in self.steps if s is not None]
-            if parts == 0 or (reported and step <= reported[-1]):
+            if step <= self.last:  # it reaches no new part of the epoch
                 self.steps.append(None)
                 return
             self.steps.append(step)
+            self.last = step
             value = trainer.callback_metrics.get(monitor)
             if value is None:  # the objective says so once the training ends
                 return
