@@ -68,6 +68,16 @@ def _prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}."
 
 
+def clear_dead_writes(folder: Path, pattern: str) -> None:
+    """Remove the temporary files of :func:`atomic_path` for paths in ``folder`` whose names
+    match ``pattern`` (a glob) and whose writers no longer run (killed mid-write), including
+    those of paths never written since."""
+    for leftover in folder.glob(f".{pattern}.*.tmp"):
+        pid = leftover.name.rsplit(".", 3)[1]  # .{name}.{pid}.{random}.tmp
+        if pid.isdigit() and not _alive(int(pid)) and leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place if the block succeeds."""

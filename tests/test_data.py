@@ -270,7 +270,7 @@ def test_splits_memory_mapped_from_disk_are_the_splits_read_into_memory(tmp_path
     import pandas as pd
 
     from pipeline.data.loader import load_prepared
-    from pipeline.data.mapped import file_identity
+    from pipeline.data.mapped import file_identity, shared_take
     from pipeline.data.table import features_of
 
     prepared, mapped = tmp_path / "prepared", tmp_path / "mapped"
@@ -314,11 +314,21 @@ def test_splits_memory_mapped_from_disk_are_the_splits_read_into_memory(tmp_path
         remade = load_prepared(prepared, ("train",), placement="disk", mapped_dir=mapped)
         assert torch.equal(remade.tensors["train"][0], in_memory.tensors["train"][0])
 
+    # Rows taken of the split (tune's cut), and a full-size temporary file of a writer that
+    # was killed (its pid is above the system's largest).
+    taken = Path(shared_take(mapped / named("train"), np.arange(0, 90, 2)).filename)
+    assert files() == sorted([named("train"), named("val"), taken.name])
+    killed = mapped / f".{named('train')[:-4]}-rows-0123456789abcdef.npy.99999999.x1y2.tmp"
+    killed.write_bytes(b"\0" * 4096)
     old_train, old_val = named("train"), named("val")
     write_splits(prepared, manifest, seed=4, dtype=dtype)  # new data
     changed = load_prepared(prepared, ("train",), placement="disk", mapped_dir=mapped)
     assert named("train") != old_train
-    assert files() == sorted([named("train"), old_val])  # the old train file is gone
+    # The old train file, the rows taken of it and the killed writer's file are gone.
+    assert files() == sorted([named("train"), old_val])
+    assert sorted(p.name for p in mapped.iterdir()) == sorted(
+        [named("train"), old_val, "train.lock", "val.lock"]
+    )
     fresh = load_prepared(prepared, ("train",))
     assert torch.equal(changed.tensors["train"][0], fresh.tensors["train"][0])
 
@@ -435,24 +445,36 @@ def test_no_room_for_memory_mapped_features_stops_with_one_line(tmp_path, manife
     assert list((tmp_path / ".runway/prepared").iterdir()) == []
 
 
+# The rows of the train split that the processes below take (as tune's workers take the
+# samples their trials use).
+SOME_ROWS = np.arange(3, 2000, 7)
+
+
 def load_mapped_together(barrier, prepared, mapped, results) -> None:
-    """One of several processes loading the train split memory-mapped at the same moment:
-    puts the inodes of the .npy files this process maps and the inputs it got."""
+    """One of several processes loading the train split memory-mapped at the same moment,
+    then taking SOME_ROWS of it: puts the inodes of the .npy files this process maps, and the
+    inputs and rows it got."""
     from pipeline.data.loader import load_prepared
+    from pipeline.data.mapped import shared_take
 
     barrier.wait()
     data = load_prepared(prepared, ("train",), placement="disk", mapped_dir=mapped)
+    taken = shared_take(data.copies["train"], SOME_ROWS)
     maps = Path("/proc/self/maps").read_text().splitlines()
     inodes = {line.split()[4] for line in maps if ".npy" in line}
     deleted = any(line.endswith("(deleted)") for line in maps if ".npy" in line)
-    digest = hashlib.sha256(data.tensors["train"][0].numpy().tobytes()).hexdigest()
-    results.put((sorted(inodes), deleted, digest))
+    digests = [
+        hashlib.sha256(values.tobytes()).hexdigest()
+        for values in (data.tensors["train"][0].numpy(), taken)
+    ]
+    results.put((sorted(inodes), deleted, digests))
 
 
 def test_processes_loading_at_once_make_the_mapped_file_once_and_share_it(tmp_path, manifest):
     """Tune's workers (or data-parallel processes) load the splits at the same moment: one
     makes the split's .npy file while the others wait for it, and all map that one file (no
-    process maps a file another replaced)."""
+    process maps a file another replaced). So with the rows they take of it: one file beside
+    it, named by it and by the rows."""
     import multiprocessing
 
     from pipeline.data.loader import load_prepared
@@ -474,7 +496,9 @@ def test_processes_loading_at_once_make_the_mapped_file_once_and_share_it(tmp_pa
         worker.join(timeout=60)
     assert [worker.exitcode for worker in workers] == [0, 0, 0]
     npy = mapped / f"train-{file_identity(prepared / 'train.parquet')}.npy"
+    rows = mapped / f"{npy.stem}-rows-{hashlib.sha256(SOME_ROWS.tobytes()).hexdigest()[:16]}.npy"
     inputs = load_prepared(prepared, ("train",)).tensors["train"][0].numpy()
-    expected = hashlib.sha256(inputs.tobytes()).hexdigest()
-    assert got == [([str(npy.stat().st_ino)], False, expected)] * 3
-    assert sorted(p.name for p in mapped.iterdir()) == [npy.name, "train.lock"]
+    expected = [hashlib.sha256(a.tobytes()).hexdigest() for a in (inputs, inputs[SOME_ROWS])]
+    inodes = sorted(str(path.stat().st_ino) for path in (npy, rows))
+    assert got == [(inodes, False, expected)] * 3
+    assert sorted(p.name for p in mapped.iterdir()) == sorted([npy.name, rows.name, "train.lock"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -510,8 +511,9 @@ def test_the_cut_of_memory_mapped_splits_stays_memory_mapped(
     digits_prepared, tmp_path, monkeypatch
 ):
     """Splits too large for memory are memory-mapped; so is the part of them the trials
-    train and are judged on (it may be large too: tune.train_samples is any number). The
-    trials get the same samples as from splits in memory."""
+    train and are judged on (it may be large too: tune.train_samples is any number), from a
+    file beside the split's copy that every worker maps and the first one makes. The trials
+    get the same samples as from splits in memory."""
     import torch
 
     from pipeline.data.table import PREPARED_DIR
@@ -532,23 +534,42 @@ def test_the_cut_of_memory_mapped_splits_stays_memory_mapped(
     for split in ("train", "val"):
         digits_prepared.tables[split].to_parquet(PREPARED_DIR / f"{split}.parquet", index=False)
     write_json(PREPARED_DIR / "manifest.json", digits_prepared.manifest.to_dict())
-    cuts = {}
-    for placement in ("host", "disk"):
-        params = parse_params(
-            {
-                "train": {"data_placement": placement},
-                "tune": {"train_samples": 300, "val_samples": 100},
-            }
+
+    def cut(placement: str, train_samples: int = 300):
+        return tune.prepare(
+            parse_params(
+                {
+                    "train": {"data_placement": placement},
+                    "tune": {"train_samples": train_samples, "val_samples": 100},
+                }
+            )
         )
-        cuts[placement] = tune.prepare(params)
+
+    cuts = {placement: cut(placement) for placement in ("host", "disk")}
     assert (cuts["host"].storage, cuts["disk"].storage) == ("memory", "disk")
+    files = {}
     for split, n in (("train", 300), ("val", 100)):
         (x, y), (mapped_x, mapped_y) = (cuts[p].tensors[split] for p in ("host", "disk"))
         assert len(mapped_x) == n
         assert torch.equal(mapped_x, x) and torch.equal(mapped_y, y)
         assert not mapping(x).startswith("/")  # the heap or anonymous memory, not a file
-        assert mapping(mapped_x).startswith(f"{tmp_path / '.runway/prepared'}/")
+        files[split] = Path(mapping(mapped_x))
+        assert files[split] == cuts["disk"].copies[split]
+        assert files[split].parent == tmp_path / ".runway/prepared"
+        assert re.fullmatch(rf"{split}-[0-9a-f]{{16}}-rows-[0-9a-f]{{16}}\.npy", files[split].name)
         assert cuts["disk"].tables[split].equals(cuts["host"].tables[split])
+    made = {split: file.stat().st_mtime_ns for split, file in files.items()}
+    # Another worker maps the same files, made once; another cut replaces the split's file.
+    other = cut("disk")
+    for split, file in files.items():
+        assert mapping(other.tensors[split][0]) == str(file) == str(other.copies[split])
+        assert file.stat().st_mtime_ns == made[split]
+    fewer = cut("disk", train_samples=200)
+    assert torch.equal(
+        fewer.tensors["train"][0], cut("host", train_samples=200).tensors["train"][0]
+    )
+    assert not files["train"].exists() and files["val"].exists()
+    assert len(list(files["train"].parent.glob("train-*-rows-*.npy"))) == 1
 
 
 def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(

@@ -9,7 +9,7 @@ splits from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -152,14 +152,16 @@ def to_tensors(
 
 @dataclass
 class Prepared:
-    """The validated splits: the manifest, each split's table and its ``(x, y)`` tensors, and
-    whether the features are in ``memory`` or memory-mapped from ``disk`` (and why)."""
+    """The validated splits: the manifest, each split's table and its ``(x, y)`` tensors,
+    whether the features are in ``memory`` or memory-mapped from ``disk`` (and why), and
+    under ``disk`` the file each split's inputs are mapped from."""
 
     manifest: Manifest
     tables: dict[str, pd.DataFrame]
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     storage: str = "memory"
     storage_reason: str = ""
+    copies: dict[str, Path] = field(default_factory=dict)
 
 
 def load_prepared(
@@ -183,12 +185,13 @@ def load_prepared(
     layouts = {split: input_layout(path) for split, path in paths.items()}
     nbytes = sum(layout.nbytes for layout in layouts.values())
     where, why = storage(placement, nbytes, processes=processes)
-    tables, tensors = {}, {}
+    tables, tensors, copies = {}, {}, {}
     for split, path in paths.items():
         if where == "disk":
             front, values, features = mapped_features(path, mapped_dir / split, layouts[split])
+            copies[split] = Path(values.filename)
         else:
             front, values, features = read_features(path)
         tables[split] = front if values is None else with_features(front, values, features)
         tensors[split] = to_tensors(tables[split], manifest.image_shape, values)
-    return Prepared(manifest, tables, tensors, where, why)
+    return Prepared(manifest, tables, tensors, where, why, copies)

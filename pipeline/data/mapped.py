@@ -24,7 +24,7 @@ from pipeline.data.table import (
     read_front,
     with_features,
 )
-from pipeline.io import StageError, atomic_path
+from pipeline.io import StageError, atomic_path, clear_dead_writes
 
 # The splits are read into memory when their inputs take at most this share of the host's
 # available memory, and memory-mapped from a copy on disk otherwise (see load_prepared).
@@ -115,6 +115,15 @@ def mapped_file(target: Path, layout: Layout) -> np.ndarray | None:
     return values if (values.shape, values.dtype) == (layout.shape, layout.dtype) else None
 
 
+def split_lock(stem: Path):
+    """The lock of a split's files under ``stem`` (``{folder}/{split}``): held while one of
+    them (its :func:`mapped_features` copy, or a :func:`shared_take` of it) is made or
+    replaced."""
+    from filelock import FileLock
+
+    return FileLock(stem.with_name(f"{stem.name}.lock"))
+
+
 def mapped_features(
     path: Path, stem: Path, layout: Layout | None = None
 ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
@@ -124,11 +133,9 @@ def mapped_features(
     from the Parquet file a row group at a time, and replaces the one of an earlier version
     of the split; one process makes it while the others wait for it. ``layout`` is the
     split's :func:`input_layout`, if it was read already."""
-    from filelock import FileLock
-
     target = stem.with_name(f"{stem.name}-{file_identity(path)}.npy")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(stem.with_name(f"{stem.name}.lock")):
+    with split_lock(stem):
         layout = layout or input_layout(path)
         front = pd.read_parquet(path, columns=layout.others)
         values = mapped_file(target, layout)
@@ -136,16 +143,7 @@ def mapped_features(
             with atomic_path(target) as tmp:
 
                 def into(shape, dtype):
-                    dtype = input_dtype([dtype])
-                    try:
-                        values = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-                        with open(tmp, "r+b") as file:
-                            reserve(file.fileno(), tmp.stat().st_size)
-                    except OSError as exc:
-                        raise cannot_map(
-                            target.parent, int(np.prod(shape)) * dtype.itemsize, exc
-                        ) from None
-                    return values
+                    return new_copy(tmp, target.parent, shape, input_dtype([dtype]))
 
                 _, written, _ = read_features(path, into)
                 if written is None:
@@ -155,11 +153,30 @@ def mapped_features(
                     )
                 written.flush()
                 del written
-            for earlier in target.parent.glob(f"{stem.name}-*.npy"):
-                if earlier != target:
-                    earlier.unlink(missing_ok=True)
+            replace_earlier(target, f"{stem.name}-*.npy")
             values = np.load(target, mmap_mode="c")
     return front, values, layout.features
+
+
+def new_copy(tmp: Path, folder: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.memmap:
+    """An ``.npy`` file at ``tmp`` (for a copy in ``folder``) of ``shape`` and ``dtype``,
+    mapped for writing, its room on disk taken now; one line when it cannot be made."""
+    try:
+        values = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        with open(tmp, "r+b") as file:
+            reserve(file.fileno(), tmp.stat().st_size)
+    except OSError as exc:
+        raise cannot_map(folder, int(np.prod(shape)) * dtype.itemsize, exc) from None
+    return values
+
+
+def replace_earlier(target: Path, pattern: str) -> None:
+    """Remove the files beside ``target`` that match ``pattern``, but ``target``, and what
+    writers of such files that were killed left (a full-size temporary file)."""
+    for earlier in target.parent.glob(pattern):
+        if earlier != target:
+            earlier.unlink(missing_ok=True)
+    clear_dead_writes(target.parent, pattern)
 
 
 def scratch_array(shape: tuple[int, ...], dtype, folder: Path = MAPPED_DIR) -> np.ndarray:
@@ -224,14 +241,48 @@ def read_mapped(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]] | None
 TAKE_VALUES = 2**22
 
 
-def take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``values[rows]`` in a :func:`scratch_array`, copied a block of rows at a time: when
-    ``values`` is memory-mapped, neither it nor the result is held in memory."""
-    out = scratch_array((len(rows), *values.shape[1:]), values.dtype)
+def take(values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``values[rows]`` in ``out`` (by default a :func:`scratch_array`), copied a block of
+    rows at a time: when ``values`` is memory-mapped, neither it nor the result is held in
+    memory."""
+    if out is None:
+        out = scratch_array((len(rows), *values.shape[1:]), values.dtype)
     step = max(1, TAKE_VALUES // max(1, int(np.prod(values.shape[1:]))))
     for start in range(0, len(rows), step):
         out[start : start + step] = values[rows[start : start + step]]
     return out
+
+
+def shared_take(source: Path, rows: np.ndarray) -> np.ndarray:
+    """The rows ``rows`` of the split copy ``source`` (a :func:`mapped_features` file),
+    memory-mapped from a file beside it named by it and by a hash of ``rows``. The file is
+    made on first use, :func:`take` copying into it, under the split's lock, and replaces
+    the split's earlier one; every process that asks for the same rows (a study's workers)
+    then maps that one file, as they map the split's copy. It stays there for the next run,
+    until the split or the rows change."""
+    import hashlib
+
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    key = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+    target = source.with_name(f"{source.stem}-rows-{key}.npy")
+    split = source.stem.rsplit("-", 1)[0]  # the copy is {split}-{id}.npy
+    with split_lock(source.with_name(split)):
+        try:
+            values = np.load(source, mmap_mode="r")
+        except FileNotFoundError:
+            raise StageError(
+                f"{source}: gone, the split changed while it was being loaded: run again"
+            ) from None
+        shape = (len(rows), *values.shape[1:])
+        taken = mapped_file(target, Layout(shape, values.dtype, [], []))
+        if taken is not None:
+            return taken
+        with atomic_path(target) as tmp:
+            out = take(values, rows, new_copy(tmp, target.parent, shape, values.dtype))
+            out.flush()
+            del out
+        replace_earlier(target, f"{source.stem}-rows-*.npy")
+        return np.load(target, mmap_mode="c")
 
 
 def take_rows(table: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:

@@ -981,12 +981,13 @@ def prepare(params: Params):
     ``tune.train_samples`` and ``tune.val_samples`` (see :func:`subset`). Their tables keep
     the ids and labels only: the trials take the features as tensors. A cut split's inputs
     are a copy of the samples kept: in memory, or for splits memory-mapped from disk in a
-    memory-mapped scratch file (:func:`~pipeline.data.mapped.take`), whatever its size.
+    memory-mapped file beside the split's copy, whatever its size, made by the first worker
+    and shared by the others (:func:`~pipeline.data.mapped.shared_take`).
     """
     import torch
 
     from pipeline.data.loader import Prepared, load_prepared
-    from pipeline.data.mapped import take
+    from pipeline.data.mapped import shared_take
     from pipeline.data.table import features_of
     from pipeline.training import check_model
 
@@ -1000,7 +1001,7 @@ def prepare(params: Params):
         check_model(model, data.manifest, params.train.augment)
     cfg = params.tune
     tables = {split: t.drop(columns=features_of(t)) for split, t in data.tables.items()}
-    tensors = dict(data.tensors)
+    tensors, copies = dict(data.tensors), dict(data.copies)
     for split, most, role, key in (
         ("train", cfg.train_samples, "train on", "train_samples"),
         ("val", cfg.val_samples, "are judged on", "val_samples"),
@@ -1015,10 +1016,12 @@ def prepare(params: Params):
         )
         tables[split] = tables[split].iloc[keep.numpy()].reset_index(drop=True)
         if data.storage == "disk":
-            tensors[split] = (torch.from_numpy(take(x.numpy(), keep.numpy())), y[keep])
+            taken = shared_take(data.copies[split], keep.numpy())
+            copies[split] = Path(taken.filename)
+            tensors[split] = (torch.from_numpy(taken.reshape(-1, *x.shape[1:])), y[keep])
         else:
             tensors[split] = (x[keep], y[keep])
-    return Prepared(data.manifest, tables, tensors, data.storage, data.storage_reason)
+    return Prepared(data.manifest, tables, tensors, data.storage, data.storage_reason, copies)
 
 
 def subset(n: int, most: int | None, seed: int):
