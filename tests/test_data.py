@@ -445,6 +445,108 @@ def test_no_room_for_memory_mapped_features_stops_with_one_line(tmp_path, manife
     assert list((tmp_path / ".runway/prepared").iterdir()) == []
 
 
+def test_each_parquet_footer_is_read_once(tmp_path, manifest, monkeypatch):
+    """A wide table's footer takes about 0.1 s per 10,000 columns to read (and it is read
+    whole whichever columns are wanted): validate reads the raw table's once, its features
+    one block of numbers or not, and a load each split's once, in memory or memory-mapped,
+    the copy made or found."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipeline.data.loader import load_prepared
+    from pipeline.stages.validate import read_raw
+
+    prepared, raw = tmp_path / "prepared", tmp_path / "raw"
+    for folder in (prepared, raw):
+        folder.mkdir()
+        write_splits(folder, manifest, seed=8)
+    (raw / "train.parquet").rename(raw / "samples.parquet")
+    reads = []
+
+    def read(source) -> None:
+        reads.append(Path(source).name if isinstance(source, str | Path) else repr(source))
+
+    def counted(reader):
+        def reading(source, *args, **kwargs):
+            read(source)
+            return reader(source, *args, **kwargs)
+
+        return reading
+
+    opened = pq.ParquetFile.__init__
+
+    def opening(self, source, *args, **kwargs):
+        read(source)
+        opened(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "__init__", opening)
+    for module, name in ((pq, "read_metadata"), (pq, "read_schema"), (pq, "read_table")):
+        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    monkeypatch.setattr(pd, "read_parquet", counted(pd.read_parquet))
+    for placement in ("memory", "disk"):
+        reads.clear()
+        table, _, _ = read_raw(raw, placement)
+        assert (len(table), reads) == (90, ["samples.parquet"])
+    # Features with a null are read as pandas reads them (and so is a table read in memory
+    # when they cannot be memory-mapped): the footer, still once.
+    with_null = pd.read_parquet(raw / "samples.parquet").astype({"px_7": "Float32"})
+    with_null.loc[3, "px_7"] = None
+    with_null.to_parquet(raw / "samples.parquet", index=False)
+    for placement in ("memory", "disk"):
+        reads.clear()
+        table, _, _ = read_raw(raw, placement)
+        assert (table["px_7"].dtype, reads) == ("Float32", ["samples.parquet"])
+    for placement in ("memory", "disk", "disk"):  # the copies made, then found
+        reads.clear()
+        data = load_prepared(prepared, ("train", "val"), placement, tmp_path / "mapped")
+        assert (data.storage, reads) == (placement, ["train.parquet", "val.parquet"])
+
+
+def test_a_split_replaced_after_it_was_opened_is_mapped_as_it_was_opened(tmp_path, manifest):
+    """A load opens every split before it copies any: one that validate replaces meanwhile
+    is copied from the file it opened, under that file's name, and the next load copies
+    the new one."""
+    import os
+
+    from pipeline.data.loader import load_prepared
+    from pipeline.data.mapped import file_identity, input_layout, mapped_features
+    from pipeline.data.table import features_of, read_table
+
+    prepared, newer, mapped = tmp_path / "prepared", tmp_path / "newer", tmp_path / "mapped"
+    for folder, seed in ((prepared, 9), (newer, 10)):
+        folder.mkdir()
+        write_splits(folder, manifest, seed=seed)
+    path = prepared / "train.parquet"
+    opened, layout = read_table(path), input_layout(path)
+    os.replace(newer / "train.parquet", path)
+    _, values, features = mapped_features(path, mapped / "train", layout)
+    assert np.array_equal(values, opened[features].to_numpy())
+    assert Path(values.filename).name == f"train-{layout.identity}.npy"
+    assert layout.identity != file_identity(path)
+    again = load_prepared(prepared, ("train",), "disk", mapped).tensors["train"][0]
+    new = read_table(path)
+    assert np.array_equal(again.reshape(len(again), -1).numpy(), new[features_of(new)].to_numpy())
+
+
+def test_with_features_keeps_the_front_columns_types():
+    import pandas as pd
+
+    from pipeline.data.table import with_features
+
+    front = pd.DataFrame(
+        {
+            "sample_id": ["a", "b"],
+            "label": [1, 2],
+            "kind": pd.Categorical(["x", "y"]),
+            "count": pd.array([1, None], dtype="Int64"),
+        }
+    )
+    values = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    table = with_features(front, values, ["px_0", "px_1", "px_2"])
+    pd.testing.assert_frame_equal(table[front.columns], front)
+    assert np.shares_memory(table["px_1"].to_numpy(), values)
+
+
 # The rows of the train split that the processes below take (as tune's workers take the
 # samples their trials use).
 SOME_ROWS = np.arange(3, 2000, 7)

@@ -20,6 +20,8 @@ from pipeline.data.table import (
     feature_dtype,
     features_of,
     is_feature,
+    open_parquet,
+    read_columns,
     read_features,
     read_front,
     with_features,
@@ -45,29 +47,47 @@ def megabytes(nbytes: int) -> str:
 
 
 class Layout(NamedTuple):
-    """A prepared split's inputs as its Parquet footer gives them: their shape (rows ×
-    features) and dtype, and the names of the features and of the table's other columns.
-    (A wide table's footer takes tens of MB to read: it is read once.)"""
+    """A table's inputs as its Parquet footer gives them: their shape (rows × features) and
+    dtype (:func:`input_dtype`), the features' own dtype in the table, the names of the
+    features and of the table's other columns, the file, open (a
+    ``pyarrow.parquet.ParquetFile``), for reading it without reading its footer again (tens
+    of MB for a wide table: about 0.1 s per 10,000 columns), and that file's
+    :func:`file_identity` (the path may have been given another file since)."""
 
     shape: tuple[int, int]
     dtype: np.dtype
+    table_dtype: np.dtype
     features: list[str]
     others: list[str]
+    parquet: object
+    identity: str
 
     @property
     def nbytes(self) -> int:
+        """What the inputs take in memory."""
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    @property
+    def table_nbytes(self) -> int:
+        """What the features take in memory in the table's own dtype."""
+        return self.shape[0] * self.shape[1] * self.table_dtype.itemsize
 
 
 def input_layout(path: Path) -> Layout:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
+    """The :class:`Layout` of the Parquet table at ``path``, the file left open in it."""
+    while True:  # the identity of the file opened, though the path may be given another
+        identity = file_identity(path)
+        parquet = open_parquet(path)
+        if file_identity(path) == identity:
+            break
+        parquet.close()
     schema = parquet.schema_arrow
     features = [name for name in schema.names if is_feature(name)]
     others = [name for name in schema.names if not is_feature(name)]
     shape = (parquet.metadata.num_rows, len(features))
-    return Layout(shape, input_dtype([np.dtype(feature_dtype(schema))]), features, others)
+    table_dtype = np.dtype(feature_dtype(schema))
+    dtype = input_dtype([table_dtype])
+    return Layout(shape, dtype, table_dtype, features, others, parquet, identity)
 
 
 def storage(
@@ -102,8 +122,9 @@ def file_identity(path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def mapped_file(target: Path, layout: Layout) -> np.ndarray | None:
-    """The inputs in ``target``, memory-mapped, if it holds an array of their shape and dtype."""
+def mapped_file(target: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """The array in the ``.npy`` file ``target``, memory-mapped, if it has ``shape`` and
+    ``dtype``."""
     if not target.exists():
         return None
     try:
@@ -112,7 +133,7 @@ def mapped_file(target: Path, layout: Layout) -> np.ndarray | None:
         values = np.load(target, mmap_mode="c")
     except (OSError, ValueError):  # cut short or not an .npy file: made again
         return None
-    return values if (values.shape, values.dtype) == (layout.shape, layout.dtype) else None
+    return values if (values.shape, values.dtype) == (tuple(shape), dtype) else None
 
 
 def split_lock(stem: Path):
@@ -132,20 +153,21 @@ def mapped_features(
     ``id`` being the Parquet file's :func:`file_identity`. The file is made on first use,
     from the Parquet file a row group at a time, and replaces the one of an earlier version
     of the split; one process makes it while the others wait for it. ``layout`` is the
-    split's :func:`input_layout`, if it was read already."""
-    target = stem.with_name(f"{stem.name}-{file_identity(path)}.npy")
+    split's :func:`input_layout`, if it was read already: the split is then the file it
+    opened, even if ``path`` names another since."""
+    layout = layout or input_layout(path)
+    target = stem.with_name(f"{stem.name}-{layout.identity}.npy")
     target.parent.mkdir(parents=True, exist_ok=True)
     with split_lock(stem):
-        layout = layout or input_layout(path)
-        front = pd.read_parquet(path, columns=layout.others)
-        values = mapped_file(target, layout)
+        front = read_columns(layout.parquet, layout.others, layout.shape[0])
+        values = mapped_file(target, layout.shape, layout.dtype)
         if values is None:
             with atomic_path(target) as tmp:
 
                 def into(shape, dtype):
                     return new_copy(tmp, target.parent, shape, input_dtype([dtype]))
 
-                _, written, _ = read_features(path, into)
+                _, written, _ = read_features(path, into, layout.parquet)
                 if written is None:
                     raise StageError(
                         f"{path}: its features are not one block of numbers, so they cannot "
@@ -217,23 +239,15 @@ def reserve(fd: int, nbytes: int) -> None:
                 raise
 
 
-def table_bytes(path: Path) -> int:
-    """What a table's features take in memory as written, from its Parquet footer alone."""
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_metadata(path)
-    schema = metadata.schema.to_arrow_schema()
-    features = sum(map(is_feature, schema.names))
-    return metadata.num_rows * features * np.dtype(feature_dtype(schema)).itemsize
-
-
-def read_mapped(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]] | None:
+def read_mapped(path: Path, parquet=None) -> tuple[pd.DataFrame, np.ndarray, list[str]] | None:
     """A table as :func:`~pipeline.data.table.read_features` reads it, its features in a
-    :func:`scratch_array` (in their own dtype), or None where they cannot be read so."""
-    _, values, features = read_features(path, into=scratch_array)
+    :func:`scratch_array` (in their own dtype), or None where they cannot be read so.
+    ``parquet``: ``path`` open already."""
+    parquet = open_parquet(path, parquet)
+    _, values, features = read_features(path, scratch_array, parquet)
     if values is None:
         return None
-    front, _ = read_front(path)
+    front, _ = read_front(path, parquet)
     return front, values, features
 
 
@@ -274,7 +288,7 @@ def shared_take(source: Path, rows: np.ndarray) -> np.ndarray:
                 f"{source}: gone, the split changed while it was being loaded: run again"
             ) from None
         shape = (len(rows), *values.shape[1:])
-        taken = mapped_file(target, Layout(shape, values.dtype, [], []))
+        taken = mapped_file(target, shape, values.dtype)
         if taken is not None:
             return taken
         with atomic_path(target) as tmp:

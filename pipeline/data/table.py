@@ -223,8 +223,25 @@ def file_sha256(path: Path | str) -> str:
 READ_COLUMNS = 64
 
 
+def open_parquet(path: Path | str, parquet=None):
+    """``parquet`` (a ``pyarrow.parquet.ParquetFile`` of ``path``, open already), or ``path``
+    opened as one. Opening reads the footer, which for a wide table takes about 0.1 s per
+    10,000 columns: a file read in several ways is opened once."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path) if parquet is None else parquet
+
+
+def read_columns(parquet, columns: list[str], rows: int) -> pd.DataFrame:
+    """The ``columns`` of an open Parquet file as ``pd.read_parquet`` reads them; with none, a
+    frame of ``rows`` rows and no column."""
+    if not columns:
+        return pd.DataFrame(index=range(rows))
+    return parquet.read(columns=columns, use_pandas_metadata=True).to_pandas()
+
+
 def read_features(
-    path: Path | str, into=None
+    path: Path | str, into=None, parquet=None
 ) -> tuple[pd.DataFrame | None, np.ndarray | None, list[str]]:
     """A table the pipeline wrote, as ``(front, values, features)``: when the features are the
     last columns, share one numeric type and hold no null, ``values`` is them as one
@@ -236,13 +253,15 @@ def read_features(
     memory-mapped file, say; its dtype may differ from the table's, and the values are cast
     as NumPy casts). It is then filled a row group at a time, so that each part of it is
     written in one pass, and nothing else is read: ``front`` is None, and so are ``values``
-    where the features cannot be read that way. Null floats are NaN there."""
-    import pyarrow.parquet as pq
+    where the features cannot be read that way. Null floats are NaN there. ``parquet``:
+    ``path`` open already (:func:`open_parquet`)."""
 
-    def whole():
-        return (pd.read_parquet(path) if into is None else None), None, []
+    parquet = open_parquet(path, parquet)
 
-    parquet = pq.ParquetFile(path)
+    def whole():  # as pd.read_parquet(path) reads it
+        table = parquet.read(use_pandas_metadata=True).to_pandas() if into is None else None
+        return table, None, []
+
     schema = parquet.schema_arrow
     names = schema.names
     features = [n for n in names if is_feature(n)]
@@ -279,22 +298,17 @@ def read_features(
                 values[rows, start + offset] = column.to_numpy(zero_copy_only=False)
     if into is not None:
         return None, values, features
-    front = (
-        parquet.read(columns=others).to_pandas()
-        if others
-        else pd.DataFrame(index=range(len(values)))
-    )
-    return front, values, features
+    return read_columns(parquet, others, len(values)), values, features
 
 
-def read_front(path: Path | str) -> tuple[pd.DataFrame, list[str]]:
+def read_front(path: Path | str, parquet=None) -> tuple[pd.DataFrame, list[str]]:
     """A table's columns other than its features, as ``pd.read_parquet`` reads them, and its
-    features' names."""
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(path).names
+    features' names. ``parquet``: ``path`` open already (:func:`open_parquet`)."""
+    parquet = open_parquet(path, parquet)
+    names = parquet.schema_arrow.names
     features = [n for n in names if is_feature(n)]
-    return pd.read_parquet(path, columns=[n for n in names if not is_feature(n)]), features
+    others = [n for n in names if not is_feature(n)]
+    return read_columns(parquet, others, parquet.metadata.num_rows), features
 
 
 def with_features(front: pd.DataFrame, values: np.ndarray, features: list[str]) -> pd.DataFrame:
@@ -302,16 +316,16 @@ def with_features(front: pd.DataFrame, values: np.ndarray, features: list[str]) 
     ``values``, not a copy."""
     table = pd.DataFrame(values, columns=features, copy=False)
     for position, name in enumerate(front.columns):
-        table.insert(position, name, front[name].to_numpy())
+        table.insert(position, name, front[name].array)  # its own type (category, Int64, ...)
     return table
 
 
-def read_table(path: Path | str) -> pd.DataFrame:
+def read_table(path: Path | str, parquet=None) -> pd.DataFrame:
     """A table the pipeline wrote with ``to_parquet``, as ``pd.read_parquet`` reads it, in about
     half the memory: when the features are the last columns, share one type and hold no
     null, they are read ``READ_COLUMNS`` at a time into one 2-D array that becomes the frame's
     single block (``pd.read_parquet`` holds Arrow's copy and pandas' per-column copies before
     it consolidates them: 180 MB at the peak for 55 MB of MNIST pixels). Otherwise it is
     ``pd.read_parquet``. See :func:`read_features`."""
-    front, values, features = read_features(path)
+    front, values, features = read_features(path, parquet=parquet)
     return front if values is None else with_features(front, values, features)

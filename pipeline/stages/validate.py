@@ -59,14 +59,15 @@ def read_raw(
     """The raw table and its manifest, and why its features are memory-mapped (None when
     they are in memory): they are when they take more than half of the host's available
     memory (``placement`` ``auto``; ``disk`` or ``memory`` to choose)."""
-    from pipeline.data.mapped import read_mapped, storage, table_bytes
+    from pipeline.data.mapped import input_layout, read_mapped, storage
 
     samples, manifest = raw_dir / "samples.parquet", raw_dir / "manifest.json"
     for path in (samples, manifest):
         require(path, "ingest")
     try:
-        where, why = storage(placement, table_bytes(samples))
-        mapped = read_mapped(samples) if where == "disk" else None
+        layout = input_layout(samples)  # the footer, read once
+        where, why = storage(placement, layout.table_nbytes)
+        mapped = read_mapped(samples, layout.parquet) if where == "disk" else None
         if where == "disk" and mapped is None:
             print(
                 f"[validate] {samples}: its features are not one block of numbers, so they "
@@ -74,7 +75,7 @@ def read_raw(
                 flush=True,
             )
         if mapped is None:
-            table, why = read_table(samples), None
+            table, why = read_table(samples, layout.parquet), None
         else:
             table = with_features(*mapped)
     except StageError:  # no room for the memory-mapped copy
