@@ -82,3 +82,27 @@ def test_data_on_the_gpu_or_streamed_from_pinned_memory(where):
     expected = "device" if where == "auto" else "host"  # a few kB: far below half the GPU
     assert trainer.datamodule.placement == expected
     assert trainer.global_step == 2 * 4
+
+
+@pytest.mark.parametrize("where", ["auto", "disk"])
+def test_memory_mapped_splits_go_to_the_gpu_or_are_streamed_from_the_mapped_file(where, tmp_path):
+    """Splits that load_prepared memory-mapped from disk: moved to the GPU when they fit
+    there (auto), or gathered from the mapped file into pinned memory a batch at a time and
+    copied while the step runs (disk): no step waits for the device."""
+    from pipeline.data.loader import load_prepared
+    from pipeline.io import write_json
+
+    data = random_data([3, 32, 32])
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for split, table in data.tables.items():
+        table.to_parquet(prepared / f"{split}.parquet", index=False)
+    write_json(prepared / "manifest.json", data.manifest.to_dict())
+    mapped = load_prepared(prepared, ("train", "val"), "disk", tmp_path / "mapped")
+    assert mapped.storage == "disk"
+    hp = TrainParams(max_epochs=2, batch_size=32, accelerator="cuda", data_placement=where)
+    _, trainer = fit(hp, ModelParams(channels=8), mapped, [NoSyncInSteps()])
+    assert trainer.datamodule.placement == ("device" if where == "auto" else "disk")
+    assert trainer.datamodule.pinned() == (where == "disk")
+    assert trainer.global_step == 2 * 4
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
