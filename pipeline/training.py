@@ -164,14 +164,18 @@ class InMemoryData(pl.LightningDataModule):
 
 
 class WholeCheckpoints(TorchCheckpointIO):
-    """Lightning's checkpoint writer, with each file written beside its path and moved into
-    place (:func:`pipeline.io.atomic_path`): a process killed while writing leaves the
-    previous checkpoint whole. (Lightning's own write goes through the system's temporary
-    folder, which is a plain copy, not a move, where that folder is another file system.)"""
+    """Lightning's checkpoint reader, and a writer that ``torch.save``s each file beside its
+    path and moves it into place (:func:`pipeline.io.atomic_path`): a process killed while
+    writing leaves the previous checkpoint whole. (Lightning's own writer serialises the
+    whole checkpoint into memory first, a second copy of the weights and optimiser state,
+    and then writes it through the system's temporary folder, which is a plain copy, not a
+    move, where that folder is another file system.)"""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            torch.save(checkpoint, tmp)
 
 
 NO_OP = contextlib.nullcontext()  # stateless: one serves every hook, nested or not

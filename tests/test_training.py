@@ -582,3 +582,30 @@ def test_checks_inside_an_epoch_each_log_the_training_since_the_last(digits_prep
     assert module.rated_samples == 1252 - 15 * 64  # batches 16-20, the last one of 36
     losses = [h["train/loss"] for h in history.history]
     assert losses == sorted(losses, reverse=True)  # later stretches of training fit better
+
+
+def test_a_checkpoint_is_written_to_its_file_without_a_copy_in_memory(tmp_path):
+    """Checkpoints (weights and optimiser state, every epoch) go straight to a file beside
+    their path, moved into place: no serialised copy of them is held in memory on the way
+    (Lightning's own writer held one: 194 MB for a checkpoint of 180 MB), and the file
+    reads back as it was saved."""
+    import tracemalloc
+
+    from pipeline.training import WholeCheckpoints
+
+    weights = torch.arange(8 * 2**20, dtype=torch.float32)  # 32 MB
+    checkpoint = {"state_dict": {"w": weights}, "epoch": 3}
+    writer, path = WholeCheckpoints(), tmp_path / "last.ckpt"
+    path.write_bytes(b"the previous checkpoint")
+    tracemalloc.start()
+    try:
+        writer.save_checkpoint(checkpoint, path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak / 2**20:.1f} MB held while writing"
+    loaded = writer.load_checkpoint(path)
+    assert torch.equal(loaded["state_dict"]["w"], weights) and loaded["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    with pytest.raises(TypeError):
+        writer.save_checkpoint(checkpoint, path, storage_options={"anon": True})
