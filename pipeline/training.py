@@ -174,8 +174,8 @@ class WholeCheckpoints(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as file:
+            torch.save(checkpoint, file)  # a file object: entries named as for any path
 
 
 NO_OP = contextlib.nullcontext()  # stateless: one serves every hook, nested or not

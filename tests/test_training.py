@@ -607,5 +607,8 @@ def test_a_checkpoint_is_written_to_its_file_without_a_copy_in_memory(tmp_path):
     loaded = writer.load_checkpoint(path)
     assert torch.equal(loaded["state_dict"]["w"], weights) and loaded["epoch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    written = path.read_bytes()
+    writer.save_checkpoint(checkpoint, path)
+    assert path.read_bytes() == written  # the same bytes for the same checkpoint
     with pytest.raises(TypeError):
         writer.save_checkpoint(checkpoint, path, storage_options={"anon": True})
