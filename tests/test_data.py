@@ -400,25 +400,32 @@ run_stage(sys.argv[1], {"train": train, "validate": validate}[sys.argv[1]])
 """
 
 
+def full_disk_project(folder: Path, manifest) -> None:
+    """A raw table and prepared splits in ``folder`` for :data:`FULL_DISK`; each copy of
+    features it makes takes 90 × 64 × 4 B."""
+    from pipeline.io import write_json
+
+    (folder / "prepared").mkdir()
+    write_splits(folder / "prepared", manifest, seed=6, dtype="float64")
+    (folder / "raw").mkdir()
+    (folder / "prepared/train.parquet").rename(folder / "raw/samples.parquet")
+    write_json(folder / "raw/manifest.json", manifest.to_dict())
+    write_splits(folder / "prepared", manifest, seed=6, dtype="float64")
+
+
 def test_no_room_for_memory_mapped_features_stops_with_one_line(tmp_path, manifest):
     """A disk that cannot take the mapped copy of a split, or validate's scratch copy of the
     raw features, stops the stage with one line naming the folder, exit 1, and no file left
     (instead of a traceback, or SIGBUS when a page of the mapping is first written). The
     process may write files of at most 4 kB (RLIMIT_FSIZE: writes past it fail with EFBIG,
-    as they fail with ENOSPC on a full disk); each copy takes 90 × 64 × 4 B."""
+    as they fail with ENOSPC on a full disk)."""
     import resource
     import subprocess
     import sys
 
-    from pipeline.io import write_json
     from tests.conftest import project_env
 
-    (tmp_path / "prepared").mkdir()
-    write_splits(tmp_path / "prepared", manifest, seed=6, dtype="float64")
-    (tmp_path / "raw").mkdir()
-    (tmp_path / "prepared/train.parquet").rename(tmp_path / "raw/samples.parquet")
-    write_json(tmp_path / "raw/manifest.json", manifest.to_dict())
-    write_splits(tmp_path / "prepared", manifest, seed=6, dtype="float64")
+    full_disk_project(tmp_path, manifest)
 
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
@@ -443,6 +450,52 @@ def test_no_room_for_memory_mapped_features_stops_with_one_line(tmp_path, manife
     }
     assert sorted(p.name for p in (tmp_path / "mapped").iterdir()) == ["train.lock"]
     assert list((tmp_path / ".runway/prepared").iterdir()) == []
+
+
+def test_a_full_file_system_stops_the_copy_when_its_room_is_taken(tmp_path, manifest):
+    """A real full file system: the folders of the copies are a tmpfs of 16 kB each, in a
+    mount namespace of the stage's own (``unshare``). A copy's .npy file is sparse until
+    its room is taken, so making it fits (two pages are written) and ``posix_fallocate``
+    of its 23 kB then fails with ENOSPC: the stage stops there with one line, exit 1, and
+    leaves nothing but the split's lock (listed from inside the namespace)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import project_env
+
+    full_disk_project(tmp_path, manifest)
+    for folder in ("mapped", ".runway/prepared"):
+        (tmp_path / folder).mkdir(parents=True)
+    in_namespace = (
+        "mount -t tmpfs -o size=16k tmpfs mapped && "
+        "mount -t tmpfs -o size=16k tmpfs .runway/prepared && "
+        '"$0" -c "$1" "$2"; code=$?; ls -A mapped .runway/prepared; exit $code'
+    )
+    lines = {}
+    for stage in ("train", "validate"):
+        done = subprocess.run(
+            ["unshare", "--map-root-user", "--mount", "sh", "-c", in_namespace]
+            + [sys.executable, FULL_DISK, stage],
+            cwd=tmp_path,
+            env=project_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 1, done.stderr
+        lines[stage] = (done.stderr, done.stdout)
+    left = ".runway/prepared:\n\nmapped:\n{}"  # ls sorts them
+    assert lines == {
+        "train": (
+            "[train] error: mapped: cannot make a file of 0.0 MB for memory-mapped "
+            "features: No space left on device\n",
+            left.format("train.lock\n"),
+        ),
+        "validate": (
+            "[validate] error: .runway/prepared: cannot make a file of 0.0 MB for "
+            "memory-mapped features: No space left on device\n",
+            left.format(""),
+        ),
+    }
 
 
 def test_each_parquet_footer_is_read_once(tmp_path, manifest, monkeypatch):

@@ -268,7 +268,7 @@ def test_a_raw_table_memory_mapped_from_disk_is_validated_and_written_as_in_memo
         summary.pop("validation_results")  # GX's run times and ids
         results[placement] = (why, quarantine, summary, files)
     assert results["memory"][0] is None
-    assert results["disk"][0] == "0.4 MB, train.data_placement: disk"
+    assert results["disk"][0] == "0.4 MB, placement: disk"  # read_raw's, not train's key
     pd.testing.assert_frame_equal(results["memory"][1], results["disk"][1])
     assert list(results["disk"][1]["reason"]) == [
         "non-finite feature: px_3=nan",

@@ -91,15 +91,19 @@ def input_layout(path: Path) -> Layout:
 
 
 def storage(
-    asked: str, nbytes: int, available: int | None = None, processes: int = 1
+    asked: str,
+    nbytes: int,
+    available: int | None = None,
+    processes: int = 1,
+    key: str = "train.data_placement",
 ) -> tuple[str, str]:
     """Whether the splits' inputs (``nbytes``) are read into ``memory`` or memory-mapped from
-    ``disk`` (``train.data_placement``), and why, in words. Under ``auto`` it is disk when
-    ``processes`` copies of them (each of the processes that load them at once holds one)
-    take more than ``HOST_SHARE`` of ``available`` (the host's available memory)."""
+    ``disk`` (``asked``, the setting ``key``), and why, in words. Under ``auto`` it is disk
+    when ``processes`` copies of them (each of the processes that load them at once holds
+    one) take more than ``HOST_SHARE`` of ``available`` (the host's available memory)."""
     size = megabytes(nbytes)
     if asked != "auto":
-        return "disk" if asked == "disk" else "memory", f"{size}, train.data_placement: {asked}"
+        return "disk" if asked == "disk" else "memory", f"{size}, {key}: {asked}"
     if available is None:
         import psutil
 

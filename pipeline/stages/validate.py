@@ -66,7 +66,7 @@ def read_raw(
         require(path, "ingest")
     try:
         layout = input_layout(samples)  # the footer, read once
-        where, why = storage(placement, layout.table_nbytes)
+        where, why = storage(placement, layout.table_nbytes, key="placement")
         mapped = read_mapped(samples, layout.parquet) if where == "disk" else None
         if where == "disk" and mapped is None:
             print(
