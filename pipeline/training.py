@@ -24,6 +24,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.profilers import PassThroughProfiler
 
@@ -169,9 +171,12 @@ class WholeCheckpoints(TorchCheckpointIO):
     writing leaves the previous checkpoint whole. (Lightning's own writer serialises the
     whole checkpoint into memory first, a second copy of the weights and optimiser state,
     and then writes it through the system's temporary folder, which is a plain copy, not a
-    move, where that folder is another file system.)"""
+    move, where that folder is another file system.) A URL's checkpoints (``s3://…``) are
+    Lightning's to write, through fsspec."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if not isinstance(get_filesystem(path), LocalFileSystem):  # a URL: Lightning's writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_path(path) as tmp, open(tmp, "wb") as file:

@@ -400,17 +400,18 @@ run_stage(sys.argv[1], {"train": train, "validate": validate}[sys.argv[1]])
 """
 
 
-def full_disk_project(folder: Path, manifest) -> None:
-    """A raw table and prepared splits in ``folder`` for :data:`FULL_DISK`; each copy of
-    features it makes takes 90 × 64 × 4 B."""
+def full_disk_project(folder: Path, manifest, rows: int = 90) -> None:
+    """A raw table and prepared splits in ``folder`` for :data:`FULL_DISK`: the train copy
+    of features takes ``rows`` × 64 × 4 B (float32 inputs), validate's of the raw table
+    twice that (float64)."""
     from pipeline.io import write_json
 
     (folder / "prepared").mkdir()
-    write_splits(folder / "prepared", manifest, seed=6, dtype="float64")
+    write_splits(folder / "prepared", manifest, seed=6, dtype="float64", rows=(rows, 30))
     (folder / "raw").mkdir()
     (folder / "prepared/train.parquet").rename(folder / "raw/samples.parquet")
     write_json(folder / "raw/manifest.json", manifest.to_dict())
-    write_splits(folder / "prepared", manifest, seed=6, dtype="float64")
+    write_splits(folder / "prepared", manifest, seed=6, dtype="float64", rows=(rows, 30))
 
 
 def test_no_room_for_memory_mapped_features_stops_with_one_line(tmp_path, manifest):
@@ -453,23 +454,32 @@ def test_no_room_for_memory_mapped_features_stops_with_one_line(tmp_path, manife
 
 
 def test_a_full_file_system_stops_the_copy_when_its_room_is_taken(tmp_path, manifest):
-    """A real full file system: the folders of the copies are a tmpfs of 16 kB each, in a
-    mount namespace of the stage's own (``unshare``). A copy's .npy file is sparse until
-    its room is taken, so making it fits (two pages are written) and ``posix_fallocate``
-    of its 23 kB then fails with ENOSPC: the stage stops there with one line, exit 1, and
-    leaves nothing but the split's lock (listed from inside the namespace)."""
+    """A real full file system: the folders of the copies are a tmpfs of 3 pages each, in a
+    mount namespace of the stage's own (``unshare``, no root needed). A copy's .npy file is
+    sparse until its room is taken, so making it fits (two pages are written), and
+    ``posix_fallocate`` of its 4 pages or more then fails with ENOSPC: the stage stops
+    there with one line, exit 1, and leaves nothing but the split's lock (listed from
+    inside the namespace). Without the fallocate the stage dies of SIGBUS."""
+    import os
+    import shutil
     import subprocess
     import sys
 
+    from pipeline.data.mapped import megabytes
     from tests.conftest import project_env
 
-    full_disk_project(tmp_path, manifest)
+    page = os.sysconf("SC_PAGE_SIZE")
+    probe = ["unshare", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "x", str(tmp_path)]
+    if not shutil.which("unshare") or subprocess.run(probe, capture_output=True).returncode:
+        pytest.skip("this system lets no process mount a tmpfs in a namespace of its own")
+    rows = max(90, 4 * page // (64 * 4) + 1)
+    full_disk_project(tmp_path, manifest, rows)
     for folder in ("mapped", ".runway/prepared"):
         (tmp_path / folder).mkdir(parents=True)
     in_namespace = (
-        "mount -t tmpfs -o size=16k tmpfs mapped && "
-        "mount -t tmpfs -o size=16k tmpfs .runway/prepared && "
-        '"$0" -c "$1" "$2"; code=$?; ls -A mapped .runway/prepared; exit $code'
+        f"mount -t tmpfs -o size={3 * page} tmpfs mapped && "
+        f"mount -t tmpfs -o size={3 * page} tmpfs .runway/prepared && "
+        '"$0" -c "$1" "$2"; code=$?; ls -A mapped; echo --; ls -A .runway/prepared; exit $code'
     )
     lines = {}
     for stage in ("train", "validate"):
@@ -483,17 +493,16 @@ def test_a_full_file_system_stops_the_copy_when_its_room_is_taken(tmp_path, mani
         )
         assert done.returncode == 1, done.stderr
         lines[stage] = (done.stderr, done.stdout)
-    left = ".runway/prepared:\n\nmapped:\n{}"  # ls sorts them
     assert lines == {
         "train": (
-            "[train] error: mapped: cannot make a file of 0.0 MB for memory-mapped "
-            "features: No space left on device\n",
-            left.format("train.lock\n"),
+            f"[train] error: mapped: cannot make a file of {megabytes(rows * 64 * 4)} for "
+            "memory-mapped features: No space left on device\n",
+            "train.lock\n--\n",
         ),
         "validate": (
-            "[validate] error: .runway/prepared: cannot make a file of 0.0 MB for "
-            "memory-mapped features: No space left on device\n",
-            left.format(""),
+            f"[validate] error: .runway/prepared: cannot make a file of "
+            f"{megabytes(rows * 64 * 8)} for memory-mapped features: No space left on device\n",
+            "--\n",
         ),
     }
 
@@ -557,8 +566,8 @@ def test_each_parquet_footer_is_read_once(tmp_path, manifest, monkeypatch):
 
 def test_a_split_replaced_after_it_was_opened_is_mapped_as_it_was_opened(tmp_path, manifest):
     """A load opens every split before it copies any: one that validate replaces meanwhile
-    is copied from the file it opened, under that file's name, and the next load copies
-    the new one."""
+    is copied from the file it opened, under that file's name, and a load of the new one
+    meanwhile keeps its copy."""
     import os
 
     from pipeline.data.loader import load_prepared
@@ -572,13 +581,21 @@ def test_a_split_replaced_after_it_was_opened_is_mapped_as_it_was_opened(tmp_pat
     path = prepared / "train.parquet"
     opened, layout = read_table(path), input_layout(path)
     os.replace(newer / "train.parquet", path)
+    current = load_prepared(prepared, ("train",), "disk", mapped).tensors["train"][0]
     _, values, features = mapped_features(path, mapped / "train", layout)
     assert np.array_equal(values, opened[features].to_numpy())
     assert Path(values.filename).name == f"train-{layout.identity}.npy"
     assert layout.identity != file_identity(path)
-    again = load_prepared(prepared, ("train",), "disk", mapped).tensors["train"][0]
+    # The late copy, of a split no longer there, is gone once mapped; the current one stays.
+    assert sorted(p.name for p in mapped.iterdir()) == [
+        f"train-{file_identity(path)}.npy",
+        "train.lock",
+    ]
     new = read_table(path)
-    assert np.array_equal(again.reshape(len(again), -1).numpy(), new[features_of(new)].to_numpy())
+    assert np.array_equal(
+        current.reshape(len(current), -1).numpy(), new[features_of(new)].to_numpy()
+    )
+    assert np.array_equal(values, opened[features].to_numpy())  # still mapped
 
 
 def test_with_features_keeps_the_front_columns_types():

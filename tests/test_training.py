@@ -584,7 +584,7 @@ def test_checks_inside_an_epoch_each_log_the_training_since_the_last(digits_prep
     assert losses == sorted(losses, reverse=True)  # later stretches of training fit better
 
 
-def test_a_checkpoint_is_written_to_its_file_without_a_copy_in_memory(tmp_path):
+def test_a_checkpoint_is_written_to_its_file_without_a_copy_in_memory(tmp_path, monkeypatch):
     """Checkpoints (weights and optimiser state, every epoch) go straight to a file beside
     their path, moved into place: no serialised copy of them is held in memory on the way
     (Lightning's own writer held one: 194 MB for a checkpoint of 180 MB), and the file
@@ -612,3 +612,10 @@ def test_a_checkpoint_is_written_to_its_file_without_a_copy_in_memory(tmp_path):
     assert path.read_bytes() == written  # the same bytes for the same checkpoint
     with pytest.raises(TypeError):
         writer.save_checkpoint(checkpoint, path, storage_options={"anon": True})
+    # A URL's checkpoint goes through fsspec, as Lightning writes it, not to a local folder.
+    monkeypatch.chdir(tmp_path)
+    writer.save_checkpoint(checkpoint, "memory://checkpoints/last.ckpt")
+    loaded = writer.load_checkpoint("memory://checkpoints/last.ckpt")
+    assert torch.equal(loaded["state_dict"]["w"], weights) and loaded["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    writer.remove_checkpoint("memory://checkpoints/last.ckpt")

@@ -570,6 +570,11 @@ def test_the_cut_of_memory_mapped_splits_stays_memory_mapped(
     )
     assert not files["train"].exists() and files["val"].exists()
     assert len(list(files["train"].parent.glob("train-*-rows-*.npy"))) == 1
+    # A run that cuts the train split no more leaves none of its cuts on disk.
+    whole = cut("disk", train_samples=None)
+    assert re.fullmatch(r"train-[0-9a-f]{16}\.npy", whole.copies["train"].name)
+    assert not list(files["train"].parent.glob("train-*-rows-*.npy"))
+    assert list(files["val"].parent.glob("val-*-rows-*.npy")) == [files["val"]]
 
 
 def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(

@@ -158,7 +158,8 @@ def mapped_features(
     from the Parquet file a row group at a time, and replaces the one of an earlier version
     of the split; one process makes it while the others wait for it. ``layout`` is the
     split's :func:`input_layout`, if it was read already: the split is then the file it
-    opened, even if ``path`` names another since."""
+    opened, even if ``path`` names another since (its copy is then removed once mapped,
+    and the newer one's kept)."""
     layout = layout or input_layout(path)
     target = stem.with_name(f"{stem.name}-{layout.identity}.npy")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -179,9 +180,20 @@ def mapped_features(
                     )
                 written.flush()
                 del written
-            replace_earlier(target, f"{stem.name}-*.npy")
             values = np.load(target, mmap_mode="c")
+            if layout.identity == identity_now(path):
+                replace_earlier(target, f"{stem.name}-*.npy")
+            else:  # replaced since it was opened: the copy stays mapped, and no load asks for it
+                target.unlink()
     return front, values, layout.features
+
+
+def identity_now(path: Path) -> str | None:
+    """The :func:`file_identity` of ``path`` now, or None when it is gone."""
+    try:
+        return file_identity(path)
+    except FileNotFoundError:
+        return None
 
 
 def new_copy(tmp: Path, folder: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.memmap:
@@ -277,14 +289,13 @@ def shared_take(source: Path, rows: np.ndarray) -> np.ndarray:
     made on first use, :func:`take` copying into it, under the split's lock, and replaces
     the split's earlier one; every process that asks for the same rows (a study's workers)
     then maps that one file, as they map the split's copy. It stays there for the next run,
-    until the split or the rows change."""
+    until the split or the rows change (or a run cuts nothing from it: :func:`drop_cuts`)."""
     import hashlib
 
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     key = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
     target = source.with_name(f"{source.stem}-rows-{key}.npy")
-    split = source.stem.rsplit("-", 1)[0]  # the copy is {split}-{id}.npy
-    with split_lock(source.with_name(split)):
+    with copy_lock(source):
         try:
             values = np.load(source, mmap_mode="r")
         except FileNotFoundError:
@@ -301,6 +312,20 @@ def shared_take(source: Path, rows: np.ndarray) -> np.ndarray:
             del out
         replace_earlier(target, f"{source.stem}-rows-*.npy")
         return np.load(target, mmap_mode="c")
+
+
+def drop_cuts(source: Path) -> None:
+    """Remove the :func:`shared_take` files of the split copy ``source``, for a run that
+    cuts nothing from it: a cut left from an earlier run would otherwise stay on disk (up to
+    the split's size) until the split changes."""
+    with copy_lock(source):
+        replace_earlier(source, f"{source.stem}-rows-*.npy")
+
+
+def copy_lock(source: Path):
+    """The :func:`split_lock` of the split whose :func:`mapped_features` copy is ``source``
+    (``{folder}/{split}-{id}.npy``)."""
+    return split_lock(source.with_name(source.stem.rsplit("-", 1)[0]))
 
 
 def take_rows(table: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:

@@ -982,12 +982,13 @@ def prepare(params: Params):
     the ids and labels only: the trials take the features as tensors. A cut split's inputs
     are a copy of the samples kept: in memory, or for splits memory-mapped from disk in a
     memory-mapped file beside the split's copy, whatever its size, made by the first worker
-    and shared by the others (:func:`~pipeline.data.mapped.shared_take`).
+    and shared by the others (:func:`~pipeline.data.mapped.shared_take`); a split not cut
+    has no such file left.
     """
     import torch
 
     from pipeline.data.loader import Prepared, load_prepared
-    from pipeline.data.mapped import shared_take
+    from pipeline.data.mapped import drop_cuts, shared_take
     from pipeline.data.table import features_of
     from pipeline.training import check_model
 
@@ -1008,6 +1009,8 @@ def prepare(params: Params):
     ):
         keep = subset(len(tables[split]), most, cfg.seed)
         if keep is None:
+            if data.storage == "disk":
+                drop_cuts(data.copies[split])  # an earlier run's, no longer used
             continue
         x, y = tensors[split]
         print(
