@@ -24,8 +24,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.profilers import PassThroughProfiler
 
@@ -175,11 +175,12 @@ class WholeCheckpoints(TorchCheckpointIO):
     Lightning's to write, through fsspec."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        if not isinstance(get_filesystem(path), LocalFileSystem):  # a URL: Lightning's writer
+        files, local = url_to_fs(str(path))  # a path, file://… or a URL
+        if not isinstance(files, LocalFileSystem):  # s3://… and such: Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        with atomic_path(local) as tmp, open(tmp, "wb") as file:
             torch.save(checkpoint, file)  # a file object: entries named as for any path
 
 

@@ -566,8 +566,8 @@ def test_each_parquet_footer_is_read_once(tmp_path, manifest, monkeypatch):
 
 def test_a_split_replaced_after_it_was_opened_is_mapped_as_it_was_opened(tmp_path, manifest):
     """A load opens every split before it copies any: one that validate replaces meanwhile
-    is copied from the file it opened, under that file's name, and a load of the new one
-    meanwhile keeps its copy."""
+    is copied from the file it opened, under that file's name, which other late loads map
+    too, and a load of the new one meanwhile keeps its copy."""
     import os
 
     from pipeline.data.loader import load_prepared
@@ -586,15 +586,20 @@ def test_a_split_replaced_after_it_was_opened_is_mapped_as_it_was_opened(tmp_pat
     assert np.array_equal(values, opened[features].to_numpy())
     assert Path(values.filename).name == f"train-{layout.identity}.npy"
     assert layout.identity != file_identity(path)
-    # The late copy, of a split no longer there, is gone once mapped; the current one stays.
-    assert sorted(p.name for p in mapped.iterdir()) == [
-        f"train-{file_identity(path)}.npy",
-        "train.lock",
-    ]
+    # The late copy, of a split no longer there, leaves the current one; the next load of
+    # the current split removes the late one (still mapped where it is used).
+    late, now = f"train-{layout.identity}.npy", f"train-{file_identity(path)}.npy"
+    assert sorted(p.name for p in mapped.iterdir()) == sorted([late, now, "train.lock"])
+    made = os.stat(values.filename).st_mtime_ns
+    assert mapped_features(path, mapped / "train", layout)[1].filename == values.filename
+    assert os.stat(values.filename).st_mtime_ns == made  # mapped, not made again
+    again = load_prepared(prepared, ("train",), "disk", mapped).tensors["train"][0]
+    assert sorted(p.name for p in mapped.iterdir()) == [now, "train.lock"]
     new = read_table(path)
-    assert np.array_equal(
-        current.reshape(len(current), -1).numpy(), new[features_of(new)].to_numpy()
-    )
+    for tensor in (current, again):
+        assert np.array_equal(
+            tensor.reshape(len(tensor), -1).numpy(), new[features_of(new)].to_numpy()
+        )
     assert np.array_equal(values, opened[features].to_numpy())  # still mapped
 
 

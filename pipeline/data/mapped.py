@@ -158,8 +158,9 @@ def mapped_features(
     from the Parquet file a row group at a time, and replaces the one of an earlier version
     of the split; one process makes it while the others wait for it. ``layout`` is the
     split's :func:`input_layout`, if it was read already: the split is then the file it
-    opened, even if ``path`` names another since (its copy is then removed once mapped,
-    and the newer one's kept)."""
+    opened, even if ``path`` names another since. Each load of the split as it is now
+    removes the copies of its other versions (a late load's, of a split replaced since it
+    was opened, stays until then: the other late loads map it too)."""
     layout = layout or input_layout(path)
     target = stem.with_name(f"{stem.name}-{layout.identity}.npy")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -181,11 +182,19 @@ def mapped_features(
                 written.flush()
                 del written
             values = np.load(target, mmap_mode="c")
-            if layout.identity == identity_now(path):
-                replace_earlier(target, f"{stem.name}-*.npy")
-            else:  # replaced since it was opened: the copy stays mapped, and no load asks for it
-                target.unlink()
+        if layout.identity == identity_now(path):  # not a late load of a replaced split
+            clear_other_versions(target, stem)
     return front, values, layout.features
+
+
+def clear_other_versions(target: Path, stem: Path) -> None:
+    """Remove the copies beside ``target`` (``{stem}-{id}.npy``) of other versions of the
+    split, and their cuts (:func:`shared_take`), but not ``target``'s cuts: they are of the
+    same version."""
+    for other in target.parent.glob(f"{stem.name}-*.npy"):
+        if other != target and not other.name.startswith(f"{target.stem}-rows-"):
+            other.unlink(missing_ok=True)
+    clear_dead_writes(target.parent, f"{stem.name}-*.npy")
 
 
 def identity_now(path: Path) -> str | None:
