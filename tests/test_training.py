@@ -563,11 +563,11 @@ def test_checks_inside_an_epoch_each_log_the_training_since_the_last(digits_prep
     """Four checks an epoch (a trial's tune.val_check_interval: 0.25), 20 batches of 64: one
     every 5 batches, the last at the epoch's end; each logs the train loss and throughput of
     the 5 batches before it (the last 4 × 64 + 36 samples), not of the epoch so far, nor the
-    time callbacks take after a check (a pruner asking its database, here 1 s)."""
+    time callbacks take after a check (a pruner asking its database, here 2 s)."""
 
     class SlowAfterChecks(pl.Callback):
         def on_validation_end(self, trainer, pl_module) -> None:
-            time.sleep(1.0)
+            time.sleep(2.0)
 
     history = MetricHistory()
     hp = TrainParams(max_epochs=1, batch_size=64, accelerator="cpu")
@@ -577,8 +577,10 @@ def test_checks_inside_an_epoch_each_log_the_training_since_the_last(digits_prep
     )
     assert len(history.history) == 4
     assert trainer.global_step == 20  # every batch trained
-    # 320 samples in well under 0.3 s, not in over 1 s (the sleep)
-    assert all(h["train/samples_per_s"] > 1000 for h in history.history)
+    # Each stretch of 320 (or 292) samples trains in about 0.02-0.08 s alone, and in well
+    # under a second on a loaded machine (CI has seen 0.3 s): over 250 samples/s. Counting
+    # the 2 s sleep would give at most 160.
+    assert all(h["train/samples_per_s"] > 250 for h in history.history)
     assert module.rated_samples == 1252 - 15 * 64  # batches 16-20, the last one of 36
     losses = [h["train/loss"] for h in history.history]
     assert losses == sorted(losses, reverse=True)  # later stretches of training fit better

@@ -299,6 +299,6 @@ def test_a_raw_table_whose_features_cannot_be_mapped_is_read_into_memory_with_a_
     assert capsys.readouterr().out == (
         f"[validate] {tmp_path / 'raw/samples.parquet'}: its features are not one block of "
         "numbers, so they cannot be memory-mapped: read into memory (0.4 MB, "
-        "train.data_placement: disk)\n"
+        "placement: disk)\n"
     )
     assert not (tmp_path / ".runway").exists()  # no scratch file was begun
