@@ -622,5 +622,7 @@ def test_a_checkpoint_is_written_to_its_file_without_a_copy_in_memory(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     writer.remove_checkpoint("memory://checkpoints/last.ckpt")
     writer.save_checkpoint(checkpoint, f"file://{tmp_path}/url.ckpt")  # a local file's URL
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "url.ckpt"]
-    assert (tmp_path / "url.ckpt").read_bytes() == written
+    writer.save_checkpoint(checkpoint, "sub/relative.ckpt")  # from the working directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "sub", "url.ckpt"]
+    for saved in ("url.ckpt", "sub/relative.ckpt"):
+        assert (tmp_path / saved).read_bytes() == written
