@@ -575,6 +575,23 @@ def test_the_cut_of_memory_mapped_splits_stays_memory_mapped(
     assert re.fullmatch(r"train-[0-9a-f]{16}\.npy", whole.copies["train"].name)
     assert not list(files["train"].parent.glob("train-*-rows-*.npy"))
     assert list(files["val"].parent.glob("val-*-rows-*.npy")) == [files["val"]]
+    # A late worker: a load of a newer version of the split removed the copy it mapped
+    # before it cut it. It cuts what it mapped.
+    from pipeline.data import loader
+
+    load_prepared = loader.load_prepared
+
+    def load_then_lose(*args, **kwargs):
+        data = load_prepared(*args, **kwargs)
+        for copy in data.copies.values():
+            copy.unlink()
+        return data
+
+    monkeypatch.setattr(loader, "load_prepared", load_then_lose)
+    late = cut("disk", train_samples=250)
+    monkeypatch.setattr(loader, "load_prepared", load_prepared)
+    for split in ("train", "val"):
+        assert torch.equal(late.tensors[split][0], cut("host", train_samples=250).tensors[split][0])
 
 
 def test_trials_validate_within_epochs_and_can_be_pruned_inside_their_first(

@@ -292,13 +292,16 @@ def take(values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) ->
     return out
 
 
-def shared_take(source: Path, rows: np.ndarray) -> np.ndarray:
+def shared_take(source: Path, rows: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
     """The rows ``rows`` of the split copy ``source`` (a :func:`mapped_features` file),
     memory-mapped from a file beside it named by it and by a hash of ``rows``. The file is
     made on first use, :func:`take` copying into it, under the split's lock, and replaces
     the split's earlier one; every process that asks for the same rows (a study's workers)
     then maps that one file, as they map the split's copy. It stays there for the next run,
-    until the split or the rows change (or a run cuts nothing from it: :func:`drop_cuts`)."""
+    until the split or the rows change (or a run cuts nothing from it: :func:`drop_cuts`).
+    ``values``: ``source`` as the caller mapped it (rows × features), copied from even when
+    a load of a newer version of the split has removed the file since; by default the file
+    is opened."""
     import hashlib
 
     rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -306,7 +309,7 @@ def shared_take(source: Path, rows: np.ndarray) -> np.ndarray:
     target = source.with_name(f"{source.stem}-rows-{key}.npy")
     with copy_lock(source):
         try:
-            values = np.load(source, mmap_mode="r")
+            values = np.load(source, mmap_mode="r") if values is None else values
         except FileNotFoundError:
             raise StageError(
                 f"{source}: gone, the split changed while it was being loaded: run again"

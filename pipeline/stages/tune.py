@@ -1019,7 +1019,8 @@ def prepare(params: Params):
         )
         tables[split] = tables[split].iloc[keep.numpy()].reset_index(drop=True)
         if data.storage == "disk":
-            taken = shared_take(data.copies[split], keep.numpy())
+            mapped = x.numpy().reshape(len(x), -1)  # the copy as mapped: its file may go
+            taken = shared_take(data.copies[split], keep.numpy(), mapped)
             copies[split] = Path(taken.filename)
             tensors[split] = (torch.from_numpy(taken.reshape(-1, *x.shape[1:])), y[keep])
         else:
