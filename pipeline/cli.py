@@ -563,8 +563,8 @@ def _serve(
     while True:
         code = server.poll()
         if code is not None:
-            # `mlflow ui` exits 0 even when its server could not start.
-            if code == 0 and not served:
+            # `mlflow ui` may exit 0 when its server could not start (or 1, as it may here).
+            if not served:
                 _fail(
                     "ui",
                     f"the MLflow server stopped before it answered on http://{host}:{port} "

@@ -324,7 +324,9 @@ def test_ui_over_a_corrupt_store(tmp_path):
 
 
 def test_ui_whose_server_never_answers_exits_non_zero(tmp_path, monkeypatch):
-    """`mlflow ui` exits 0 when its server cannot bind: the command must not."""
+    """`mlflow ui` may exit 0 when its server cannot bind, or 1 (from the same run of
+    the same MLflow, depending on how its server process ends): the command exits 1 either
+    way, with its line."""
     from pipeline import cli
 
     monkeypatch.chdir(bare_project(tmp_path))
