@@ -316,7 +316,10 @@ def test_splits_memory_mapped_from_disk_are_the_splits_read_into_memory(tmp_path
 
     # Rows taken of the split (tune's cut), and a full-size temporary file of a writer that
     # was killed (its pid is above the system's largest).
-    taken = Path(shared_take(mapped / named("train"), np.arange(0, 90, 2)).filename)
+    values = remade.tensors["train"][0].numpy().reshape(90, -1)
+    taken = Path(
+        shared_take(mapped / named("train"), "train", np.arange(0, 90, 2), values).filename
+    )
     assert files() == sorted([named("train"), named("val"), taken.name])
     killed = mapped / f".{named('train')[:-4]}-rows-0123456789abcdef.npy.99999999.x1y2.tmp"
     killed.write_bytes(b"\0" * 4096)
@@ -637,7 +640,8 @@ def load_mapped_together(barrier, prepared, mapped, results) -> None:
 
     barrier.wait()
     data = load_prepared(prepared, ("train",), placement="disk", mapped_dir=mapped)
-    taken = shared_take(data.copies["train"], SOME_ROWS)
+    values = data.tensors["train"][0].numpy().reshape(len(data.tensors["train"][0]), -1)
+    taken = shared_take(data.copies["train"], "train", SOME_ROWS, values)
     maps = Path("/proc/self/maps").read_text().splitlines()
     inodes = {line.split()[4] for line in maps if ".npy" in line}
     deleted = any(line.endswith("(deleted)") for line in maps if ".npy" in line)

@@ -183,18 +183,9 @@ def mapped_features(
                 del written
             values = np.load(target, mmap_mode="c")
         if layout.identity == identity_now(path):  # not a late load of a replaced split
-            clear_other_versions(target, stem)
+            # Not target's cuts (shared_take): they are of the same version.
+            replace_earlier(target, f"{stem.name}-*.npy", keep=f"{target.stem}-rows-")
     return front, values, layout.features
-
-
-def clear_other_versions(target: Path, stem: Path) -> None:
-    """Remove the copies beside ``target`` (``{stem}-{id}.npy``) of other versions of the
-    split, and their cuts (:func:`shared_take`), but not ``target``'s cuts: they are of the
-    same version."""
-    for other in target.parent.glob(f"{stem.name}-*.npy"):
-        if other != target and not other.name.startswith(f"{target.stem}-rows-"):
-            other.unlink(missing_ok=True)
-    clear_dead_writes(target.parent, f"{stem.name}-*.npy")
 
 
 def identity_now(path: Path) -> str | None:
@@ -217,11 +208,12 @@ def new_copy(tmp: Path, folder: Path, shape: tuple[int, ...], dtype: np.dtype) -
     return values
 
 
-def replace_earlier(target: Path, pattern: str) -> None:
-    """Remove the files beside ``target`` that match ``pattern``, but ``target``, and what
-    writers of such files that were killed left (a full-size temporary file)."""
+def replace_earlier(target: Path, pattern: str, keep: str | None = None) -> None:
+    """Remove the files beside ``target`` that match ``pattern``, but ``target`` and those
+    whose names start with ``keep``, and what writers of such files that were killed left
+    (a full-size temporary file)."""
     for earlier in target.parent.glob(pattern):
-        if earlier != target:
+        if earlier != target and not (keep and earlier.name.startswith(keep)):
             earlier.unlink(missing_ok=True)
     clear_dead_writes(target.parent, pattern)
 
@@ -292,28 +284,22 @@ def take(values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) ->
     return out
 
 
-def shared_take(source: Path, rows: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
-    """The rows ``rows`` of the split copy ``source`` (a :func:`mapped_features` file),
-    memory-mapped from a file beside it named by it and by a hash of ``rows``. The file is
-    made on first use, :func:`take` copying into it, under the split's lock, and replaces
-    the split's earlier one; every process that asks for the same rows (a study's workers)
-    then maps that one file, as they map the split's copy. It stays there for the next run,
-    until the split or the rows change (or a run cuts nothing from it: :func:`drop_cuts`).
-    ``values``: ``source`` as the caller mapped it (rows × features), copied from even when
-    a load of a newer version of the split has removed the file since; by default the file
-    is opened."""
+def shared_take(source: Path, split: str, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The rows ``rows`` of ``values``, the copy ``source`` of the split ``split`` (a
+    :func:`mapped_features` file) as the caller mapped it (rows × features), memory-mapped
+    from a file beside it named by it and by a hash of ``rows``. The file is made on first
+    use, :func:`take` copying into it, under the split's lock, and replaces the split's
+    earlier one; every process that asks for the same rows (a study's workers) then maps
+    that one file, as they map the split's copy. It is copied from ``values``, not from the
+    file: a load of a newer version of the split may have removed that since. It stays there
+    for the next run, until the split or the rows change (or a run cuts nothing from it:
+    :func:`drop_cuts`)."""
     import hashlib
 
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     key = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
     target = source.with_name(f"{source.stem}-rows-{key}.npy")
-    with copy_lock(source):
-        try:
-            values = np.load(source, mmap_mode="r") if values is None else values
-        except FileNotFoundError:
-            raise StageError(
-                f"{source}: gone, the split changed while it was being loaded: run again"
-            ) from None
+    with split_lock(source.with_name(split)):
         shape = (len(rows), *values.shape[1:])
         taken = mapped_file(target, shape, values.dtype)
         if taken is not None:
@@ -326,18 +312,12 @@ def shared_take(source: Path, rows: np.ndarray, values: np.ndarray | None = None
         return np.load(target, mmap_mode="c")
 
 
-def drop_cuts(source: Path) -> None:
-    """Remove the :func:`shared_take` files of the split copy ``source``, for a run that
-    cuts nothing from it: a cut left from an earlier run would otherwise stay on disk (up to
-    the split's size) until the split changes."""
-    with copy_lock(source):
+def drop_cuts(source: Path, split: str) -> None:
+    """Remove the :func:`shared_take` files of ``source``, the copy of the split ``split``,
+    for a run that cuts nothing from it: a cut left from an earlier run would otherwise stay
+    on disk (up to the split's size) until the split changes."""
+    with split_lock(source.with_name(split)):
         replace_earlier(source, f"{source.stem}-rows-*.npy")
-
-
-def copy_lock(source: Path):
-    """The :func:`split_lock` of the split whose :func:`mapped_features` copy is ``source``
-    (``{folder}/{split}-{id}.npy``)."""
-    return split_lock(source.with_name(source.stem.rsplit("-", 1)[0]))
 
 
 def take_rows(table: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:

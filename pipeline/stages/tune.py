@@ -1010,7 +1010,7 @@ def prepare(params: Params):
         keep = subset(len(tables[split]), most, cfg.seed)
         if keep is None:
             if data.storage == "disk":
-                drop_cuts(data.copies[split])  # an earlier run's, no longer used
+                drop_cuts(data.copies[split], split)  # an earlier run's, no longer used
             continue
         x, y = tensors[split]
         print(
@@ -1020,7 +1020,7 @@ def prepare(params: Params):
         tables[split] = tables[split].iloc[keep.numpy()].reset_index(drop=True)
         if data.storage == "disk":
             mapped = x.numpy().reshape(len(x), -1)  # the copy as mapped: its file may go
-            taken = shared_take(data.copies[split], keep.numpy(), mapped)
+            taken = shared_take(data.copies[split], split, keep.numpy(), mapped)
             copies[split] = Path(taken.filename)
             tensors[split] = (torch.from_numpy(taken.reshape(-1, *x.shape[1:])), y[keep])
         else:
