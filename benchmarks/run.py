@@ -22,6 +22,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, Context
-from pipeline.io import Terminated
+from pipeline.io import Terminated, signals_held
 
 # In run order: noop_repro and accuracy reuse the pipeline that stages runs.
 COMPARISONS = [
@@ -124,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     STOPPING.clear()
     try:
         signal.signal(signal.SIGTERM, terminated)
-        with tempfile.TemporaryDirectory(prefix="runway-bench-") as scratch:
-            ctx = Context(Path(scratch), args.reps, accelerator=accelerator)
+        scratch = Path(tempfile.mkdtemp(prefix="runway-bench-"))
+        try:
+            ctx = Context(scratch, args.reps, accelerator=accelerator)
             for name in [c for c in COMPARISONS if c in chosen]:
                 print(f"[bench] {name} …", flush=True)
                 start, before = time.perf_counter(), os.getloadavg()[0]
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{load[name][0]} before, {load[name][1]} after, {os.cpu_count()} CPUs)",
                     flush=True,
                 )
+        finally:
+            with signals_held():  # a second ^C would leave part of it (GBs at scale)
+                shutil.rmtree(scratch, ignore_errors=True)
     except KeyboardInterrupt:
         print("[bench] interrupted", file=sys.stderr)
         return 130

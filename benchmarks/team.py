@@ -49,7 +49,7 @@ from benchmarks.common import (
     timed,
 )
 from benchmarks.epoch import Workload, stage_fit
-from pipeline.io import env_scope
+from pipeline.io import env_scope, signals_held
 
 TRIALS, EPOCHS = 12, 4
 FIXED = {"batch_size": [64], "channels": [32], "optimizer": ["adamw"]}
@@ -85,8 +85,9 @@ def team_server():
         text = (folder / "server" / "client.env").read_text()
         yield dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     finally:
-        subprocess.run([*runway, "server", "stop"], env=env, capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        with signals_held():  # a second ^C would leave the server running
+            subprocess.run([*runway, "server", "stop"], env=env, capture_output=True)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def edit(project: Path, section: str, **values) -> None:

@@ -340,7 +340,6 @@ def baseline(
 # The MLflow UI opens an experiment in its GenAI view unless the URL asks for the classic
 # runs table (the `workflowType` search parameter of the UI's experiment page).
 CLASSIC_VIEW = "?workflowType=machine_learning"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOP_GRACE_S = 10.0
 
 
@@ -482,7 +481,7 @@ def ui(
     """Serve the MLflow UI over the project's store (mlruns/ next to dvc.yaml, from any
     folder of the project) and print links to its runs and champion model. Ctrl+C or
     SIGTERM stops the server."""
-    from pipeline.io import NO_TELEMETRY, StageError
+    from pipeline.io import NO_TELEMETRY, STOP_SIGNALS, StageError
     from pipeline.tracking import check_store, shown
 
     root = project_root(Path.cwd().resolve())

@@ -160,6 +160,29 @@ class Terminated(BaseException):
     """Raised in the main thread when the process receives SIGTERM (see tracking.run)."""
 
 
+# The signals by which a user or a job runner stops a command.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """While entered, a further ^C, SIGTERM or SIGHUP is ignored, in this process and in the
+    children it starts meanwhile: for cleanup on the way out after the first stop (stopping
+    a server, removing scratch files), which a second ^C would otherwise cut short, leaving
+    them behind. Each cleanup step it covers must be bounded in time. Outside the main
+    thread, where handlers cannot be set (signals reach the main thread anyway), it does
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 @contextmanager
 def exclusive(path: Path | str, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (``flock``, created if missing) for the block.

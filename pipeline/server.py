@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.io import StageError
+from pipeline.io import StageError, signals_held
 
 DIR_ENV = "RUNWAY_SERVER_DIR"
 DEFAULT_DIR = Path(".runway/server")
@@ -332,11 +332,12 @@ def start_mlflow(folder: Path, state: State, secret: dict[str, str], workers: in
             f"the MLflow server did not answer in 120 s (log: {folder / 'mlflow.log'})"
         )
     except BaseException:  # also ^C: its pid is not recorded yet, so stop would not find it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=STOP_GRACE_S)  # reaped: a zombie leader keeps its group alive
-        stop_group(server.pid)  # what is left of its group
+        with signals_held():  # a second ^C must not leave it running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=STOP_GRACE_S)  # reaped: a zombie leader keeps its group alive
+            stop_group(server.pid)  # what is left of its group
         raise
 
 

@@ -120,3 +120,27 @@ def test_a_ctrl_c_dropped_in_a_callback_still_stops_the_stage_with_one_line(tmp_
 def test_a_ctrl_c_dropped_as_the_stage_ends_is_not_sent_after_it(tmp_path):
     """The stage has done its work: the ^C is not sent into what follows it."""
     assert dropped_interrupt(tmp_path, "returns") == (0, "after the stage\n", "")
+
+
+def test_signals_held_keeps_a_second_stop_from_cutting_cleanup_short():
+    """Inside ``signals_held`` a ^C, SIGTERM or SIGHUP neither interrupts this process nor
+    stops a child it starts (a `runway server stop` run as cleanup); the handlers are put
+    back afterwards, and a ^C then interrupts again."""
+    import os
+    import time
+
+    from pipeline.io import signals_held
+
+    before = {signum: signal.getsignal(signum) for signum in signal.valid_signals()}
+    with signals_held():
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+        time.sleep(0.5)  # the child's interpreter has started
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(os.getpid(), signum)
+            child.send_signal(signum)
+        time.sleep(0.1)
+        assert child.wait(timeout=10) == 0  # slept its 1.5 s to the end
+    assert {signum: signal.getsignal(signum) for signum in signal.valid_signals()} == before
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)

@@ -208,7 +208,8 @@ def test_serving_other_machines_keeps_auth_and_the_host_check():
 def test_start_stopped_while_the_mlflow_server_starts_leaves_no_server_running():
     """^C during `runway server start`, while it waits for the MLflow server to answer, stops
     that server too: its pid is recorded only once it answers, so `runway server stop` could
-    not find it (and it would keep the port)."""
+    not find it (and it would keep the port). A second ^C while that server is being stopped
+    (here it is held stopped, so its stop takes a while) does not cut the stop short."""
     import shutil
     import signal
     import subprocess
@@ -242,7 +243,13 @@ def test_start_stopped_while_the_mlflow_server_starts_leaves_no_server_running()
                 if marker in " ".join(process.info["cmdline"] or ()):
                     mlflow = process
             time.sleep(0.05)
+        os.killpg(mlflow.pid, signal.SIGSTOP)  # SIGTERM waits until it is continued
         start.send_signal(signal.SIGINT)
+        time.sleep(1)
+        start.send_signal(signal.SIGINT)  # the second ^C, while the server is being stopped
+        time.sleep(1.5)
+        assert start.poll() is None  # still stopping it
+        os.killpg(mlflow.pid, signal.SIGCONT)
         out, err = start.communicate(timeout=60)
         assert (start.returncode, out) == (130, "")  # stopped before the server answered
         assert err == "[server] start interrupted: runway server stop stops what it started\n"
