@@ -159,8 +159,9 @@ def mapped_features(
     of the split; one process makes it while the others wait for it. ``layout`` is the
     split's :func:`input_layout`, if it was read already: the split is then the file it
     opened, even if ``path`` names another since. Each load of the split as it is now
-    removes the copies of its other versions (a late load's, of a split replaced since it
-    was opened, stays until then: the other late loads map it too)."""
+    removes the copies of its other versions and their cuts (:func:`shared_take`) (a late
+    load's, of a split replaced since it was opened, stays until then: the other late loads
+    map it too)."""
     layout = layout or input_layout(path)
     target = stem.with_name(f"{stem.name}-{layout.identity}.npy")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +184,8 @@ def mapped_features(
                 del written
             values = np.load(target, mmap_mode="c")
         if layout.identity == identity_now(path):  # not a late load of a replaced split
-            # Not target's cuts (shared_take): they are of the same version.
+            # Other versions' copies and their cuts; not target's cuts (shared_take), which
+            # are of the same version.
             replace_earlier(target, f"{stem.name}-*.npy", keep=f"{target.stem}-rows-")
     return front, values, layout.features
 
@@ -291,8 +293,8 @@ def shared_take(source: Path, split: str, rows: np.ndarray, values: np.ndarray) 
     use, :func:`take` copying into it, under the split's lock, and replaces the split's
     earlier one; every process that asks for the same rows (a study's workers) then maps
     that one file, as they map the split's copy. It is copied from ``values``, not from the
-    file: a load of a newer version of the split may have removed that since. It stays there
-    for the next run, until the split or the rows change (or a run cuts nothing from it:
+    file: a load of a newer version of the split may have removed that since. The cut stays
+    there for the next run, until the split or the rows change (or a run cuts nothing from it:
     :func:`drop_cuts`)."""
     import hashlib
 
