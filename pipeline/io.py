@@ -171,11 +171,13 @@ def signals_held() -> Iterator[None]:
     a server, removing scratch files), which a second ^C would otherwise cut short, leaving
     them behind. Each cleanup step it covers must be bounded in time. Outside the main
     thread, where handlers cannot be set (signals reach the main thread anyway), it does
-    nothing."""
+    nothing, and it leaves alone a signal whose handler was not set from Python (that one
+    could not be put back)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    held = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not None]
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in held}
     try:
         yield
     finally:
