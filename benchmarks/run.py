@@ -22,7 +22,6 @@ import argparse
 import importlib
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -125,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     STOPPING.clear()
     try:
         signal.signal(signal.SIGTERM, terminated)
-        scratch = Path(tempfile.mkdtemp(prefix="runway-bench-"))
+        scratch = tempfile.TemporaryDirectory(prefix="runway-bench-")
         try:
-            ctx = Context(scratch, args.reps, accelerator=accelerator)
+            ctx = Context(Path(scratch.name), args.reps, accelerator=accelerator)
             for name in [c for c in COMPARISONS if c in chosen]:
                 print(f"[bench] {name} …", flush=True)
                 start, before = time.perf_counter(), os.getloadavg()[0]
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         finally:
             with signals_held():  # a second ^C would leave part of it (GBs at scale)
-                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.cleanup()
     except KeyboardInterrupt:
         print("[bench] interrupted", file=sys.stderr)
         return 130

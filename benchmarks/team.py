@@ -22,6 +22,7 @@ basic auth) in a scratch folder, and three comparisons on the digits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -50,6 +51,7 @@ from benchmarks.common import (
 )
 from benchmarks.epoch import Workload, stage_fit
 from pipeline.io import env_scope, signals_held
+from pipeline.server import STOP_GRACE_S as SERVER_STOP_GRACE_S
 
 TRIALS, EPOCHS = 12, 4
 FIXED = {"batch_size": [64], "channels": [32], "optimizer": ["adamw"]}
@@ -75,10 +77,19 @@ def team_server():
     runway = [sys.executable, "-m", "pipeline.cli"]
     try:
         command = [*runway, "server", "start", "--port", str(port)]
+        # In a process group of its own, so that a ^C reaches it once, from here: a second
+        # one could cut short its stop of an MLflow server not answering yet (whose pid
+        # `runway server stop` does not know), and so could killing it, hence held and a
+        # grace longer than that stop.
         start = subprocess.Popen(
-            command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            command,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            process_group=0,
         )
-        with stopped_with(start, signal.SIGINT):  # ^C stops an MLflow server not answering yet
+        with stopped_with(start, signal.SIGINT, held=True, grace=3 * SERVER_STOP_GRACE_S):
             out, err = start.communicate()
         if start.returncode:
             raise subprocess.CalledProcessError(start.returncode, command, out, err)
@@ -86,7 +97,9 @@ def team_server():
         yield dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     finally:
         with signals_held():  # a second ^C would leave the server running
-            subprocess.run([*runway, "server", "stop"], env=env, capture_output=True)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # it takes under 90 s
+                stop = [*runway, "server", "stop"]
+                subprocess.run(stop, env=env, capture_output=True, timeout=120)
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -37,8 +37,9 @@ def test_edit_sets_keys_and_merges_the_search_space_key_by_key(tmp_path):
         (signal.SIGTERM, 143, "[bench] terminated", "answered"),
         (signal.SIGINT, 130, "[bench] interrupted", "answered"),
         (signal.SIGTERM, 143, "[bench] terminated", "starting"),
+        (signal.SIGINT, 130, "[bench] interrupted", "starting, twice"),
     ],
-    ids=["sigterm", "ctrl-c", "sigterm-while-the-server-starts"],
+    ids=["sigterm", "ctrl-c", "sigterm-while-the-server-starts", "ctrl-c-twice-while-it-starts"],
 )
 def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(
     stop, code, line, moment, tmp_path
@@ -46,7 +47,9 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(
     """A CI job's timeout or `kill` (SIGTERM), or ^C, stops `make bench`: it says so in one
     line (exit 143 or 130), stops the PostgreSQL and MLflow server its team comparison started
     (also one still starting, whose pid `runway server stop` does not know yet), removes its
-    scratch folders, and writes no report."""
+    scratch folders, and writes no report. A second ^C, to the bench's process group as a
+    terminal sends it, while the server is being stopped (held up here: the MLflow server is
+    stopped, so its SIGTERM waits) does not cut that stop short."""
     import psutil
 
     from pipeline.server import group_alive
@@ -61,6 +64,7 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        process_group=0,  # as a command started from a shell
     )
 
     def mlflow_server() -> psutil.Process | None:
@@ -92,7 +96,18 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(
         server = [process for process in psutil.process_iter(["cmdline"]) if of_the_server(process)]
         started = {Path((process.info["cmdline"] or [""])[0]).name for process in server}
         assert {"postgres", Path(sys.executable).name} <= started  # and the MLflow server
-        bench.send_signal(stop)
+        if moment == "starting, twice":
+            (starter,) = [p for p in psutil.Process(bench.pid).children() if "start" in p.cmdline()]
+            os.killpg(mlflow.pid, signal.SIGSTOP)
+            os.killpg(bench.pid, stop)
+            time.sleep(1)
+            os.killpg(bench.pid, stop)
+            time.sleep(1.5)
+            # `runway server start` is still stopping the MLflow server it started.
+            assert starter.is_running() and starter.status() != psutil.STATUS_ZOMBIE
+            os.killpg(mlflow.pid, signal.SIGCONT)
+        else:
+            bench.send_signal(stop)
         out, err = bench.communicate(timeout=120)
         assert (bench.returncode, out, err) == (code, "[bench] team …\n", f"{line}\n")
         gone, alive = psutil.wait_procs(server, timeout=30)
