@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.io import signals_held
-
 ROOT = Path(__file__).resolve().parents[1]
 # Rounds, at least, of a comparison of runs that take about 2 s (a digits fit), whatever
 # --reps says: on 2 shared cores one such round's ratio ranges over 0.85-1.45x, so the median
@@ -165,20 +163,16 @@ STOP_GRACE_S = 30
 
 
 @contextlib.contextmanager
-def stopped_with(
-    child: subprocess.Popen, stop: int, held: bool = False, grace: float = STOP_GRACE_S
-):
+def stopped_with(child: subprocess.Popen, stop: int):
     """A block that waits for ``child``: if the bench is stopped meanwhile (SIGTERM, ^C), the
-    child is sent ``stop`` and gets ``grace`` seconds to end; one still running after that,
-    or after a second stop, is killed. ``held``: a second stop is ignored instead (see
-    :func:`~pipeline.io.signals_held`), for a child whose cleanup must not be cut short."""
+    child is sent ``stop`` and gets :data:`STOP_GRACE_S` seconds to end; one still running
+    after that, or after a second stop, is killed."""
     try:
         yield
     except BaseException:
-        with signals_held() if held else contextlib.nullcontext():
-            child.send_signal(stop)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=grace)
+        child.send_signal(stop)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=STOP_GRACE_S)
         raise
     finally:
         if child.poll() is None:

@@ -69,7 +69,8 @@ def validate_raw(placement: str) -> dict:
 
     params = load_params("validate")
     before = anonymous_bytes()
-    with tempfile.TemporaryDirectory() as scratch, AnonymousPeak() as peak:
+    # In the project copy, under the bench's scratch folder: removed with it when stopped.
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as scratch, AnonymousPeak() as peak:
         start = time.perf_counter()
         table, manifest, mapped = read_raw(placement=placement)
         take = take_rows if mapped else None

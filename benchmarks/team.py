@@ -46,7 +46,6 @@ from benchmarks.common import (
     project_copy,
     ratio_row,
     result,
-    stopped_with,
     timed,
 )
 from benchmarks.epoch import Workload, stage_fit
@@ -75,12 +74,12 @@ def team_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     runway = [sys.executable, "-m", "pipeline.cli"]
+    # `runway server start` runs in a process group of its own, so that a ^C reaches it
+    # once, from here: a second one could cut short its stop of an MLflow server not
+    # answering yet, whose pid `runway server stop` does not know.
+    start = None
     try:
         command = [*runway, "server", "start", "--port", str(port)]
-        # In a process group of its own, so that a ^C reaches it once, from here: a second
-        # one could cut short its stop of an MLflow server not answering yet (whose pid
-        # `runway server stop` does not know), and so could killing it, hence held and a
-        # grace longer than that stop.
         start = subprocess.Popen(
             command,
             env=env,
@@ -89,14 +88,20 @@ def team_server():
             stderr=subprocess.PIPE,
             process_group=0,
         )
-        with stopped_with(start, signal.SIGINT, held=True, grace=3 * SERVER_STOP_GRACE_S):
-            out, err = start.communicate()
+        out, err = start.communicate()
         if start.returncode:
             raise subprocess.CalledProcessError(start.returncode, command, out, err)
         text = (folder / "server" / "client.env").read_text()
         yield dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     finally:
         with signals_held():  # a second ^C would leave the server running
+            if start is not None and start.poll() is None:  # stopped while it starts
+                start.send_signal(signal.SIGINT)  # it stops the MLflow server it waits for
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    start.wait(timeout=3 * SERVER_STOP_GRACE_S)  # that stop takes 2 × at most
+                if start.poll() is None:
+                    start.kill()
+                    start.wait()
             with contextlib.suppress(subprocess.TimeoutExpired):  # it takes under 90 s
                 stop = [*runway, "server", "stop"]
                 subprocess.run(stop, env=env, capture_output=True, timeout=120)

@@ -84,6 +84,8 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(
             assert bench.poll() is None, bench.communicate()
             assert time.monotonic() < deadline, "the team server never started"
             time.sleep(0.1)
+        if moment == "starting, twice":  # its stop is held up: the SIGTERM it gets waits
+            os.killpg(mlflow.pid, signal.SIGSTOP)
         (folder,) = scratch.glob("runway-bench-server-*")
 
         def of_the_server(process) -> bool:  # PostgreSQL's, or MLflow's process group
@@ -98,7 +100,6 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(
         assert {"postgres", Path(sys.executable).name} <= started  # and the MLflow server
         if moment == "starting, twice":
             (starter,) = [p for p in psutil.Process(bench.pid).children() if "start" in p.cmdline()]
-            os.killpg(mlflow.pid, signal.SIGSTOP)
             os.killpg(bench.pid, stop)
             time.sleep(1)
             os.killpg(bench.pid, stop)
