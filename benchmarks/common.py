@@ -170,14 +170,22 @@ def stopped_with(child: subprocess.Popen, stop: int):
     try:
         yield
     except BaseException:
-        child.send_signal(stop)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=STOP_GRACE_S)
+        end_child(child, stop, STOP_GRACE_S)
         raise
     finally:
-        if child.poll() is None:
+        if child.poll() is None:  # a second stop came while it was ending
             child.kill()
             child.wait()
+
+
+def end_child(child: subprocess.Popen, stop: int, grace: float) -> None:
+    """Send ``child`` ``stop``, give it ``grace`` seconds to end, then kill it."""
+    child.send_signal(stop)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=grace)
+    if child.poll() is None:
+        child.kill()
+        child.wait()
 
 
 def timed(cmd: list[str], cwd: Path, **env: str) -> tuple[float, str]:

@@ -42,6 +42,7 @@ from benchmarks.common import (
     Context,
     child_env,
     digits_prepared,
+    end_child,
     interleaved,
     project_copy,
     ratio_row,
@@ -96,12 +97,8 @@ def team_server():
     finally:
         with signals_held():  # a second ^C would leave the server running
             if start is not None and start.poll() is None:  # stopped while it starts
-                start.send_signal(signal.SIGINT)  # it stops the MLflow server it waits for
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    start.wait(timeout=3 * SERVER_STOP_GRACE_S)  # that stop takes 2 × at most
-                if start.poll() is None:
-                    start.kill()
-                    start.wait()
+                # ^C: it stops the MLflow server it waits for, in 2 × its grace at most.
+                end_child(start, signal.SIGINT, 3 * SERVER_STOP_GRACE_S)
             with contextlib.suppress(subprocess.TimeoutExpired):  # it takes under 90 s
                 stop = [*runway, "server", "stop"]
                 subprocess.run(stop, env=env, capture_output=True, timeout=120)

@@ -176,8 +176,11 @@ def signals_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not None]
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in held}
+    previous = {
+        signum: signal.signal(signum, signal.SIG_IGN)
+        for signum in STOP_SIGNALS
+        if signal.getsignal(signum) is not None
+    }
     try:
         yield
     finally:

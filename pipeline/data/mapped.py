@@ -159,9 +159,9 @@ def mapped_features(
     of the split; one process makes it while the others wait for it. ``layout`` is the
     split's :func:`input_layout`, if it was read already: the split is then the file it
     opened, even if ``path`` names another since. Each load of the split as it is now
-    removes the copies of its other versions and their cuts (:func:`shared_take`) (a late
-    load's, of a split replaced since it was opened, stays until then: the other late loads
-    map it too)."""
+    removes the copies of its other versions and their :func:`shared_take` cuts; a late
+    load's copy, of a split replaced since it was opened, stays until then (the other late
+    loads map it too)."""
     layout = layout or input_layout(path)
     target = stem.with_name(f"{stem.name}-{layout.identity}.npy")
     target.parent.mkdir(parents=True, exist_ok=True)
