@@ -165,27 +165,47 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
-def signals_held() -> Iterator[None]:
-    """While entered, a further ^C, SIGTERM or SIGHUP is ignored, in this process and in the
-    children it starts meanwhile: for cleanup on the way out after the first stop (stopping
-    a server, removing scratch files), which a second ^C would otherwise cut short, leaving
-    them behind. Each cleanup step it covers must be bounded in time. Outside the main
-    thread, where handlers cannot be set (signals reach the main thread anyway), it does
-    nothing, and it leaves alone a signal whose handler was not set from Python (that one
-    could not be put back)."""
+def _stop_signals_handled(handler) -> Iterator[None]:
+    """While entered, :data:`STOP_SIGNALS` go to ``handler``. Outside the main thread, where
+    handlers cannot be set (signals reach the main thread anyway), nothing changes; nor does
+    a signal ignored already, or one whose handler was not set from Python (that one could
+    not be put back)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {
-        signum: signal.signal(signum, signal.SIG_IGN)
+        signum: signal.signal(signum, handler)
         for signum in STOP_SIGNALS
-        if signal.getsignal(signum) is not None
+        if signal.getsignal(signum) not in (None, signal.SIG_IGN)
     }
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """While entered, a further ^C, SIGTERM or SIGHUP is ignored, in this process and in the
+    children it starts meanwhile: for cleanup on the way out after the first stop (stopping
+    a server, removing scratch files), which a second ^C would otherwise cut short, leaving
+    them behind. Each cleanup step it covers must be bounded in time."""
+    with _stop_signals_handled(signal.SIG_IGN):
+        yield
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """While entered, a ^C, SIGTERM or SIGHUP is recorded, and the first one is raised again
+    on leaving, for its handler to act on then: for a step whose result the cleanup needs,
+    such as starting a process whose pid it must know. Children started meanwhile get the
+    default handlers (a handler set from Python does not survive ``exec``)."""
+    came: list[int] = []
+    with _stop_signals_handled(lambda signum, frame: came.append(signum)):
+        yield
+    if came:
+        signal.raise_signal(came[0])
 
 
 @contextmanager

@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.io import StageError, signals_held
+from pipeline.io import StageError, signals_deferred, signals_held
 
 DIR_ENV = "RUNWAY_SERVER_DIR"
 DEFAULT_DIR = Path(".runway/server")
@@ -311,12 +311,14 @@ def start_mlflow(folder: Path, state: State, secret: dict[str, str], workers: in
         "--allowed-hosts",
         allowed_hosts(state.host, state.port, tuple(state.allowed_hosts)),
     ]
-    log = open(folder / "mlflow.log", "ab")  # noqa: SIM115 - the server writes it after we exit
-    server = subprocess.Popen(
-        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    server = None
     try:
-        log.close()
+        # A ^C while it starts is acted on once its pid is known, for the cleanup below. The
+        # server writes its log after we exit: our copy of the file is closed at once.
+        with open(folder / "mlflow.log", "ab") as log, signals_deferred():
+            server = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if server.poll() is not None:
@@ -332,6 +334,8 @@ def start_mlflow(folder: Path, state: State, secret: dict[str, str], workers: in
             f"the MLflow server did not answer in 120 s (log: {folder / 'mlflow.log'})"
         )
     except BaseException:  # also ^C: its pid is not recorded yet, so stop would not find it
+        if server is None:  # it could not be started
+            raise
         with signals_held():  # a second ^C must not leave it running
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGTERM)

@@ -123,10 +123,11 @@ def test_a_ctrl_c_dropped_as_the_stage_ends_is_not_sent_after_it(tmp_path):
 
 
 # Stops itself with ^C, SIGTERM and SIGHUP inside signals_held, starts a child there that says
-# which of them it ignores, says which handlers it has after the block, then ^C again.
+# which of them it ignores, says which handlers it has after the block, then ^C inside
+# signals_deferred (raised on leaving), then ^C again.
 HELD = """
 import os, signal, subprocess, sys, time
-from pipeline.io import signals_held
+from pipeline.io import signals_deferred, signals_held
 
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever this test's shell ignores
@@ -140,6 +141,15 @@ with signals_held():
     child = "import signal; print([signal.getsignal(s) == signal.SIG_IGN for s in (2, 15, 1)])"
     print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
 print([signal.getsignal(s) for s in STOPS], flush=True)
+try:
+    with signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        print("deferred", flush=True)
+        child = "import signal; print(signal.getsignal(2) is signal.default_int_handler)"
+        print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
+except KeyboardInterrupt:
+    print("raised on leaving", flush=True)
 os.kill(os.getpid(), signal.SIGINT)
 time.sleep(5)
 print("not interrupted", flush=True)
@@ -149,12 +159,14 @@ print("not interrupted", flush=True)
 def test_signals_held_keeps_a_second_stop_from_cutting_cleanup_short():
     """Inside ``signals_held`` a ^C, SIGTERM or SIGHUP neither interrupts the process nor
     reaches a child it starts (a `runway server stop` run as cleanup); the handlers are put
-    back afterwards, and a ^C then interrupts again."""
+    back afterwards, and a ^C then interrupts again. Inside ``signals_deferred`` a ^C waits
+    until the block ends (a child it starts has the default handler)."""
     result = subprocess.run([sys.executable, "-c", HELD], capture_output=True, text=True)
     assert result.stdout == (
         "held\n"
         "[True, True, True]\n\n"
         "[<built-in function default_int_handler>, <Handlers.SIG_DFL: 0>, <Handlers.SIG_DFL: 0>]\n"
+        "deferred\nTrue\n\nraised on leaving\n"
     )
     assert result.returncode == -signal.SIGINT  # the ^C after the block: KeyboardInterrupt
     assert result.stderr.strip().endswith("KeyboardInterrupt")
