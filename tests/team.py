@@ -3,12 +3,17 @@ PostgreSQL's user can reach (pytest's own tmp folders are private to root)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from pipeline.io import env_scope
 from tests.conftest import run
@@ -51,3 +56,21 @@ def team_server(*options: str) -> Iterator[Team]:
 def client_environ(client: dict[str, str]):
     """``client`` set in this process's environment for the block."""
     return env_scope(client)
+
+
+def hold_stopped(leader: psutil.Process, timeout: float = 60) -> None:
+    """SIGSTOP ``leader``'s process group and wait until its processes are stopped: a SIGSTOP
+    still pending (a process not scheduled since it was sent, as on a busy machine) loses to
+    a SIGTERM sent meanwhile, which the kernel acts on first, so the process would end."""
+    os.killpg(leader.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+
+    def running(process: psutil.Process) -> bool:
+        try:
+            return process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:  # a child that ended meanwhile
+            return False
+
+    while any(running(p) for p in [leader, *leader.children(recursive=True)]):
+        assert time.monotonic() < deadline, f"process group {leader.pid} did not stop"
+        time.sleep(0.01)

@@ -17,6 +17,7 @@ import yaml
 
 from benchmarks.common import ROOT
 from benchmarks.team import FIXED, edit
+from tests.team import hold_stopped
 
 
 def test_edit_sets_keys_and_merges_the_search_space_key_by_key(tmp_path):
@@ -85,7 +86,7 @@ def test_a_stopped_bench_stops_its_team_server_and_leaves_no_files(
             assert time.monotonic() < deadline, "the team server never started"
             time.sleep(0.1)
         if moment == "starting, twice":  # its stop is held up: the SIGTERM it gets waits
-            os.killpg(mlflow.pid, signal.SIGSTOP)
+            hold_stopped(mlflow)
         (folder,) = scratch.glob("runway-bench-server-*")
 
         def of_the_server(process) -> bool:  # PostgreSQL's, or MLflow's process group

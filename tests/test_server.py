@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, copy_project, edit_params, run
-from tests.team import client_environ, read_env, team_server
+from tests.team import client_environ, hold_stopped, read_env, team_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("server")]
 
@@ -243,7 +243,7 @@ def test_start_stopped_while_the_mlflow_server_starts_leaves_no_server_running()
                 if marker in " ".join(process.info["cmdline"] or ()):
                     mlflow = process
             time.sleep(0.05)
-        os.killpg(mlflow.pid, signal.SIGSTOP)  # SIGTERM waits until it is continued
+        hold_stopped(mlflow)  # SIGTERM waits until it is continued
         start.send_signal(signal.SIGINT)
         time.sleep(1)
         start.send_signal(signal.SIGINT)  # the second ^C, while the server is being stopped
