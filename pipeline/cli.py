@@ -794,15 +794,24 @@ def server_start(
     server always asks for a password, so --host 0.0.0.0 is safe to use on a trusted
     network; it answers requests for this machine's name and address (and --allowed-host)."""
     from pipeline import server
-    from pipeline.io import StageError
+    from pipeline.io import StageError, stop_signals_handled
+
+    came: list[int] = []
+
+    def stopped(signum: int, frame: object) -> None:  # SIGTERM and SIGHUP too, as ^C
+        came.append(signum)
+        raise KeyboardInterrupt
 
     try:
-        state, new = server.start(host, port, workers, tuple(allowed_host or ()))
+        with stop_signals_handled(stopped):
+            state, new = server.start(host, port, workers, tuple(allowed_host or ()))
     except StageError as exc:
         _fail("server", str(exc))
     except KeyboardInterrupt:  # an MLflow server not answering yet is stopped (server.start)
-        typer.echo("[server] start interrupted: runway server stop stops what it started", err=True)
-        raise typer.Exit(130) from None
+        signum = signal.Signals(came[0] if came else signal.SIGINT)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}"
+        typer.echo(f"[server] start {how}: runway server stop stops what it started", err=True)
+        raise typer.Exit(128 + signum) from None
     folder = server.server_dir()
     creds = folder / "credentials.env"
     client = folder / "client.env"

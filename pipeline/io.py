@@ -165,7 +165,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
-def _stop_signals_handled(handler) -> Iterator[None]:
+def stop_signals_handled(handler) -> Iterator[None]:
     """While entered, :data:`STOP_SIGNALS` go to ``handler``. Outside the main thread, where
     handlers cannot be set (signals reach the main thread anyway), nothing changes; nor does
     a signal ignored already, or one whose handler was not set from Python (that one could
@@ -191,7 +191,7 @@ def signals_held() -> Iterator[None]:
     children it starts meanwhile: for cleanup on the way out after the first stop (stopping
     a server, removing scratch files), which a second ^C would otherwise cut short, leaving
     them behind. Each cleanup step it covers must be bounded in time."""
-    with _stop_signals_handled(signal.SIG_IGN):
+    with stop_signals_handled(signal.SIG_IGN):
         yield
 
 
@@ -202,7 +202,7 @@ def signals_deferred() -> Iterator[None]:
     such as starting a process whose pid it must know. Children started meanwhile get the
     default handlers (a handler set from Python does not survive ``exec``)."""
     came: list[int] = []
-    with _stop_signals_handled(lambda signum, frame: came.append(signum)):
+    with stop_signals_handled(lambda signum, frame: came.append(signum)):
         yield
     if came:
         signal.raise_signal(came[0])

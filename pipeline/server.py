@@ -313,8 +313,8 @@ def start_mlflow(folder: Path, state: State, secret: dict[str, str], workers: in
     ]
     server = None
     try:
-        # A ^C while it starts is acted on once its pid is known, for the cleanup below. The
-        # server writes its log after we exit: our copy of the file is closed at once.
+        # A stop signal while it starts is acted on once its pid is known, for the cleanup
+        # below. The server writes its log after we exit: our copy of the file is closed at once.
         with open(folder / "mlflow.log", "ab") as log, signals_deferred():
             server = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -205,11 +205,17 @@ def test_serving_other_machines_keeps_auth_and_the_host_check():
         assert code == 403 and "Invalid Host header" in body
 
 
-def test_start_stopped_while_the_mlflow_server_starts_leaves_no_server_running():
-    """^C during `runway server start`, while it waits for the MLflow server to answer, stops
-    that server too: its pid is recorded only once it answers, so `runway server stop` could
-    not find it (and it would keep the port). A second ^C while that server is being stopped
-    (here it is held stopped, so its stop takes a while) does not cut the stop short."""
+@pytest.mark.parametrize(
+    "stop, code, how",
+    [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "stopped by SIGTERM")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_start_stopped_while_the_mlflow_server_starts_leaves_no_server_running(stop, code, how):
+    """^C (or a job runner's SIGTERM) during `runway server start`, while it waits for the
+    MLflow server to answer, stops that server too: its pid is recorded only once it answers,
+    so `runway server stop` could not find it (and it would keep the port). A second stop
+    while that server is being stopped (here it is held stopped, so its stop takes a while)
+    does not cut the stop short."""
     import shutil
     import signal
     import subprocess
@@ -244,15 +250,15 @@ def test_start_stopped_while_the_mlflow_server_starts_leaves_no_server_running()
                     mlflow = process
             time.sleep(0.05)
         hold_stopped(mlflow)  # SIGTERM waits until it is continued
-        start.send_signal(signal.SIGINT)
+        start.send_signal(signal.Signals[stop])
         time.sleep(1)
-        start.send_signal(signal.SIGINT)  # the second ^C, while the server is being stopped
+        start.send_signal(signal.Signals[stop])  # the second, while the server is being stopped
         time.sleep(1.5)
         assert start.poll() is None  # still stopping it
         os.killpg(mlflow.pid, signal.SIGCONT)
         out, err = start.communicate(timeout=60)
-        assert (start.returncode, out) == (130, "")  # stopped before the server answered
-        assert err == "[server] start interrupted: runway server stop stops what it started\n"
+        assert (start.returncode, out) == (code, "")  # stopped before the server answered
+        assert err == f"[server] start {how}: runway server stop stops what it started\n"
         assert not (folder / "server" / "client.env").exists()
         gone, alive = psutil.wait_procs([mlflow], timeout=15)
         assert alive == []
