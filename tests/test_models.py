@@ -262,3 +262,41 @@ def test_a_model_of_another_layout_version_is_refused_by_name(tmp_path):
         f"{tmp_path}/model.json: the model is a cnn of layout version 1, and this Runway builds "
         "version 2; retrain it (dvc repro train)"
     )
+
+
+def test_loss_and_accuracy_matches_torchmetrics_mean_and_accuracy():
+    """The training metrics' one-update sums give what MeanMetric (per-sample losses) and
+    MulticlassAccuracy (micro) give, over batches of unequal size; two processes' sums
+    merged (what a data-parallel compute does) give the same as one over all batches; a
+    NaN loss makes the mean NaN; reset starts again."""
+    from torchmetrics import MeanMetric
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from pipeline.models.module import LossAndAccuracy
+
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for size in (64, 64, 13):
+        logits = torch.randn(size, 10, generator=generator)
+        target = torch.randint(0, 10, (size,), generator=generator)
+        losses = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        batches.append((losses, logits, target))
+    ours, first, second = LossAndAccuracy(), LossAndAccuracy(), LossAndAccuracy()
+    mean, accuracy = MeanMetric(), MulticlassAccuracy(10, average="micro")
+    for i, (losses, logits, target) in enumerate(batches):
+        ours.update(losses, logits, target)
+        (first if i < 2 else second).update(losses, logits, target)
+        mean.update(losses)
+        accuracy.update(logits, target)
+    loss, acc = ours.compute()
+    assert loss.item() == pytest.approx(mean.compute().item(), rel=1e-6)
+    assert acc.item() == pytest.approx(accuracy.compute().item(), rel=1e-6)
+    correct = sum((logits.argmax(1) == target).sum().item() for _, logits, target in batches)
+    assert acc.item() == pytest.approx(correct / 141)
+    first.merge_state(second)
+    assert [t.item() for t in first.compute()] == pytest.approx([loss.item(), acc.item()])
+    ours.reset()
+    assert not ours.update_called
+    ours.update(torch.tensor([1.0, float("nan")]), torch.eye(2), torch.tensor([0, 0]))
+    loss, acc = ours.compute()
+    assert torch.isnan(loss) and acc.item() == 0.5

@@ -9,8 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
 from pipeline.io import StageError
 
@@ -52,6 +51,32 @@ def build_optimizer(name: str, params: list, lr: float, weight_decay: float, fus
     return optimizer(params, lr=lr, weight_decay=weight_decay, **fused)
 
 
+class LossAndAccuracy(Metric):
+    """A torchmetrics metric: the mean loss and the accuracy over the samples seen since the
+    last reset, from three running sums (losses, correct predictions, samples) that are
+    summed across processes. One update per batch of seven tensor operations, none of which
+    waits for the device: MeanMetric and MulticlassAccuracy together took about 165 µs a
+    step on 2 CPU cores, against 70 µs (on a GPU each of their operations is also a kernel
+    launch). A NaN loss propagates into the mean, which the caller checks."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("loss_sum", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, losses: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """``losses``: each sample's loss; ``logits``: (samples, classes)."""
+        self.loss_sum += losses.sum()
+        self.correct += (logits.argmax(1) == target).sum()
+        self.samples += target.numel()
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_sum / self.samples, self.correct / self.samples
+
+
 class Classifier(pl.LightningModule):
     """Wraps a network; logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` once
     per epoch, all four after validation, with ``step`` = the epoch (0-based) for the loggers.
@@ -85,7 +110,6 @@ class Classifier(pl.LightningModule):
         max_epochs: int,
         augment: list[str] | tuple[str, ...] = (),
         *,
-        n_classes: int,
         batch_size: int = 64,
         lr_batch_size: int = 64,
         lr_scaling: str = "none",
@@ -108,15 +132,10 @@ class Classifier(pl.LightningModule):
         self.optimizer_name = optimizer
         self.weight_decay = weight_decay
         self.max_epochs = max_epochs
-        # nan_strategy="disable": no per-step NaN check (it would wait for the device); a NaN
-        # propagates into the epoch mean, which is checked once. Per-sample losses, so the
-        # mean is over samples whatever the last batch's size.
-        self.train_loss = MeanMetric(nan_strategy="disable")
-        self.train_acc = MulticlassAccuracy(n_classes, average="micro", validate_args=False)
-        for metric in (self.train_loss, self.train_acc):
-            metric.persistent(True)  # saved in checkpoints: a mid-epoch resume keeps the sums
-        self.val_loss = MeanMetric(nan_strategy="disable")
-        self.val_acc = MulticlassAccuracy(n_classes, average="micro", validate_args=False)
+        # Per-sample losses, so the mean is over samples whatever the last batch's size.
+        self.train_metrics = LossAndAccuracy()
+        self.train_metrics.persistent(True)  # in checkpoints: a mid-epoch resume keeps the sums
+        self.val_metrics = LossAndAccuracy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -136,11 +155,10 @@ class Classifier(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, loss, acc) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, metrics: LossAndAccuracy) -> torch.Tensor:
         logits = self.forward_fn(x)
         losses = F.cross_entropy(logits, y, reduction="none")
-        loss.update(losses.detach())
-        acc.update(logits.detach(), y)
+        metrics.update(losses.detach(), logits.detach(), y)
         return losses.mean()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -149,7 +167,7 @@ class Classifier(pl.LightningModule):
             from pipeline.models.augment import augment
 
             x = augment(x, self.augment)
-        return self._step(x, y, self.train_loss, self.train_acc)
+        return self._step(x, y, self.train_metrics)
 
     def on_train_epoch_start(self) -> None:
         self.since, self.samples, self.train_seconds = time.perf_counter(), 0, None
@@ -167,27 +185,27 @@ class Classifier(pl.LightningModule):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # once per check: the steps are queued
             self.train_seconds = time.perf_counter() - self.since
-        self.val_loss.reset()
-        self.val_acc.reset()
+        self.val_metrics.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(*batch, self.val_loss, self.val_acc)
+        self._step(*batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self.train_loss.update_called:
+        if self.trainer.sanity_checking or not self.train_metrics.update_called:
             return
-        train_loss = self.train_loss.compute()
+        train_loss, train_acc = self.train_metrics.compute()
         if not torch.isfinite(train_loss):  # at each validation: once an epoch, but in trials
             raise NonFiniteLoss(
                 f"training diverged: train/loss is {train_loss.item()} at epoch "
                 f"{self.current_epoch + 1} ({self.optimizer_name}, lr {self.effective_lr:g}); "
                 "lower the learning rate (train.lr, or tune.search_space.lr) or check the data"
             )
+        val_loss, val_acc = self.val_metrics.compute()
         metrics = {
             "train/loss": train_loss,
-            "train/acc": self.train_acc.compute(),
-            "val/loss": self.val_loss.compute(),
-            "val/acc": self.val_acc.compute(),
+            "train/acc": train_acc,
+            "val/loss": val_loss,
+            "val/acc": val_acc,
             "step": float(self.current_epoch),  # the loggers' step: one point per epoch
         }
         if self.train_seconds:
@@ -197,8 +215,8 @@ class Classifier(pl.LightningModule):
         # sync_dist: the values are the same in every process of a data-parallel training
         # (torchmetrics' compute() gathers them); Lightning asks for it all the same.
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
-        for metric in (self.train_loss, self.train_acc, self.val_loss, self.val_acc):
-            metric.reset()
+        self.train_metrics.reset()
+        self.val_metrics.reset()
         # Training resumes (a trial may validate inside an epoch: tune.val_check_interval).
         self.samples, self.train_seconds, self.restart = 0, None, True
 

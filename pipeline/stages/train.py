@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 import pandas as pd
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -70,7 +70,7 @@ from pipeline.io import (
     write_json,
 )
 from pipeline.models import MODELS_DIR, class_names, model_spec
-from pipeline.training import EpochLine, fit, nondeterministic_ops
+from pipeline.training import Checkpoint, EpochLine, Stopping, fit, nondeterministic_ops
 
 BEST_PARAMS = Path("reports/tune/best_params.json")
 # Data-parallel training: the checkpoint every process starts from (the first process decides
@@ -81,7 +81,7 @@ PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
 RESUME_DIR = Path(".runway/train")
 LOCK = Path(".runway/train.lock")  # beside RESUME_DIR, which is deleted and made again
 # Part of the resume key: a checkpoint written by an older layout is never resumed.
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 # The train fields a run logs: all but train.resume, which says how to continue, not what to train.
 TRAIN_FIELDS = tuple(f for f in TrainParams.model_fields if f != "resume")
 
@@ -327,7 +327,7 @@ def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback],
     SIGTERM or ^C (``last.ckpt``), and one line per epoch. Returns the callbacks and the
     ModelCheckpoint that knows the best epoch."""
     mode = "max" if direction(hp.monitor) == "maximize" else "min"
-    best = ModelCheckpoint(
+    best = Checkpoint(
         dirpath=resume.dir,
         filename=resume.best.stem,
         monitor=hp.monitor,
@@ -338,7 +338,7 @@ def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback],
     )
     # Every epoch end, overwriting: with monitor=None, save_top_k=1 keeps the latest epoch.
     # (save_last=True would write only when a top-k checkpoint was written at the same step.)
-    last = ModelCheckpoint(
+    last = Checkpoint(
         dirpath=resume.dir,
         filename=resume.last.stem,
         monitor=None,
@@ -346,7 +346,7 @@ def train_callbacks(hp: TrainParams, resume: Resume) -> tuple[list[pl.Callback],
         enable_version_counter=False,
     )
     callbacks = [
-        EarlyStopping(monitor=hp.monitor, mode=mode, patience=hp.patience),
+        Stopping(monitor=hp.monitor, mode=mode, patience=hp.patience),
         best,
         last,
         InterruptCheckpoint(resume.dir, filename=resume.last.stem),
